@@ -1,0 +1,143 @@
+"""Prompt sets: the built-in default, and loaders for the formats users have.
+
+Formats (chosen by extension, or by content for .json):
+  .json  COCO captions (official annotations: {"annotations": [{"image_id", "caption"}, ...]},
+         first caption per image by default) or a JSON list of strings (DrawBench style)
+  .csv   `file_name,text` (the MS-COCO 30k metadata) or any CSV with a `text`/`caption`/`prompt` column
+  .tsv   PartiPrompts (`Prompt` column)
+  other  plain text, one prompt per line (blank lines skipped)
+
+COCO captions: https://cocodataset.org/#download ("2017 Train/Val annotations", file
+annotations/captions_val2017.json) or the MS-COCO 30k list used by few-step diffusion papers
+(`metadata.csv` of the BK-SDM repository, data/mscoco_val2014_30k).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+# Short, varied prompts of the kinds COCO holds; enough to calibrate offline with no data at all.
+DEFAULT_PROMPTS = (
+    "a photo of a cat sitting on a windowsill",
+    "a red double-decker bus driving down a city street",
+    "a bowl of fresh fruit on a wooden table",
+    "a man riding a wave on a surfboard",
+    "a plate with a sandwich and french fries",
+    "two giraffes standing in a grassy field",
+    "a living room with a couch and a television",
+    "a skier going down a snowy slope",
+    "a vase of sunflowers next to a window",
+    "a train crossing a bridge over a river",
+    "a dog catching a frisbee in a park",
+    "a kitchen with white cabinets and a stove",
+    "an airplane flying over the mountains at sunset",
+    "a bicycle leaning against a brick wall",
+    "a group of people flying kites on the beach",
+    "a close-up portrait of an old man with a beard",
+    "a pizza with mushrooms and olives",
+    "a lighthouse on a rocky coast under a stormy sky",
+    "a baseball player swinging a bat",
+    "a teddy bear sitting on a bed",
+    "a watercolor painting of a fox in the forest",
+    "a bowl of ramen with a soft-boiled egg",
+    "a clock tower in the middle of a town square",
+    "an elephant walking through tall grass",
+    "a laptop and a cup of coffee on a desk",
+    "a boat docked at a wooden pier on a calm lake",
+    "a child holding a red umbrella in the rain",
+    "a futuristic city skyline at night with neon lights",
+    "a horse grazing in a meadow with mountains behind",
+    "a stop sign at a snowy intersection",
+    "a bathroom with a white sink and a mirror",
+    "an astronaut riding a horse on the moon",
+)
+
+
+class PromptFileError(ValueError):
+    pass
+
+
+def load_prompts(source=None, num_prompts: int | None = None, seed: int | None = None,
+                 all_captions: bool = False) -> list[str]:
+    """Prompts from `source` (None: the built-in set; a list of strings; or a file path).
+
+    num_prompts: keep the first N (or a seeded sample of N when `seed` is given).
+    """
+    if source is None:
+        prompts = list(DEFAULT_PROMPTS)
+    elif isinstance(source, (list, tuple)):
+        prompts = list(source)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} is {type(p).__name__}, not a string")
+    else:
+        prompts = read_prompt_file(Path(source), all_captions=all_captions)
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {source!r}: give at least one non-empty prompt, or None for the built-in set")
+    if num_prompts is not None:
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+        if seed is not None:
+            prompts = random.Random(seed).sample(prompts, min(num_prompts, len(prompts)))
+        else:
+            prompts = prompts[:num_prompts]
+    return prompts
+
+
+def read_prompt_file(path: Path, all_captions: bool = False) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompts file {path} does not exist: pass a COCO captions JSON/CSV, a PartiPrompts TSV, "
+            "a JSON list or a text file with one prompt per line"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _read_json(path, all_captions)
+    if suffix in (".csv", ".tsv"):
+        return _read_table(path, "\t" if suffix == ".tsv" else ",")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _read_json(path: Path, all_captions: bool) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PromptFileError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            if not isinstance(item, str):
+                raise PromptFileError(f"{path}: item {i} of the JSON list is {type(item).__name__}, expected a string")
+        return data
+    if isinstance(data, dict) and "annotations" in data:
+        captions, seen = [], set()
+        for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "caption" not in ann:
+                raise PromptFileError(f"{path}: annotations[{i}] has no 'caption' key (COCO captions format expected)")
+            image = ann.get("image_id", i)
+            if all_captions or image not in seen:
+                captions.append(ann["caption"])
+                seen.add(image)
+        return captions
+    raise PromptFileError(f"{path}: expected a JSON list of strings or a COCO captions file with an 'annotations' key")
+
+
+def _read_table(path: Path, delimiter: str) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = {c.lower(): c for c in (reader.fieldnames or [])}
+        key = next((columns[c] for c in ("text", "caption", "prompt") if c in columns), None)
+        if key is None:
+            raise PromptFileError(
+                f"{path}: line 1 (header) has columns {reader.fieldnames}; expected one named 'text', 'caption' or 'prompt'"
+            )
+        prompts = []
+        for row in reader:
+            value = row.get(key)
+            if value is None:
+                raise PromptFileError(f"{path}: line {reader.line_num} has no value in column {key!r}")
+            prompts.append(value)
+        return prompts

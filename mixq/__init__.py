@@ -1,0 +1,27 @@
+"""mixq: mixed-precision low-bit quantization (MixDQ) for few-step text-to-image diffusion.
+
+    pipe = mixq.quantize(pipe, w_bit=4, a_bit=8)
+    mixq.summary(pipe, print_table=True)
+"""
+
+from mixq._version import __version__
+from mixq.api import calibrate_ranges, quantize, summary
+from mixq.calibration import Calibration, NonFiniteActivationError
+from mixq.modules import QConv2d, QLinear
+from mixq.plan import PlanMismatchError
+from mixq.quantizers import ACTIVATION_BITS, WEIGHT_BITS, sqnr_db
+
+__all__ = [
+    "__version__",
+    "quantize",
+    "summary",
+    "calibrate_ranges",
+    "Calibration",
+    "QLinear",
+    "QConv2d",
+    "sqnr_db",
+    "WEIGHT_BITS",
+    "ACTIVATION_BITS",
+    "NonFiniteActivationError",
+    "PlanMismatchError",
+]

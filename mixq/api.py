@@ -1,0 +1,267 @@
+"""The public entry points: quantize(), calibrate_ranges() and summary()."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mixq.calibration import Calibration, observing
+from mixq.layers import (
+    LayerInfo,
+    find_lora_layers,
+    find_quantized_layers,
+    quantizable_layers,
+    resolve_keep_fp,
+    set_submodule,
+)
+from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer
+from mixq.plan import architecture_fingerprint, resolve_bits
+from mixq.quantizers import FLOAT_BITS
+
+DEFAULT_CALIBRATION_STEPS = 4  # few-step models; pass num_inference_steps= to match your serving settings
+RANGES_FILENAME = "activation_ranges.safetensors"
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def get_unet(pipe) -> nn.Module:
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(
+            f"{type(pipe).__name__} has no `.unet` module: mixq quantizes diffusers pipelines built on a "
+            "UNet2DConditionModel (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)"
+        )
+    return unet
+
+
+def check_quantizable(unet: nn.Module):
+    lora = find_lora_layers(unet)
+    if lora:
+        raise ValueError(
+            f"the UNet holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}); quantizing them would drop or "
+            "half-quantize the adapter. Fuse first: pipe.fuse_lora(); pipe.unload_lora_weights()"
+        )
+    done = find_quantized_layers(unet)
+    if done:
+        raise ValueError(f"this UNet is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
+                         "start from the floating-point pipeline")
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+
+def run_pipeline(pipe, prompts, batch_size=8, seed=0, progress=True, desc="calibrating", **pipeline_kwargs):
+    """Run the pipeline on prompts, a batch at a time, seeded per batch; returns nothing (hooks observe)."""
+    from tqdm.auto import tqdm
+
+    kwargs = {"num_inference_steps": DEFAULT_CALIBRATION_STEPS, "output_type": "latent", **pipeline_kwargs}
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+            generator = torch.Generator("cpu").manual_seed(seed + start)
+            pipe(prompt=list(prompts[start:start + batch_size]), generator=generator, **kwargs)
+    finally:
+        pipe._progress_bar_config = saved_bar
+
+
+def calibrate_ranges(pipe, prompts=None, num_prompts=None, *, batch_size=8, seed=0, progress=True,
+                     layers: dict[str, LayerInfo] | None = None, **pipeline_kwargs) -> Calibration:
+    """Observe every quantizable layer's input range while the pipeline generates from `prompts`."""
+    from mixq.calib.prompts import load_prompts
+
+    unet = get_unet(pipe)
+    prompt_list = load_prompts(prompts, num_prompts)
+    layers = quantizable_layers(unet) if layers is None else layers
+    calibration = Calibration(meta={
+        "model": architecture_fingerprint(unet),
+        "num_prompts": len(prompt_list),
+        "seed": seed,
+        "pipeline_kwargs": {k: v for k, v in pipeline_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    })
+    with torch.no_grad(), observing(unet, layers, calibration):
+        run_pipeline(pipe, prompt_list, batch_size=batch_size, seed=seed, progress=progress, **pipeline_kwargs)
+    return calibration
+
+
+def load_calibration(calibration, unet) -> Calibration:
+    if isinstance(calibration, Calibration):
+        loaded = calibration
+    else:
+        path = Path(calibration)
+        if path.is_dir():
+            path = path / RANGES_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no activation ranges at {path}: pass a calibration run folder or its {RANGES_FILENAME}")
+        loaded = Calibration.load(path)
+    model = loaded.meta.get("model")
+    if model and model != architecture_fingerprint(unet):
+        raise ValueError(
+            f"these activation ranges were calibrated on another model (fingerprint {model}, this UNet is "
+            f"{architecture_fingerprint(unet)}); recalibrate this model"
+        )
+    return loaded
+
+
+# --- quantization --------------------------------------------------------------------------------
+
+
+def build_quantized_layer(module: nn.Module, info: LayerInfo, w_bits: int, a_bits: int, calibration: Calibration,
+                          simulate: bool = False) -> nn.Module:
+    """The replacement for one float layer (a fake-quant twin when `simulate`)."""
+    lows, highs, bos_mode, bos_input = (0.0,), (0.0,), "none", None
+    if a_bits != FLOAT_BITS:
+        r = calibration.ranges(info.name)
+        lows, highs = r.lows, r.highs
+        expected_parts = 2 if info.split_at else 1
+        if len(lows) != expected_parts:
+            raise ValueError(f"activation ranges of {info.name!r} have {len(lows)} part(s), the layer needs "
+                             f"{expected_parts}: they come from another model; recalibrate")
+        if info.bos and r.bos_input is not None:
+            bos_mode, bos_input = ("cached", r.bos_input) if r.bos_constant else ("float", None)
+    if info.kind == "linear":
+        if simulate:
+            return FakeQuantLinear(module, w_bits, a_bits, lows, highs, bos_mode=bos_mode, bos_input=bos_input)
+        return QLinear.from_float(module, w_bits, a_bits, lows, highs, bos_mode=bos_mode, bos_input=bos_input)
+    if simulate:
+        return FakeQuantConv2d(module, w_bits, a_bits, lows, highs, split_at=info.split_at)
+    return QConv2d.from_float(module, w_bits, a_bits, lows, highs, split_at=info.split_at)
+
+
+def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts: int | None = None, keep_fp=None,
+             plan=None, calibration=None, simulate: bool = False, batch_size: int = 8, seed: int = 0,
+             progress: bool = True, **pipeline_kwargs):
+    """Quantize `pipe.unet` in place and return `pipe`.
+
+    w_bit / a_bit: uniform weight bits {2, 4, 8} and activation bits {4, 8}; 16 keeps a side in
+        floating point. Ignored for layers a `plan` covers.
+    prompts: calibration prompts: None (built-in set), a list of strings or a prompts file
+        (COCO JSON/CSV, PartiPrompts TSV, JSON list, text). num_prompts keeps the first N.
+    keep_fp: layer names or glob patterns left in floating point (default: conv_in, conv_out).
+    plan: per-layer bits, a mapping or YAML file (name -> {w_bits, a_bits}) for mixed precision.
+    calibration: reuse recorded activation ranges (a Calibration, a run folder or its
+        activation_ranges.safetensors) instead of running the pipeline.
+    simulate: use fake-quant layers (float math) instead of integer kernels.
+    **pipeline_kwargs: passed to the pipeline during calibration, e.g. num_inference_steps=1,
+        guidance_scale=0.0 for SDXL-Turbo (default: 4 steps, the pipeline's other defaults).
+
+    Nothing in the pipeline changes until every layer has been built, so a failure leaves it as it was.
+    """
+    unet = get_unet(pipe)
+    check_quantizable(unet)
+    layers = quantizable_layers(unet)
+    keep = resolve_keep_fp(keep_fp, layers)
+    bits = resolve_bits(list(layers), keep, w_bit, a_bit, plan=plan, unet=unet)
+    if calibration is None:
+        calibration = calibrate_ranges(pipe, prompts, num_prompts, batch_size=batch_size, seed=seed,
+                                       progress=progress, layers=layers, **pipeline_kwargs)
+    else:
+        calibration = load_calibration(calibration, unet)
+
+    replacements, not_run = {}, []
+    with torch.no_grad():
+        for name, info in layers.items():
+            w, a = bits[name]
+            if (w, a) == (FLOAT_BITS, FLOAT_BITS):
+                continue
+            if a != FLOAT_BITS and calibration.ranges(name).calls == 0:
+                not_run.append(name)  # never executed: no range to calibrate, leave it as it is
+                continue
+            replacements[name] = build_quantized_layer(unet.get_submodule(name), info, w, a, calibration, simulate)
+
+    for name, module in replacements.items():
+        set_submodule(unet, name, module)
+    fallback = [n for n in calibration.bos_fallback_layers() if n in replacements]
+    if fallback:
+        warnings.warn(
+            f"token 0 of the text embedding differed between calibration prompts in {len(fallback)} cross-attention "
+            "layer(s) (a non-causal text encoder, or classifier-free guidance with zeroed negative embeddings): "
+            "computing token 0 in floating point on every call instead of caching it. With SDXL-Turbo/LCM, "
+            "calibrate with the guidance you serve with (e.g. guidance_scale=0.0).", stacklevel=2)
+    unet.mixq_info = {
+        "model": architecture_fingerprint(unet),
+        "bits": {n: list(bits[n]) for n in layers},
+        "keep_fp": sorted(keep),
+        "not_executed": not_run,
+        "bos_fallback": fallback,
+        "simulate": simulate,
+        "calibration": calibration.meta,
+    }
+    return pipe
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+
+def summary(pipe, print_table: bool = False) -> list[dict]:
+    """One row per quantizable layer: name, kind, w_bits, a_bits, group, params, bytes, split, bos."""
+    unet = get_unet(pipe)
+    info = getattr(unet, "mixq_info", {})
+    float_layers = quantizable_layers(unet)
+    rows, wrapped = [], []
+    for name, module in unet.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue  # the float layer inside a fake-quant twin
+        if isinstance(module, (QuantizedLayer, FakeQuantLinear, FakeQuantConv2d)):
+            if not isinstance(module, QuantizedLayer):
+                wrapped.append(name)
+            rows.append(_row(name, module.kind, module.w_bits, module.a_bits, _params(module), _bytes(module),
+                             getattr(module, "part_sizes", None), getattr(module, "bos_mode", "none")))
+        elif name in float_layers:
+            layer = float_layers[name]
+            rows.append(_row(name, layer.kind, FLOAT_BITS, FLOAT_BITS, layer.params, _bytes(module), None, "none"))
+    if print_table:
+        print(format_summary(rows, info))
+    return rows
+
+
+def _row(name, kind, w_bits, a_bits, params, nbytes, parts, bos):
+    from mixq.layers import layer_group
+
+    return {"name": name, "kind": kind, "w_bits": w_bits, "a_bits": a_bits, "group": layer_group(name),
+            "params": params, "bytes": nbytes, "split": list(parts) if parts and len(parts) > 1 else None,
+            "bos": bos}
+
+
+def _params(module) -> int:
+    if isinstance(module, QuantizedLayer):
+        taps = module.kernel_size[0] * module.kernel_size[1]
+        return module.out_features * module.in_features * taps
+    return module.inner.weight.numel()
+
+
+def _bytes(module) -> int:
+    if isinstance(module, QuantizedLayer):
+        return module.state_bytes()
+    return sum(t.numel() * t.element_size() for t in module.parameters())
+
+
+def format_summary(rows: list[dict], info: dict | None = None) -> str:
+    header = f"{'layer':<60} {'kind':<7} {'group':<8} {'W':>3} {'A':>3} {'params':>10} {'bytes':>10}  notes"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        notes = []
+        if r["split"]:
+            notes.append(f"split {r['split']}")
+        if r["bos"] != "none":
+            notes.append(f"BOS {r['bos']}")
+        lines.append(f"{r['name']:<60} {r['kind']:<7} {r['group']:<8} {r['w_bits']:>3} {r['a_bits']:>3} "
+                     f"{r['params']:>10,} {r['bytes']:>10,}  {', '.join(notes)}")
+    total_params = sum(r["params"] for r in rows)
+    w_avg = sum(r["params"] * r["w_bits"] for r in rows) / max(total_params, 1)
+    total_bytes = sum(r["bytes"] for r in rows)
+    lines.append("-" * len(header))
+    lines.append(f"{len(rows)} layers, {total_params:,} weights, size-weighted average weight bits {w_avg:.2f}, "
+                 f"{total_bytes / 2**20:.2f} MiB of layer state")
+    info = info or {}
+    if info.get("bos_fallback"):
+        lines.append(f"BOS: token 0 varied between prompts in {len(info['bos_fallback'])} layer(s); computed in "
+                     "floating point on every call there")
+    if info.get("not_executed"):
+        lines.append(f"left in floating point, never executed during calibration: {', '.join(info['not_executed'])}")
+    return "\n".join(lines)

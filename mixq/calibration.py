@@ -1,0 +1,152 @@
+"""Activation-range calibration: run the pipeline itself on prompts and observe every layer's input.
+
+Per layer: EMA of per-call min/max (momentum 0.95, as MixDQ) for each input part (two for split
+conv_shortcut layers), token 0 excluded for attn2.to_k/to_v, the input's element count (the
+activation "size" of bit allocation), and for BOS layers the token-0 input row plus whether it
+stayed the same for every prompt. Non-finite inputs stop calibration with the layer's name.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from mixq.layers import LayerInfo
+
+EMA_MOMENTUM = 0.95
+# Token 0 counts as prompt-independent when every observation is this close to the first one
+# (relative to the row's magnitude); batch-size-dependent kernels differ by far less than this.
+BOS_RELATIVE_TOLERANCE = 1e-2
+
+
+class NonFiniteActivationError(RuntimeError):
+    pass
+
+
+@dataclass
+class LayerRanges:
+    lows: list[float]
+    highs: list[float]
+    numel: int = 0
+    bos_input: torch.Tensor | None = None  # [K] token-0 input row (BOS layers)
+    bos_constant: bool = True
+    calls: int = 0
+
+
+@dataclass
+class Calibration:
+    """Calibrated activation statistics for the layers of one UNet."""
+
+    layers: dict[str, LayerRanges] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # prompts used, pipeline settings, model fingerprint
+
+    def ranges(self, name: str) -> LayerRanges:
+        if name not in self.layers:
+            raise KeyError(
+                f"no calibrated activation range for layer {name!r}: these ranges were made for another "
+                "model or another set of layers; recalibrate (mixq.quantize without calibration=)"
+            )
+        return self.layers[name]
+
+    def bos_fallback_layers(self) -> list[str]:
+        return [n for n, r in self.layers.items() if r.bos_input is not None and not r.bos_constant]
+
+    # --- persistence: one safetensors file, tensors plus JSON metadata -------------------------
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        from mixq.io import atomic_path
+
+        tensors, index = {}, {}
+        for name, r in self.layers.items():
+            tensors[f"{name}:lows"] = torch.tensor(r.lows, dtype=torch.float64)
+            tensors[f"{name}:highs"] = torch.tensor(r.highs, dtype=torch.float64)
+            if r.bos_input is not None:
+                tensors[f"{name}:bos_input"] = r.bos_input.detach().float().cpu().contiguous()
+            index[name] = {"numel": r.numel, "bos_constant": r.bos_constant, "calls": r.calls}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"layers": json.dumps(index), "meta": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                index = json.loads(metadata["layers"])
+                layers = {}
+                for name, info in index.items():
+                    bos_key = f"{name}:bos_input"
+                    layers[name] = LayerRanges(
+                        lows=f.get_tensor(f"{name}:lows").tolist(), highs=f.get_tensor(f"{name}:highs").tolist(),
+                        numel=info["numel"], bos_constant=info["bos_constant"], calls=info.get("calls", 0),
+                        bos_input=f.get_tensor(bos_key) if bos_key in f.keys() else None,
+                    )
+                return cls(layers=layers, meta=json.loads(metadata.get("meta", "{}")))
+        except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a mixq activation-range file ({err}); rerun calibration") from err
+
+
+def _input_parts(x: torch.Tensor, info: LayerInfo) -> list[torch.Tensor]:
+    if info.bos and x.dim() == 3 and x.shape[1] > 1:
+        x = x[:, 1:]
+    if info.split_at:
+        return list(x.split([info.split_at, x.shape[1] - info.split_at], dim=1))
+    return [x]
+
+
+class RangeObserver:
+    """A forward pre-hook that folds one layer's inputs into its LayerRanges."""
+
+    def __init__(self, info: LayerInfo, record: LayerRanges, momentum: float = EMA_MOMENTUM):
+        self.info, self.record, self.momentum = info, record, momentum
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        if not torch.isfinite(x).all():
+            raise NonFiniteActivationError(
+                f"layer {self.info.name!r} received NaN/Inf activations during calibration. The float "
+                "pipeline itself overflows here: calibrate in bf16 or fp32 (fp16 SDXL VAEs/UNets are prone to "
+                "this), check the prompts and inputs, or add the layer to keep_fp"
+            )
+        r = self.record
+        parts = _input_parts(x, self.info)
+        lows = [float(p.amin()) for p in parts]
+        highs = [float(p.amax()) for p in parts]
+        if r.calls == 0:
+            r.lows, r.highs, r.numel = lows, highs, x[0].numel() if x.dim() > 1 else x.numel()
+        else:
+            m = self.momentum
+            r.lows = [m * old + (1 - m) * new for old, new in zip(r.lows, lows)]
+            r.highs = [m * old + (1 - m) * new for old, new in zip(r.highs, highs)]
+        r.calls += 1
+        if self.info.bos and x.dim() == 3 and x.shape[1] > 1:
+            self._observe_bos(x[:, 0])
+
+    def _observe_bos(self, rows: torch.Tensor):
+        r = self.record
+        if r.bos_input is None:
+            r.bos_input = rows[0].float().cpu().clone()
+        reference = r.bos_input.to(rows.device)
+        deviation = (rows.float() - reference).abs().max()
+        if deviation > BOS_RELATIVE_TOLERANCE * reference.abs().max().clamp_min(1e-6):
+            r.bos_constant = False
+
+
+@contextmanager
+def observing(unet, layers: dict[str, LayerInfo], calibration: Calibration):
+    """Attach RangeObservers to `layers` for the duration of the block; always removes them."""
+    handles = []
+    try:
+        for name, info in layers.items():
+            record = calibration.layers.setdefault(name, LayerRanges(lows=[], highs=[]))
+            handles.append(unet.get_submodule(name).register_forward_pre_hook(RangeObserver(info, record)))
+        yield calibration
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,117 @@
+"""Which layers of a UNet are quantized, and what each one needs to know about its place.
+
+Everything here reads the module structure; nothing is specific to SDXL's widths.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QuantizedLayer, is_supported_conv
+
+CONTENT_COMPONENTS = ("attn2", "ff")  # cross-attention and feed-forward: judged on the image (SSIM)
+BOS_LAYER_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+DEFAULT_KEEP_FP = ("conv_in", "conv_out")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    kind: str  # "linear" | "conv2d"
+    group: str  # "content" | "quality"
+    params: int
+    split_at: int | None  # input channels of the first part, for split activation quantization
+    bos: bool  # cross-attention key/value projection of the text embedding
+
+
+def layer_group(name: str) -> str:
+    parts = name.split(".")
+    return "content" if any(c in parts for c in CONTENT_COMPONENTS) else "quality"
+
+
+def is_bos_layer(name: str) -> bool:
+    return name.endswith(BOS_LAYER_SUFFIXES)
+
+
+def find_lora_layers(unet: nn.Module) -> list[str]:
+    """PEFT LoRA wrappers (they hold a base_layer and lora_A/lora_B adapters)."""
+    return [n for n, m in unet.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+
+
+def find_quantized_layers(unet: nn.Module) -> list[str]:
+    return [n for n, m in unet.named_modules() if isinstance(m, (QuantizedLayer, FakeQuantLinear, FakeQuantConv2d))]
+
+
+def up_block_split_points(unet: nn.Module) -> dict[str, int]:
+    """conv_shortcut name -> number of input channels coming from the hidden state.
+
+    Up-block resnets take cat([hidden, skip], dim=1). The hidden part of resnet j is the output
+    of resnet j-1, and for j == 0 the output of whatever ran before the block: the previous up
+    block (upsamplers keep channels) or, for the first up block, the mid block.
+    """
+    up_blocks = getattr(unet, "up_blocks", None)
+    if up_blocks is None:
+        return {}
+    previous = _mid_block_channels(unet)
+    splits = {}
+    for i, block in enumerate(up_blocks):
+        for j, resnet in enumerate(getattr(block, "resnets", [])):
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            hidden = previous
+            if isinstance(shortcut, nn.Conv2d) and hidden is not None and 0 < hidden < shortcut.in_channels:
+                splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = hidden
+            previous = getattr(resnet, "out_channels", None)
+    return splits
+
+
+def _mid_block_channels(unet):
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None and getattr(mid, "resnets", None):
+        return mid.resnets[-1].out_channels
+    down = getattr(unet, "down_blocks", None)
+    if down and getattr(down[-1], "resnets", None):
+        return down[-1].resnets[-1].out_channels
+    return None
+
+
+def quantizable_layers(unet: nn.Module) -> dict[str, LayerInfo]:
+    """Every nn.Linear and supported nn.Conv2d of the UNet, in module order."""
+    splits = up_block_split_points(unet)
+    layers = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif isinstance(module, nn.Conv2d) and is_supported_conv(module):
+            kind = "conv2d"
+        else:
+            continue
+        layers[name] = LayerInfo(
+            name=name, kind=kind, group=layer_group(name), params=module.weight.numel(),
+            split_at=splits.get(name), bos=kind == "linear" and is_bos_layer(name),
+        )
+    return layers
+
+
+def resolve_keep_fp(keep_fp, layer_names) -> set[str]:
+    """Names or glob patterns (fnmatch) -> the set of layer names left in floating point.
+
+    A pattern that matches no layer is an error: it is almost always a typo or a name from
+    another model."""
+    patterns = DEFAULT_KEEP_FP if keep_fp is None else ((keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp))
+    kept = set()
+    for pattern in patterns:
+        matched = [n for n in layer_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not matched and keep_fp is not None:
+            raise ValueError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer of this UNet "
+                             f"(names look like {next(iter(layer_names), '?')!r}; glob patterns are allowed)")
+        kept.update(matched)
+    return kept
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

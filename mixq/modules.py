@@ -1,0 +1,374 @@
+"""Quantized replacements for nn.Linear and nn.Conv2d, and their fake-quant twins.
+
+A layer's precision is a pair (w_bits, a_bits); 16 on a side keeps that side in floating point:
+
+    w < 16, a < 16   integer path: packed weights, quantized input, mixq.kernels
+    w < 16, a = 16   weight-only: weights dequantized on the fly, floating-point matmul
+    w = 16, a < 16   activation-only: fake-quantized input, floating-point weights
+
+Activation parameters come per input "part": one part normally, two for the up-block
+conv_shortcut layers whose input is cat([hidden, skip]) (split quantization). Parts are
+contiguous slices of the input channels.
+
+BOS-aware cross-attention (attn2.to_k / attn2.to_v): the output row of token 0 is prompt-
+independent for a causal text encoder, so it is computed once from the unquantized layer and
+stored ("cached"); tokens 1.. go through the quantized layer. Where calibration found token 0 to
+vary between prompts, it is computed on every call from the unquantized input and the
+dequantized weights instead ("float").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixq import kernels
+from mixq.quantizers import (
+    FLOAT_BITS,
+    activation_qparams,
+    check_activation_bits,
+    check_weight_bits,
+    dequantize_weight,
+    fake_quantize_activation,
+    pack_weight,
+    packed_width,
+    quantize_activation,
+    quantize_weight,
+    unpack_weight,
+    weight_row_sums,
+)
+
+BOS_MODES = ("none", "cached", "float")
+
+
+@torch.no_grad()
+def bos_output_row(linear: nn.Linear, bos_input: torch.Tensor) -> torch.Tensor:
+    """The unquantized layer's output for the BOS token, [N] in the layer's dtype."""
+    w = linear.weight
+    return linear(bos_input.to(w.device, w.dtype).view(1, 1, -1)).reshape(-1)
+
+
+def conv_weight_as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """[N, C, kh, kw] -> [N, kh * kw * C]: the channels-last reduction order the kernels use."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def matrix_as_conv_weight(matrix: torch.Tensor, in_channels: int, kernel_size) -> torch.Tensor:
+    kh, kw = kernel_size
+    return matrix.reshape(matrix.shape[0], kh, kw, in_channels).permute(0, 3, 1, 2)
+
+
+def split_sizes(in_channels: int, split_at: int | None) -> list[int]:
+    return [in_channels] if not split_at else [split_at, in_channels - split_at]
+
+
+class QuantizedLayer(nn.Module):
+    """State and behaviour shared by QLinear and QConv2d.
+
+    Buffers (all in state_dict, so a quantized UNet saves and loads like any module):
+      qweight_{p}  packed integer weight of input part p, or `weight` (fp) when w_bits == 16
+      w_scale      fp32 [N] per-output-channel scales
+      w_sum_{p}    int32 [N] per-part integer weight sums (zero-point folding)
+      x_scale, x_zero   fp32 [parts] activation parameters
+      bias         the original bias (pipeline dtype), if any
+      bos_output   [N] the stored output row of token 0 (BOS mode "cached")
+    """
+
+    def __init__(self, out_features, in_features, w_bits, a_bits, kernel_size=(1, 1), split_at=None,
+                 bos_mode="none", has_bias=True, dtype=torch.float32, device=None):
+        super().__init__()
+        self.w_bits = check_weight_bits(w_bits)
+        self.a_bits = check_activation_bits(a_bits)
+        if self.w_bits == FLOAT_BITS and self.a_bits == FLOAT_BITS:
+            raise ValueError("a layer with w_bits == a_bits == 16 is not quantized: keep the original module")
+        if bos_mode not in BOS_MODES:
+            raise ValueError(f"bos_mode must be one of {BOS_MODES}, got {bos_mode!r}")
+        self.out_features, self.in_features = out_features, in_features
+        self.kernel_size = tuple(kernel_size)
+        self.split_at = split_at if (split_at and self.a_bits != FLOAT_BITS) else None
+        self.bos_mode = bos_mode
+        self.part_sizes = split_sizes(in_features, self.split_at)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        f32 = dict(dtype=torch.float32, device=device)
+        if self.w_bits == FLOAT_BITS:
+            self.register_buffer("weight", torch.zeros(out_features, taps * in_features, dtype=dtype, device=device))
+        else:
+            packed_dtype = torch.int8 if self.w_bits == 8 else torch.uint8
+            for p, size in enumerate(self.part_sizes):
+                width = packed_width(taps * size, self.w_bits)
+                self.register_buffer(f"qweight_{p}", torch.zeros(out_features, width, dtype=packed_dtype, device=device))
+                self.register_buffer(f"w_sum_{p}", torch.zeros(out_features, dtype=torch.int32, device=device))
+            self.register_buffer("w_scale", torch.ones(out_features, **f32))
+        parts = len(self.part_sizes)
+        self.register_buffer("x_scale", torch.ones(parts, **f32))
+        self.register_buffer("x_zero", torch.zeros(parts, **f32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if has_bias else None)
+        self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if bos_mode == "cached" else None)
+
+    # --- construction from a float layer ---------------------------------------------------------
+
+    def load_float_weight(self, matrix: torch.Tensor, bias: torch.Tensor | None):
+        """matrix: [N, K] weight in the kernels' reduction order."""
+        if bias is not None:
+            self.bias.copy_(bias.detach())
+        if self.w_bits == FLOAT_BITS:
+            self.weight.copy_(matrix.detach())
+            return
+        q, scales = quantize_weight(matrix, self.w_bits)
+        self.w_scale.copy_(scales)
+        for p, part in enumerate(self._weight_parts(q)):
+            getattr(self, f"qweight_{p}").copy_(pack_weight(part, self.w_bits))
+            getattr(self, f"w_sum_{p}").copy_(weight_row_sums(part))
+
+    def set_activation_ranges(self, lows, highs):
+        if self.a_bits == FLOAT_BITS:
+            return
+        if len(lows) != len(self.part_sizes):
+            raise ValueError(f"expected {len(self.part_sizes)} activation range(s), got {len(lows)}")
+        for p, (lo, hi) in enumerate(zip(lows, highs)):
+            scale, zero = activation_qparams(lo, hi, self.a_bits)
+            self.x_scale[p] = scale
+            self.x_zero[p] = zero
+
+    def _weight_parts(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        """Split a [N, K] (row, col, channel)-ordered matrix into per-part matrices."""
+        if len(self.part_sizes) == 1:
+            return [matrix]
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        per_tap = matrix.reshape(matrix.shape[0], taps, self.in_features)
+        chunks = per_tap.split(self.part_sizes, dim=2)
+        return [chunk.reshape(matrix.shape[0], -1) for chunk in chunks]
+
+    # --- views used by forward, summaries and tests ----------------------------------------------
+
+    def dequantized_weight_matrix(self) -> torch.Tensor:
+        """The effective [N, K] weight (fp32) in (row, col, channel) order."""
+        if self.w_bits == FLOAT_BITS:
+            return self.weight.float()
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        parts = [
+            unpack_weight(getattr(self, f"qweight_{p}"), self.w_bits, taps * size).reshape(-1, taps, size)
+            for p, size in enumerate(self.part_sizes)
+        ]
+        q = torch.cat(parts, dim=2).reshape(self.out_features, -1)
+        return dequantize_weight(q, self.w_scale)
+
+    def _integer_parts(self, x, run_kernel):
+        """Sum of per-part kernel calls; the bias is added once."""
+        y = None
+        start = 0
+        for p, size in enumerate(self.part_sizes):
+            xp = x if len(self.part_sizes) == 1 else x.narrow(1 if x.dim() == 4 else -1, start, size)
+            yp = run_kernel(
+                xp, getattr(self, f"qweight_{p}"), getattr(self, f"w_sum_{p}"),
+                self.x_scale[p], self.x_zero[p], self.bias if p == 0 else None,
+            )
+            y = yp if y is None else y + yp
+            start += size
+        return y
+
+    def _fake_quantized_input(self, x, channel_dim):
+        if len(self.part_sizes) == 1:
+            return fake_quantize_activation(x, self.x_scale[0], self.x_zero[0], self.a_bits)
+        chunks = x.split(self.part_sizes, dim=channel_dim)
+        return torch.cat(
+            [fake_quantize_activation(c, self.x_scale[p], self.x_zero[p], self.a_bits) for p, c in enumerate(chunks)],
+            dim=channel_dim,
+        )
+
+    # Scales stay fp32 when the pipeline is cast (pipe.to(torch.float16)); only their device follows.
+    _FP32_BUFFERS = ("w_scale", "x_scale", "x_zero")
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(fn(torch.empty(0, device=tensor.device)).device)
+        return self
+
+    def state_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self):
+        extra = f", split={self.part_sizes}" if self.split_at else ""
+        bos = f", bos={self.bos_mode}" if self.bos_mode != "none" else ""
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}{extra}{bos}"
+
+
+class QLinear(QuantizedLayer):
+    kind = "linear"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, lows=(0.0,), highs=(0.0,),
+                   bos_mode="none", bos_input: torch.Tensor | None = None) -> "QLinear":
+        w = linear.weight
+        layer = cls(linear.out_features, linear.in_features, w_bits, a_bits, bos_mode=bos_mode,
+                    has_bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        layer.load_float_weight(w, linear.bias)
+        layer.set_activation_ranges(lows, highs)
+        if bos_mode == "cached":
+            if bos_input is None:
+                raise ValueError("bos_mode='cached' needs the calibrated BOS input row")
+            layer.bos_output.copy_(bos_output_row(linear, bos_input))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bos_mode != "none" and x.dim() == 3 and x.shape[1] > 1:
+            head = self._bos_rows(x)
+            return torch.cat([head, self._body(x[:, 1:])], dim=1)
+        return self._body(x)
+
+    def _bos_rows(self, x):
+        if self.bos_mode == "cached":
+            return self.bos_output.to(x.dtype).expand(x.shape[0], 1, -1)
+        w = self.dequantized_weight_matrix().to(x.dtype)
+        return F.linear(x[:, :1], w, self.bias)
+
+    def _body(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.a_bits == FLOAT_BITS:
+            y = F.linear(x2, self.dequantized_weight_matrix().to(x.dtype), self.bias)
+        elif self.w_bits == FLOAT_BITS:
+            y = F.linear(self._fake_quantized_input(x2, -1), self.weight, self.bias)
+        else:
+            y = self._integer_parts(
+                x2,
+                lambda xp, qw, ws, xs, xz, b: kernels.quantized_linear(
+                    xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b
+                ),
+            )
+        return y.reshape(*lead, self.out_features)
+
+
+class QConv2d(QuantizedLayer):
+    kind = "conv2d"
+
+    def __init__(self, out_channels, in_channels, w_bits, a_bits, kernel_size, stride=(1, 1), padding=(0, 0),
+                 split_at=None, has_bias=True, dtype=torch.float32, device=None):
+        super().__init__(out_channels, in_channels, w_bits, a_bits, kernel_size=kernel_size, split_at=split_at,
+                         has_bias=has_bias, dtype=dtype, device=device)
+        self.stride, self.padding = tuple(stride), tuple(padding)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, lows=(0.0,), highs=(0.0,),
+                   split_at: int | None = None) -> "QConv2d":
+        check_supported_conv(conv)
+        w = conv.weight
+        layer = cls(conv.out_channels, conv.in_channels, w_bits, a_bits, conv.kernel_size, conv.stride,
+                    conv.padding, split_at=split_at, has_bias=conv.bias is not None, dtype=w.dtype, device=w.device)
+        layer.load_float_weight(conv_weight_as_matrix(w), conv.bias)
+        layer.set_activation_ranges(lows, highs)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_bits == FLOAT_BITS or self.w_bits == FLOAT_BITS:
+            if self.w_bits == FLOAT_BITS:
+                x = self._fake_quantized_input(x, 1)
+            w = matrix_as_conv_weight(self.dequantized_weight_matrix(), self.in_features, self.kernel_size)
+            return F.conv2d(x, w.to(x.dtype), self.bias, self.stride, self.padding)
+        return self._integer_parts(
+            x,
+            lambda xp, qw, ws, xs, xz, b: kernels.quantized_conv2d(
+                xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
+                self.kernel_size, self.stride, self.padding,
+            ),
+        )
+
+
+def check_supported_conv(conv: nn.Conv2d):
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(
+            f"unsupported Conv2d (groups={conv.groups}, dilation={conv.dilation}, padding={conv.padding!r}, "
+            f"padding_mode={conv.padding_mode!r}): only groups=1, dilation=1, numeric zero padding are "
+            "quantized; add the layer to keep_fp"
+        )
+
+
+def is_supported_conv(conv: nn.Conv2d) -> bool:
+    try:
+        check_supported_conv(conv)
+    except ValueError:
+        return False
+    return True
+
+
+# --- fake-quant twins: the float simulation used by sensitivity analysis and as the integer path's oracle
+#
+# A twin quantizes the input to codes with the same function as the real layer, then runs the float
+# op (F.linear / F.conv2d, with torch's own zero padding) on the centered codes (q - zero) and the
+# integer weights in float64, where sums of integers are exact, and applies the scales after it.
+# It shares no packing, weight-sum folding or im2col with the kernels, so it checks all of them;
+# and since it rounds exactly where the kernels do, a correct integer path agrees with it bit for
+# bit instead of drifting through the chain of rounding decisions in a deep network.
+
+
+class FakeQuantLayer(nn.Module):
+    def __init__(self, inner: nn.Module, w_bits, a_bits, lows, highs, split_at=None, bos_mode="none", bos_input=None):
+        super().__init__()
+        self.w_bits, self.a_bits = check_weight_bits(w_bits), check_activation_bits(a_bits)
+        self.bos_mode = bos_mode
+        self.inner = inner
+        in_channels = inner.weight.shape[1]
+        self.part_sizes = split_sizes(in_channels, split_at if a_bits != FLOAT_BITS else None)
+        if self.w_bits != FLOAT_BITS:
+            q, scales = quantize_weight(inner.weight, self.w_bits)
+            self.register_buffer("q_weight", q)
+            self.register_buffer("w_scale", scales)
+        if self.a_bits != FLOAT_BITS:
+            params = [activation_qparams(lo, hi, self.a_bits) for lo, hi in zip(lows, highs)]
+            self.register_buffer("x_scale", torch.tensor([s for s, _ in params], dtype=torch.float32))
+            self.register_buffer("x_zero", torch.tensor([z for _, z in params], dtype=torch.float32))
+        if bos_mode == "cached":
+            self.register_buffer("bos_output", bos_output_row(inner, bos_input))
+
+    def float_weight(self, dtype):
+        if self.w_bits == FLOAT_BITS:
+            return self.inner.weight
+        return dequantize_weight(self.q_weight, self.w_scale).to(dtype)
+
+    def simulate(self, x, channel_dim, op):
+        """op(input, weight, bias) is the layer's float op (F.linear or a conv)."""
+        if self.a_bits == FLOAT_BITS:
+            return op(x, self.float_weight(x.dtype), self.inner.bias)
+        if self.w_bits == FLOAT_BITS:
+            chunks = x.split(self.part_sizes, dim=channel_dim)
+            fq = [fake_quantize_activation(c, self.x_scale[p], self.x_zero[p], self.a_bits) for p, c in enumerate(chunks)]
+            return op(torch.cat(fq, dim=channel_dim), self.inner.weight, self.inner.bias)
+        y = None
+        for p, (chunk, w_part) in enumerate(zip(x.split(self.part_sizes, dim=channel_dim),
+                                                self.q_weight.split(self.part_sizes, dim=1))):
+            codes = quantize_activation(chunk, self.x_scale[p], self.x_zero[p], self.a_bits)
+            acc = op(codes.double() - self.x_zero[p].double(), w_part.double(), None)
+            shape = [1] * acc.dim()
+            shape[channel_dim] = -1
+            yp = acc.float() * (self.x_scale[p] * self.w_scale).view(shape)
+            if p == 0 and self.inner.bias is not None:
+                yp = yp + self.inner.bias.float().view(shape)
+            yp = yp.to(x.dtype)
+            y = yp if y is None else y + yp
+        return y
+
+
+class FakeQuantLinear(FakeQuantLayer):
+    kind = "linear"
+
+    def forward(self, x):
+        if self.bos_mode != "none" and x.dim() == 3 and x.shape[1] > 1:
+            # Token 0 as the real layer computes it: the stored row of the unquantized layer
+            # ("cached"), or the quantized weights on the unquantized input ("float").
+            if self.bos_mode == "cached":
+                head = self.bos_output.to(x.dtype).expand(x.shape[0], 1, -1)
+            else:
+                head = F.linear(x[:, :1], self.float_weight(x.dtype), self.inner.bias)
+            return torch.cat([head, self.simulate(x[:, 1:], -1, F.linear)], dim=1)
+        return self.simulate(x, -1, F.linear)
+
+
+class FakeQuantConv2d(FakeQuantLayer):
+    kind = "conv2d"
+
+    def forward(self, x):
+        conv = self.inner
+        return self.simulate(x, 1, lambda inp, w, b: F.conv2d(inp, w, b, conv.stride, conv.padding))

@@ -1,0 +1,87 @@
+"""Bit plans: layer name -> (w_bits, a_bits), from uniform settings, a mapping or a YAML file.
+
+YAML layout (what `python -m mixq.calibrate` writes; a bare `name: {w_bits, a_bits}` mapping
+is accepted too):
+
+    model: <architecture fingerprint>      # optional; checked against the UNet when present
+    layers:
+      down_blocks.1.attentions.0.proj_in: {w_bits: 4, a_bits: 8}
+      ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from mixq.io import read_yaml
+from mixq.quantizers import FLOAT_BITS, check_activation_bits, check_weight_bits
+
+
+class PlanMismatchError(ValueError):
+    pass
+
+
+def architecture_fingerprint(unet) -> str:
+    """A short hash of the UNet's architecture config (the same for every copy of the model)."""
+    config = {k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")}
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_plan(plan) -> tuple[dict[str, tuple[int, int]], dict]:
+    """A mapping or YAML path -> ({name: (w_bits, a_bits)}, metadata)."""
+    source = plan
+    if isinstance(plan, (str, Path)):
+        plan = read_yaml(plan)
+    if not isinstance(plan, dict):
+        raise ValueError(f"plan {source!r} must be a mapping of layer name -> {{w_bits, a_bits}}")
+    meta = {}
+    if "layers" in plan and isinstance(plan["layers"], dict):
+        meta = {k: v for k, v in plan.items() if k != "layers"}
+        plan = plan["layers"]
+    bits = {}
+    for name, entry in plan.items():
+        try:
+            w, a = (entry["w_bits"], entry["a_bits"]) if isinstance(entry, dict) else entry
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"plan entry for {name!r} must be {{w_bits: W, a_bits: A}}, got {entry!r}") from None
+        try:
+            bits[name] = (check_weight_bits(w), check_activation_bits(a))
+        except ValueError as err:
+            raise ValueError(f"plan entry for {name!r}: {err}") from None
+    return bits, meta
+
+
+def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=None, unet=None) -> dict[str, tuple[int, int]]:
+    """The (w_bits, a_bits) of every layer: keep_fp layers 16/16, the rest from the plan or uniform."""
+    check_weight_bits(w_bit)
+    check_activation_bits(a_bit)
+    if plan is None:
+        bits = {n: (w_bit, a_bit) for n in layer_names}
+    else:
+        bits, meta = read_plan(plan)
+        if unet is not None and meta.get("model") and meta["model"] != architecture_fingerprint(unet):
+            raise PlanMismatchError(
+                f"this plan was made for another model (fingerprint {meta['model']}, this UNet is "
+                f"{architecture_fingerprint(unet)}): calibrate this model with `python -m mixq.calibrate`"
+            )
+        check_plan_covers(bits, layer_names, keep_fp)
+    return {n: (FLOAT_BITS, FLOAT_BITS) if n in keep_fp else bits[n] for n in layer_names}
+
+
+def check_plan_covers(bits: dict, layer_names, keep_fp: set[str]):
+    names = set(layer_names)
+    unknown = sorted(set(bits) - names)
+    missing = sorted(names - set(bits) - keep_fp)
+    if unknown:
+        raise PlanMismatchError(
+            f"the plan names {len(unknown)} layer(s) this UNet does not have (e.g. {unknown[:3]}): it was made "
+            "for another model; calibrate this one with `python -m mixq.calibrate`"
+        )
+    if missing:
+        raise PlanMismatchError(
+            f"the plan gives no bits for {len(missing)} layer(s) of this UNet (e.g. {missing[:3]}): add them "
+            "(w_bits/a_bits 16 keeps a layer in floating point) or list them in keep_fp"
+        )

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import setup
+
+version = {}
+exec(Path("mixq/_version.py").read_text(), version)
+
+setup(
+    name="mixq",
+    version=version["__version__"],
+    description="Mixed-precision low-bit quantized inference for few-step text-to-image diffusion (MixDQ)",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ and calib/ live at the top level of the repository but are installed as
+    # subpackages: other distributions own the top-level names `kernels` and `calib`.
+    packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs"],
+    package_dir={"mixq": "mixq", "mixq.kernels": "kernels", "mixq.calib": "calib", "mixq.configs": "configs"},
+    package_data={"mixq.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.3",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "triton>=3.0",
+        "pulp>=2.8",
+        "numpy",
+        "huggingface-hub",
+        "safetensors",
+        "PyYAML",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "peft"],
+        "bench": ["pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["mixq-calibrate=mixq.calibrate:main"]},
+)
