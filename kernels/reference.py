@@ -19,8 +19,9 @@ def quantize_input(x, x_scale, x_zero, a_bits):
 def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N], exact."""
     if a.is_cuda and (a.shape[0] <= 16 or a.shape[1] % 8 or b_t.shape[0] % 8):
-        # torch._int_mm's CUDA path has shape constraints; int32 matmul is exact too (slower).
-        return (a.to(torch.int32) @ b_t.to(torch.int32).t()).to(torch.int32)
+        # torch._int_mm's CUDA path has shape constraints and CUDA has no integer matmul; float64
+        # is exact here too (products of codes < 2^14, sums far below 2^53), only slower.
+        return (a.double() @ b_t.double().t()).to(torch.int32)
     return torch._int_mm(a.contiguous(), b_t.t().contiguous())
 
 

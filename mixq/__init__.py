@@ -7,6 +7,7 @@
 from mixq._version import __version__
 from mixq.api import calibrate_ranges, quantize, summary
 from mixq.calibration import Calibration, NonFiniteActivationError
+from mixq.checkpoint import load_quantized, save_quantized
 from mixq.modules import QConv2d, QLinear
 from mixq.plan import PlanMismatchError
 from mixq.quantizers import ACTIVATION_BITS, WEIGHT_BITS, sqnr_db
@@ -15,6 +16,8 @@ __all__ = [
     "__version__",
     "quantize",
     "summary",
+    "save_quantized",
+    "load_quantized",
     "calibrate_ranges",
     "Calibration",
     "QLinear",

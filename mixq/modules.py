@@ -67,7 +67,8 @@ class QuantizedLayer(nn.Module):
     """State and behaviour shared by QLinear and QConv2d.
 
     Buffers (all in state_dict, so a quantized UNet saves and loads like any module):
-      qweight_{p}  packed integer weight of input part p, or `weight` (fp) when w_bits == 16
+      qweight_{p}  packed integer weight of input part p, or `weight` (fp, the original layer's
+                   shape) when w_bits == 16
       w_scale      fp32 [N] per-output-channel scales
       w_sum_{p}    int32 [N] per-part integer weight sums (zero-point folding)
       x_scale, x_zero   fp32 [parts] activation parameters
@@ -92,7 +93,8 @@ class QuantizedLayer(nn.Module):
         taps = self.kernel_size[0] * self.kernel_size[1]
         f32 = dict(dtype=torch.float32, device=device)
         if self.w_bits == FLOAT_BITS:
-            self.register_buffer("weight", torch.zeros(out_features, taps * in_features, dtype=dtype, device=device))
+            shape = (out_features, in_features) if self.kind == "linear" else (out_features, in_features, *self.kernel_size)
+            self.register_buffer("weight", torch.zeros(shape, dtype=dtype, device=device))
         else:
             packed_dtype = torch.int8 if self.w_bits == 8 else torch.uint8
             for p, size in enumerate(self.part_sizes):
@@ -108,13 +110,14 @@ class QuantizedLayer(nn.Module):
 
     # --- construction from a float layer ---------------------------------------------------------
 
-    def load_float_weight(self, matrix: torch.Tensor, bias: torch.Tensor | None):
-        """matrix: [N, K] weight in the kernels' reduction order."""
+    def load_float_weight(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """weight: the float layer's weight, in its own shape."""
         if bias is not None:
             self.bias.copy_(bias.detach())
         if self.w_bits == FLOAT_BITS:
-            self.weight.copy_(matrix.detach())
+            self.weight.copy_(weight.detach())
             return
+        matrix = weight if self.kind == "linear" else conv_weight_as_matrix(weight)
         q, scales = quantize_weight(matrix, self.w_bits)
         self.w_scale.copy_(scales)
         for p, part in enumerate(self._weight_parts(q)):
@@ -142,10 +145,18 @@ class QuantizedLayer(nn.Module):
 
     # --- views used by forward, summaries and tests ----------------------------------------------
 
-    def dequantized_weight_matrix(self) -> torch.Tensor:
-        """The effective [N, K] weight (fp32) in (row, col, channel) order."""
+    def float_weight(self, dtype) -> torch.Tensor:
+        """The effective weight in the float layer's shape (contiguous, so float ops run exactly
+        as they would on an nn.Linear / nn.Conv2d holding these values)."""
         if self.w_bits == FLOAT_BITS:
-            return self.weight.float()
+            return self.weight.to(dtype)
+        matrix = self.dequantized_weight_matrix()
+        if self.kind == "conv2d":
+            matrix = matrix_as_conv_weight(matrix, self.in_features, self.kernel_size)
+        return matrix.to(dtype).contiguous()
+
+    def dequantized_weight_matrix(self) -> torch.Tensor:
+        """The effective [N, K] weight (fp32) in (row, col, channel) order; w_bits < 16."""
         taps = self.kernel_size[0] * self.kernel_size[1]
         parts = [
             unpack_weight(getattr(self, f"qweight_{p}"), self.w_bits, taps * size).reshape(-1, taps, size)
@@ -222,24 +233,20 @@ class QLinear(QuantizedLayer):
     def _bos_rows(self, x):
         if self.bos_mode == "cached":
             return self.bos_output.to(x.dtype).expand(x.shape[0], 1, -1)
-        w = self.dequantized_weight_matrix().to(x.dtype)
-        return F.linear(x[:, :1], w, self.bias)
+        return F.linear(x[:, :1], self.float_weight(x.dtype), self.bias)
 
     def _body(self, x):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
         if self.a_bits == FLOAT_BITS:
-            y = F.linear(x2, self.dequantized_weight_matrix().to(x.dtype), self.bias)
-        elif self.w_bits == FLOAT_BITS:
-            y = F.linear(self._fake_quantized_input(x2, -1), self.weight, self.bias)
-        else:
-            y = self._integer_parts(
-                x2,
-                lambda xp, qw, ws, xs, xz, b: kernels.quantized_linear(
-                    xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b
-                ),
-            )
-        return y.reshape(*lead, self.out_features)
+            return F.linear(x, self.float_weight(x.dtype), self.bias)
+        if self.w_bits == FLOAT_BITS:
+            return F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias)
+        y = self._integer_parts(
+            x.reshape(-1, self.in_features),
+            lambda xp, qw, ws, xs, xz, b: kernels.quantized_linear(
+                xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b
+            ),
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class QConv2d(QuantizedLayer):
@@ -258,7 +265,7 @@ class QConv2d(QuantizedLayer):
         w = conv.weight
         layer = cls(conv.out_channels, conv.in_channels, w_bits, a_bits, conv.kernel_size, conv.stride,
                     conv.padding, split_at=split_at, has_bias=conv.bias is not None, dtype=w.dtype, device=w.device)
-        layer.load_float_weight(conv_weight_as_matrix(w), conv.bias)
+        layer.load_float_weight(w, conv.bias)
         layer.set_activation_ranges(lows, highs)
         return layer
 
@@ -266,8 +273,7 @@ class QConv2d(QuantizedLayer):
         if self.a_bits == FLOAT_BITS or self.w_bits == FLOAT_BITS:
             if self.w_bits == FLOAT_BITS:
                 x = self._fake_quantized_input(x, 1)
-            w = matrix_as_conv_weight(self.dequantized_weight_matrix(), self.in_features, self.kernel_size)
-            return F.conv2d(x, w.to(x.dtype), self.bias, self.stride, self.padding)
+            return F.conv2d(x, self.float_weight(x.dtype), self.bias, self.stride, self.padding)
         return self._integer_parts(
             x,
             lambda xp, qw, ws, xs, xz, b: kernels.quantized_conv2d(

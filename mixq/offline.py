@@ -95,7 +95,14 @@ def unet_from_config(config: dict, seed: int = 0, dtype=torch.float32, device="c
 
     torch.manual_seed(seed)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    return UNet2DConditionModel(**cfg).to(device=device, dtype=dtype).eval()
+    return _to(UNet2DConditionModel(**cfg), device, dtype).eval()
+
+
+def _to(module, device, dtype):
+    """Move/cast only when needed: a no-op .to() on diffusers models still logs a dtype notice."""
+    if torch.device(device) != torch.device("cpu") or dtype != torch.float32:
+        module = module.to(device=device, dtype=dtype)
+    return module
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def default_scheduler():
 
     # SD's noise schedule with trailing timesteps, so 1-4 step sampling is meaningful (as SDXL-Turbo).
     return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  timestep_spacing="trailing")
+                                  timestep_spacing="trailing", steps_offset=1)
 
 
 def tiny_sdxl_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", unet_config=None, tokenizer=None,
@@ -198,7 +205,7 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", unet_co
         force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return _to(pipe, device, dtype)
 
 
 def tiny_sd15_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", unet_config=None, tokenizer=None,
@@ -219,7 +226,7 @@ def tiny_sd15_pipeline(seed: int = 0, dtype=torch.float32, device="cpu", unet_co
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return _to(pipe, device, dtype)
 
 
 def tiny_pipeline(arch: str = "sdxl", **kwargs):

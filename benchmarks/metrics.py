@@ -1,0 +1,150 @@
+"""Image fidelity metrics and image grids: small pure functions on numpy arrays.
+
+Images are float arrays in [0, 1], shaped [H, W] or [H, W, C] (what a diffusers pipeline returns
+with output_type="np", one image at a time).
+
+SSIM follows Wang et al. (2004) with a uniform window. MixDQ judges content-group layers by SSIM
+with a near-global window, so the default window here is the largest odd size that fits the image:
+the score then compares whole-image statistics (composition, brightness, contrast) rather than
+local texture, which is what a low-bit layer changes in a few-step model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+
+
+def _as_float_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    return a, b
+
+
+def psnr(reference, image, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB; +inf for identical images."""
+    reference, image = _as_float_pair(reference, image)
+    mse = float(np.mean((reference - image) ** 2))
+    if mse == 0:
+        return math.inf
+    return 10 * math.log10(data_range**2 / mse)
+
+
+def near_global_window(height: int, width: int) -> int:
+    """The largest odd window side that fits the image."""
+    side = min(height, width)
+    return side if side % 2 else side - 1
+
+
+def box_means(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over every window x window patch of a 2-D array (valid positions only), via an integral image."""
+    integral = np.pad(x, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = (integral[window:, window:] - integral[:-window, window:]
+            - integral[window:, :-window] + integral[:-window, :-window])
+    return sums / window**2
+
+
+def ssim_channel(a: np.ndarray, b: np.ndarray, window: int, data_range: float) -> float:
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    mu_a, mu_b = box_means(a, window), box_means(b, window)
+    var_a = box_means(a * a, window) - mu_a**2
+    var_b = box_means(b * b, window) - mu_b**2
+    cov = box_means(a * b, window) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(score.mean())
+
+
+def ssim(reference, image, window: int | None = None, data_range: float = 1.0) -> float:
+    """Mean SSIM over window positions and channels; 1.0 for identical images.
+
+    window: side of the uniform window (odd, at most the image side); default near-global.
+    """
+    reference, image = _as_float_pair(reference, image)
+    if reference.ndim == 2:
+        reference, image = reference[..., None], image[..., None]
+    if reference.ndim != 3:
+        raise ValueError(f"expected an [H, W] or [H, W, C] image, got shape {reference.shape}")
+    height, width = reference.shape[:2]
+    window = near_global_window(height, width) if window is None else window
+    if window < 1 or window > min(height, width):
+        raise ValueError(f"SSIM window {window} does not fit a {height}x{width} image")
+    scores = [ssim_channel(reference[..., c], image[..., c], window, data_range) for c in range(reference.shape[2])]
+    return float(np.mean(scores))
+
+
+# --- grids ---------------------------------------------------------------------------------------
+
+
+def to_uint8(image) -> np.ndarray:
+    """[0, 1] float image -> uint8 [H, W, 3]."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def upscale_nearest(image: np.ndarray, factor: int) -> np.ndarray:
+    return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image
+
+
+def downscale_box(image: np.ndarray, factor: int) -> np.ndarray:
+    """Average over factor x factor blocks (edge rows/columns that do not fill a block are dropped)."""
+    if factor <= 1:
+        return image
+    h, w = image.shape[0] // factor, image.shape[1] // factor
+    blocks = image[:h * factor, :w * factor].reshape(h, factor, w, factor, -1)
+    return blocks.mean(axis=(1, 3))
+
+
+def resize_to_cell(image: np.ndarray, min_cell: int, max_cell: int) -> np.ndarray:
+    """Enlarge (nearest neighbour) or shrink (box average) by an integer factor toward the cell size."""
+    side = max(image.shape[:2])
+    if side < min_cell:
+        return upscale_nearest(image, math.ceil(min_cell / side))
+    if side > max_cell:
+        return downscale_box(image, math.ceil(side / max_cell))
+    return image
+
+
+def image_grid(rows, gap: int = 4, background: int = 255, min_cell: int = 128, max_cell: int = 128) -> np.ndarray:
+    """rows: a list of rows, each a list of same-sized [0, 1] images -> one uint8 [H, W, 3] grid.
+
+    Cells are brought near [min_cell, max_cell] pixels by integer factors: tiny models' 32x32
+    images are enlarged pixel for pixel, 512x512 ones are shrunk so the PNG stays small.
+    """
+    images = [[np.asarray(image, dtype=np.float64) for image in row] for row in rows]
+    if not images or not images[0]:
+        raise ValueError("image_grid needs at least one row with one image")
+    if any(image.shape[:2] != images[0][0].shape[:2] for row in images for image in row):
+        raise ValueError("every image of a grid must have the same size")
+    cells = [[to_uint8(resize_to_cell(image, min_cell, max_cell)) for image in row] for row in images]
+    cell_h, cell_w = cells[0][0].shape[:2]
+    columns = max(len(row) for row in cells)
+    grid = np.full((len(cells) * (cell_h + gap) - gap, columns * (cell_w + gap) - gap, 3), background, np.uint8)
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            top, left = r * (cell_h + gap), c * (cell_w + gap)
+            grid[top:top + cell_h, left:left + cell_w] = cell
+    return grid
+
+
+def labelled_grid(rows, column_labels, header: int = 20, **grid_kwargs):
+    """image_grid with a header line naming each column; returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    body = image_grid(rows, **grid_kwargs)
+    gap = grid_kwargs.get("gap", 4)
+    columns = max(len(row) for row in rows)
+    cell_w = (body.shape[1] + gap) // columns - gap
+    canvas = Image.new("RGB", (body.shape[1], body.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(body), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(column_labels):
+        draw.text((c * (cell_w + gap) + 2, 4), str(label), fill="black")
+    return canvas

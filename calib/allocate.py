@@ -1,0 +1,100 @@
+"""Bit allocation by integer programming (MixDQ section "mixed-precision allocation").
+
+`allocate_bits` is the core: one binary variable per (layer, bits), exactly one bit-width per
+layer, maximize the summed score subject to a size-weighted average-bits budget; solved with
+PuLP's bundled CBC. `group_budgets` splits a target between the content and quality groups by a
+ratio k, and `build_plans` sweeps k to produce the candidate plans the calibration pipeline scores.
+"""
+
+from __future__ import annotations
+
+import pulp
+
+
+class InfeasibleBudgetError(ValueError):
+    pass
+
+
+def smallest_feasible_average(candidates: dict[str, list[int]], sizes: dict[str, float]) -> float:
+    total = sum(sizes[n] for n in candidates)
+    return sum(sizes[n] * min(bits) for n, bits in candidates.items()) / total
+
+
+def allocate_bits(scores: dict[str, dict[int, float]], sizes: dict[str, float], avg_bits: float,
+                  time_limit: float = 60.0) -> dict[str, int]:
+    """layer -> bits maximizing sum(scores[layer][bits]) s.t. sum(size * bits) <= avg_bits * sum(size).
+
+    scores: layer -> {bits: score}, higher is better; each layer chooses among the bit-widths of its
+    own table. Raises InfeasibleBudgetError naming the smallest feasible average.
+    """
+    if not scores:
+        return {}
+    missing = [n for n in scores if n not in sizes]
+    if missing:
+        raise ValueError(f"no size for layer(s) {missing[:3]}")
+    candidates = {n: sorted(int(b) for b in table) for n, table in scores.items()}
+    floor = smallest_feasible_average(candidates, sizes)
+    if avg_bits < floor - 1e-9:
+        raise InfeasibleBudgetError(
+            f"average of {avg_bits:g} bits is infeasible: the smallest candidate bit-widths already average "
+            f"{floor:.4f} bits; raise the budget to at least that, or allow lower bit-widths"
+        )
+    problem = pulp.LpProblem("mixq_bit_allocation", pulp.LpMaximize)
+    choose = {
+        (n, b): pulp.LpVariable(f"x_{i}_{b}", cat="Binary")
+        for i, n in enumerate(scores) for b in candidates[n]
+    }
+    problem += pulp.lpSum(float(scores[n][b]) * var for (n, b), var in choose.items())
+    for n in scores:
+        problem += pulp.lpSum(choose[n, b] for b in candidates[n]) == 1
+    total = sum(sizes[n] for n in scores)
+    # Normalised by the total size so the coefficients stay O(bits) and CBC's tolerances behave.
+    problem += pulp.lpSum(sizes[n] / total * b * var for (n, b), var in choose.items()) <= avg_bits + 1e-9
+    status = problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
+    if pulp.LpStatus[status] != "Optimal":
+        raise InfeasibleBudgetError(f"CBC found no optimal allocation (status {pulp.LpStatus[status]})")
+    return {n: next(b for b in candidates[n] if choose[n, b].value() > 0.5) for n in scores}
+
+
+def average_bits(bits: dict[str, int], sizes: dict[str, float]) -> float:
+    total = sum(sizes[n] for n in bits)
+    return sum(sizes[n] * b for n, b in bits.items()) / total if total else 0.0
+
+
+def group_budgets(target: float, ratio: float, content_size: float, quality_size: float) -> tuple[float, float]:
+    """(content avg, quality avg) with content = ratio * quality and the size-weighted mean = target."""
+    quality = target * (content_size + quality_size) / (ratio * content_size + quality_size)
+    return ratio * quality, quality
+
+
+def allocate_groups(scores, sizes, groups: dict[str, str], target: float, ratio: float) -> dict[str, int]:
+    """Allocate the content and quality groups separately under the split budgets."""
+    by_group = {g: {n: s for n, s in scores.items() if groups[n] == g} for g in ("content", "quality")}
+    group_size = {g: sum(sizes[n] for n in layer_scores) for g, layer_scores in by_group.items()}
+    if not group_size["content"] or not group_size["quality"]:
+        return allocate_bits(scores, sizes, target)
+    content_avg, quality_avg = group_budgets(target, ratio, group_size["content"], group_size["quality"])
+    # A ratio that asks a group for less than its smallest feasible average raises
+    # InfeasibleBudgetError; build_plans skips that ratio.
+    plan = {}
+    for group, avg in (("content", content_avg), ("quality", quality_avg)):
+        plan.update(allocate_bits(by_group[group], sizes, avg))
+    return plan
+
+
+def build_plans(scores, sizes, groups, target: float, ratios) -> dict[float, dict[str, int]]:
+    """Candidate plans, one per ratio, each within the overall target (ratios whose split is
+    infeasible are skipped)."""
+    plans = {}
+    for ratio in ratios:
+        try:
+            plan = allocate_groups(scores, sizes, groups, target, ratio)
+        except InfeasibleBudgetError:
+            continue
+        if average_bits(plan, sizes) <= target + 1e-6:
+            plans[float(ratio)] = plan
+    if not plans:
+        # Still honour the budget: a single allocation over both groups is always feasible when the
+        # target is above the smallest feasible average (allocate_bits raises otherwise).
+        plans[float("nan")] = allocate_bits(scores, sizes, target)
+    return plans

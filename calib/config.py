@@ -1,0 +1,166 @@
+"""Calibration configs (configs/*.yaml): model, sampling, calibration, keep-fp layers, bits, budgets.
+
+Every field is checked: an unknown or mistyped field is an error that names it, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixq.io import read_yaml
+from mixq.quantizers import check_activation_bits, check_weight_bits
+
+
+DEFAULT_CONFIG = "tiny-sdxl"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    id: str = "offline:tiny-sdxl"  # a Hub id / local folder, or offline:tiny-sdxl / offline:tiny-sd15
+    dtype: str = "float32"
+    variant: str | None = None
+    lora: str | None = None  # a LoRA to load and fuse before quantization (LCM-LoRA)
+    scheduler: str | None = None  # a diffusers scheduler class name, built from the pipeline's config
+    device: str = "auto"
+
+
+@dataclass
+class SamplingConfig:
+    num_inference_steps: int = 1
+    guidance_scale: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 42
+
+
+@dataclass
+class CalibrationConfig:
+    prompts: str | None = None  # a prompts file; None: the built-in set
+    num_prompts: int = 32  # prompts for activation ranges
+    sensitivity_prompts: int = 8  # prompts (and seeds) for the sensitivity pass and plan selection
+    batch_size: int = 8
+
+
+@dataclass
+class BitsConfig:
+    weight_content: list[int] = field(default_factory=lambda: [2, 4, 8])
+    weight_quality: list[int] = field(default_factory=lambda: [4, 8])
+    activation: list[int] = field(default_factory=lambda: [4, 8])
+
+
+@dataclass
+class BudgetConfig:
+    w_bits: float = 4.0
+    a_bits: float = 8.0
+    ratios: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15, 1.3])
+
+
+@dataclass
+class Config:
+    name: str = "tiny-sdxl"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    keep_fp: list[str] = field(default_factory=lambda: ["conv_in", "conv_out"])
+    bits: BitsConfig = field(default_factory=BitsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+    def pipeline_kwargs(self) -> dict:
+        s = self.sampling
+        kwargs = {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale}
+        if s.height:
+            kwargs["height"] = s.height
+        if s.width:
+            kwargs["width"] = s.width
+        return kwargs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field {where!r} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config field {where + '.' if where else ''}{unknown[0]!r} "
+                          f"(known fields here: {sorted(known)})")
+    values = {}
+    for name, value in data.items():
+        f = known[name]
+        path = f"{where}.{name}" if where else name
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(nested):
+            values[name] = _build(nested, value, path)
+        else:
+            values[name] = _check_type(value, f.type, path)
+    return cls(**values)
+
+
+def _check_type(value, annotation: str, path: str):
+    expected = str(annotation)
+    if value is None:
+        if "None" in expected:
+            return None
+        raise ConfigError(f"config field {path!r} must not be empty")
+    if expected.startswith("list"):
+        if not isinstance(value, list):
+            raise ConfigError(f"config field {path!r} must be a list, got {value!r}")
+        return value
+    for name, kind in (("int", int), ("float", (int, float)), ("str", str)):
+        if expected.startswith(name):
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"config field {path!r} must be {name}, got {value!r}")
+            return float(value) if name == "float" else value
+    return value
+
+
+def validate(config: Config) -> Config:
+    for path, values, check in (("bits.weight_content", config.bits.weight_content, check_weight_bits),
+                                ("bits.weight_quality", config.bits.weight_quality, check_weight_bits),
+                                ("bits.activation", config.bits.activation, check_activation_bits)):
+        if not values:
+            raise ConfigError(f"config field {path!r} needs at least one bit-width")
+        for bits in values:
+            try:
+                check(bits)
+            except ValueError as err:
+                raise ConfigError(f"config field {path!r}: {err}") from None
+    if config.sampling.num_inference_steps < 1:
+        raise ConfigError("config field 'sampling.num_inference_steps' must be at least 1")
+    if config.calibration.num_prompts < 1 or config.calibration.sensitivity_prompts < 1:
+        raise ConfigError("config fields 'calibration.num_prompts' and 'calibration.sensitivity_prompts' must be >= 1")
+    if not config.budget.ratios or any(r <= 0 for r in config.budget.ratios):
+        raise ConfigError("config field 'budget.ratios' must be a non-empty list of positive numbers")
+    return config
+
+
+def load_config(source=None) -> Config:
+    """None -> the offline default (tiny-sdxl); a name ('sdxl-turbo') -> the shipped config; else a path."""
+    source = DEFAULT_CONFIG if source is None else source
+    path = Path(source)
+    if not path.is_file():
+        from mixq.configs import config_path
+
+        shipped = config_path(str(source))
+        if shipped is None:
+            raise FileNotFoundError(f"no config file {source!r} (shipped configs: {', '.join(_shipped_names())})")
+        path = shipped
+    data = read_yaml(path) or {}
+    return validate(_build(Config, data, ""))
+
+
+def _shipped_names():
+    from mixq.configs import shipped_configs
+
+    return shipped_configs()

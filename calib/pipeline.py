@@ -1,0 +1,90 @@
+"""Loading a pipeline from a config, and running it the way calibration needs: fixed seeds per
+prompt, cached text conditioning, images or captured UNet calls."""
+
+from __future__ import annotations
+
+import torch
+
+from mixq.calib.config import ModelConfig
+
+OFFLINE_ARCHS = {"offline:tiny-sdxl": "sdxl", "offline:tiny-sd15": "sd15"}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_pipeline(model: ModelConfig):
+    """The float pipeline a config names, on its device; LoRA fused, scheduler swapped."""
+    dtype = getattr(torch, model.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"config field 'model.dtype': unknown torch dtype {model.dtype!r}")
+    device = resolve_device(model.device)
+    if model.id.startswith("offline:"):
+        from mixq.offline import tiny_pipeline
+
+        if model.id not in OFFLINE_ARCHS:
+            raise ValueError(f"config field 'model.id': unknown offline model {model.id!r}; use one of {sorted(OFFLINE_ARCHS)}")
+        pipe = tiny_pipeline(OFFLINE_ARCHS[model.id], dtype=dtype, device=device)
+    else:
+        from diffusers import AutoPipelineForText2Image
+
+        kwargs = {"torch_dtype": dtype}
+        if model.variant:
+            kwargs["variant"] = model.variant
+        pipe = AutoPipelineForText2Image.from_pretrained(model.id, **kwargs).to(device)
+    if model.scheduler:
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, model.scheduler, None)
+        if scheduler_cls is None:
+            raise ValueError(f"config field 'model.scheduler': diffusers has no scheduler {model.scheduler!r}")
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    if model.lora:
+        # Quantization needs the LoRA folded into the base weights (mixq refuses unfused adapters).
+        pipe.load_lora_weights(model.lora)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict:
+    """Text conditioning as pipeline keyword arguments (prompt_embeds, pooled for SDXL, negatives
+    under classifier-free guidance), so repeated generations skip the text encoders."""
+    cfg = guidance_scale > 1.0
+    encode = getattr(pipe, "encode_prompt", None)
+    if encode is None:
+        return {"prompt": prompts}
+    with torch.no_grad():
+        out = encode(prompt=prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+    if len(out) == 4:  # SDXL
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    else:
+        names = ("prompt_embeds", "negative_prompt_embeds")
+    return {k: v for k, v in zip(names, out) if v is not None}
+
+
+def seeded_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
+    """One generator per prompt: image i gets the same noise whatever the batch it runs in."""
+    return [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(count)]
+
+
+def slice_conditioning(conditioning: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if isinstance(v, torch.Tensor) else v[start:stop]) for k, v in conditioning.items()}
+
+
+@torch.no_grad()
+def generate(pipe, conditioning: dict, seed: int, pipeline_kwargs: dict, batch_size: int = 8,
+             output_type: str = "pt") -> torch.Tensor:
+    """Images (or latents) for every prompt of `conditioning`, as one float32 CPU tensor."""
+    count = len(next(iter(conditioning.values())))
+    outputs = []
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        result = pipe(**slice_conditioning(conditioning, start, stop), generator=seeded_generators(seed, stop - start, start),
+                      output_type=output_type, **pipeline_kwargs)
+        outputs.append(result.images.float().cpu())
+    return torch.cat(outputs)

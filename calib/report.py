@@ -1,0 +1,150 @@
+"""report.md and its PNG plots for a calibration run."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+from mixq.io import atomic_path, write_text_atomic
+
+GROUP_COLORS = {"content": "tab:orange", "quality": "tab:blue"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _pyplot().close(fig)
+
+
+def plot_sensitivity(table: dict, path: Path):
+    plt = _pyplot()
+    names = list(table)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True)
+    for row, side in enumerate(("weight", "activation")):
+        for col, group in enumerate(("quality", "content")):
+            ax = axes[row][col]
+            index = [i for i, n in enumerate(names) if table[n]["group"] == group]
+            bits = sorted({int(b) for i in index for b in table[names[i]][side]})
+            for b in bits:
+                ax.plot(index, [table[names[i]][side].get(b, float("nan")) for i in index], ".", label=f"{b}-bit", ms=4)
+            metric = "UNet SQNR (dB)" if group == "quality" else "image SSIM"
+            ax.set_title(f"{side}s, {group} group: {metric}", fontsize=10)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("layer index (module order)")
+    fig.suptitle("Per-layer sensitivity: one layer quantized, the rest in floating point")
+    _save(fig, path)
+
+
+def plot_bits(plan: dict, table: dict, path: Path):
+    plt = _pyplot()
+    names = [n for n in table if n in plan]
+    fig, axes = plt.subplots(2, 1, figsize=(13, 5), sharex=True)
+    for ax, key, label in ((axes[0], "w_bits", "weight bits"), (axes[1], "a_bits", "activation bits")):
+        for group, color in GROUP_COLORS.items():
+            index = [i for i, n in enumerate(names) if table[n]["group"] == group]
+            ax.bar(index, [plan[names[i]][key] for i in index], color=color, width=1.0, label=group)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[1].set_xlabel("layer index (module order)")
+    fig.suptitle("Chosen bits along the network")
+    _save(fig, path)
+
+
+def plot_group_averages(averages: dict, targets: dict, path: Path):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, side in zip(axes, ("weight", "activation")):
+        groups = ["content", "quality", "all"]
+        values = [averages[side].get(g, 0.0) for g in groups]
+        ax.bar(groups, values, color=[GROUP_COLORS["content"], GROUP_COLORS["quality"], "tab:gray"])
+        ax.axhline(targets[side], color="red", ls="--", label=f"budget {targets[side]:g}")
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+        ax.set_title(f"{side}s: size-weighted average bits", fontsize=10)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value, digits=2):
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_report(path: Path, *, config, command: str, averages: dict, sweeps: dict, comparison: list[dict],
+                 table: dict, timings: dict, versions: dict, plots: dict):
+    c = config
+    lines = [
+        f"# mixq calibration report: {c.name}",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- command: `{command}`",
+        f"- model: `{c.model.id}` ({c.model.dtype}{', LoRA ' + c.model.lora + ' fused' if c.model.lora else ''})",
+        f"- sampling: {c.sampling.num_inference_steps} step(s), guidance {c.sampling.guidance_scale:g}, seed {c.sampling.seed}",
+        f"- calibration: {c.calibration.num_prompts} prompts for ranges, {c.calibration.sensitivity_prompts} for "
+        f"sensitivity and plan selection ({c.calibration.prompts or 'built-in prompt set'})",
+        f"- machine: {versions.get('device', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "device"),
+        f"- stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
+        "",
+        "## Plan",
+        "",
+        _table(["side", "budget", "content avg", "quality avg", "all avg"], [
+            [side, f"{(c.budget.w_bits if side == 'weight' else c.budget.a_bits):g}",
+             _fmt(averages[side].get("content", float("nan"))), _fmt(averages[side].get("quality", float("nan"))),
+             _fmt(averages[side]["all"])]
+            for side in ("weight", "activation")
+        ]),
+        "",
+        "Averages are size-weighted (parameters for weights, activation elements for activations) over the "
+        f"quantized layers; keep-fp layers ({', '.join(c.keep_fp)}) stay in floating point.",
+        "",
+        f"![average bits]({plots['groups']})",
+        "",
+        "## Fidelity against floating point (real integer kernels)",
+        "",
+        "UNet SQNR over the saved UNet calls of the sensitivity prompts; image PSNR/SSIM of the generated "
+        "images, same prompts and seeds.",
+        "",
+        _table(["configuration", "avg weight bits", "avg act bits", "UNet SQNR (dB)", "image PSNR (dB)", "image SSIM"], [
+            [r["name"], _fmt(r["w_avg"]), _fmt(r["a_avg"]), _fmt(r["unet_sqnr"]), _fmt(r["image_psnr"]), _fmt(r["image_ssim"], 4)]
+            for r in comparison
+        ]),
+        "",
+    ]
+    verdicts = [r for r in comparison if r.get("verdict")]
+    lines += [r["verdict"] for r in verdicts] + [""]
+    lines += ["## Budget split sweep", "",
+              "Each ratio k sets content avg = k x quality avg within the budget; the plan with the lowest image "
+              "MSE against the float images is chosen (the other side in floating point while sweeping).", ""]
+    for side, sweep in sweeps.items():
+        best = min(sweep, key=lambda e: e["image_mse"])
+        lines += [f"**{side}s**", "", _table(["k", "content avg", "quality avg", "all avg", "image MSE", "chosen"], [
+            [_fmt(e["ratio"]), _fmt(e.get("avg_content", float("nan"))), _fmt(e.get("avg_quality", float("nan"))),
+             _fmt(e["avg_all"]), f"{e['image_mse']:.3e}", "yes" if e is best else ""]
+            for e in sweep
+        ]), ""]
+    lines += ["## Sensitivity", "", f"![sensitivity]({plots['sensitivity']})", "", f"![bits]({plots['bits']})", ""]
+    lines += ["Most sensitive layers to low-bit weights (lowest score at the smallest candidate):", ""]
+    for group in ("quality", "content"):
+        members = [(min(row["weight"].items())[1], n) for n, row in table.items() if row["group"] == group]
+        members.sort()
+        lines += [f"- {group} ({'SQNR dB' if group == 'quality' else 'SSIM'}): "
+                  + ", ".join(f"`{n}` {s:.3g}" for s, n in members[:5])]
+    lines += ["", f"Python {platform.python_version()} on {platform.machine()}.", ""]
+    write_text_atomic(path, "\n".join(lines))

@@ -1,0 +1,135 @@
+"""Metric-decoupled sensitivity: quantize one layer at a time (weights-only, then activations-only,
+at each candidate bit-width) with fake-quant twins, the rest of the model in floating point.
+
+- quality group: SQNR (dB) of the UNet output against the float output over the saved UNet calls;
+- content group (attn2 / ff): SSIM of the generated image against the float image for the same
+  prompt and seed.
+
+The table is written atomically after every layer, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from mixq.api import build_quantized_layer
+from mixq.calib.collect import Reference
+from mixq.calib.pipeline import generate
+from mixq.calibration import Calibration
+from mixq.io import read_yaml, write_yaml_atomic
+from mixq.layers import LayerInfo, set_submodule
+from mixq.metrics import global_ssim, sqnr_db
+from mixq.quantizers import FLOAT_BITS
+
+SQNR_CAP_DB = 200.0  # a layer whose quantization changes nothing would score +inf
+METRICS = {"quality": "sqnr_db", "content": "ssim"}
+
+
+@contextmanager
+def swapped_layers(unet, replacements: dict):
+    """Temporarily put `replacements` (name -> module) into the UNet; the originals come back."""
+    originals = {name: unet.get_submodule(name) for name in replacements}
+    try:
+        for name, module in replacements.items():
+            set_submodule(unet, name, module)
+        yield unet
+    finally:
+        for name, module in originals.items():
+            set_submodule(unet, name, module)
+
+
+def simulated_layers(unet, layers: dict[str, LayerInfo], bits: dict[str, tuple[int, int]],
+                     calibration: Calibration) -> dict:
+    """Fake-quant twins for every layer of `bits` that is not 16/16."""
+    return {
+        name: build_quantized_layer(unet.get_submodule(name), layers[name], w, a, calibration, simulate=True)
+        for name, (w, a) in bits.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
+    }
+
+
+class Evaluator:
+    """Scores the pipeline's current state against the reference."""
+
+    def __init__(self, pipe, reference: Reference, seed: int, pipeline_kwargs: dict, batch_size: int = 8):
+        self.pipe, self.reference, self.seed = pipe, reference, seed
+        self.pipeline_kwargs, self.batch_size = pipeline_kwargs, batch_size
+        unet = pipe.unet
+        self.calls = list(reference.calls_on(unet.device, unet.dtype))
+
+    @torch.no_grad()
+    def unet_sqnr(self) -> float:
+        outputs, expected = [], []
+        for args, kwargs, out in self.calls:
+            result = self.pipe.unet(*args, **kwargs)
+            outputs.append((result[0] if isinstance(result, (tuple, list)) else result.sample).float().cpu())
+            expected.append(out)
+        return sqnr_db(torch.cat(expected), torch.cat(outputs))
+
+    def images(self) -> torch.Tensor:
+        return generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs, self.batch_size)
+
+    def image_ssim(self) -> float:
+        return global_ssim(self.reference.images, self.images())
+
+    def image_mse(self) -> float:
+        return float((self.images() - self.reference.images).pow(2).mean())
+
+    def score(self, group: str) -> float:
+        if group == "content":
+            return self.image_ssim()
+        return min(self.unet_sqnr(), SQNR_CAP_DB)
+
+
+def candidate_bits(group: str, weight_content, weight_quality, activation) -> dict[str, list[int]]:
+    return {"weight": list(weight_content if group == "content" else weight_quality), "activation": list(activation)}
+
+
+def measure_layer(evaluator: Evaluator, unet, info: LayerInfo, calibration: Calibration,
+                  candidates: dict[str, list[int]]) -> dict:
+    """One layer's row of the table: scores per bit, weights-only and activations-only."""
+    row = {"group": info.group, "metric": METRICS[info.group], "params": info.params,
+           "act_numel": calibration.ranges(info.name).numel, "weight": {}, "activation": {}}
+    module = unet.get_submodule(info.name)
+    for side, bit_list in candidates.items():
+        for bits in bit_list:
+            w, a = (bits, FLOAT_BITS) if side == "weight" else (FLOAT_BITS, bits)
+            twin = build_quantized_layer(module, info, w, a, calibration, simulate=True)
+            with swapped_layers(unet, {info.name: twin}):
+                row[side][int(bits)] = round(float(evaluator.score(info.group)), 6)
+    return row
+
+
+def load_table(path) -> dict:
+    if not path.exists():
+        return {}
+    data = read_yaml(path) or {}
+    return dict(data.get("layers", {}))
+
+
+def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibration, evaluator: Evaluator,
+                        bits_config, table_path, progress: bool = True, log=print) -> dict:
+    """Fills (or resumes) the sensitivity table at `table_path`; returns layer -> row."""
+    from tqdm.auto import tqdm
+
+    table = load_table(table_path)
+    stale = sorted(set(table) - set(layers))
+    if stale:
+        raise ValueError(f"{table_path} holds layers this model does not have (e.g. {stale[:2]}): it belongs to "
+                         "another model or keep-fp setting; use a new --out folder")
+    todo = [name for name in layers if name not in table]
+    if table:
+        log(f"sensitivity: resuming, {len(table)} of {len(layers)} layers already measured")
+    started = time.monotonic()
+    for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress):
+        info = layers[name]
+        candidates = candidate_bits(info.group, bits_config.weight_content, bits_config.weight_quality,
+                                    bits_config.activation)
+        table[name] = measure_layer(evaluator, pipe.unet, info, calibration, candidates)
+        write_yaml_atomic(table_path, {"layers": table})
+    if todo:
+        log(f"sensitivity: measured {len(todo)} layers in {time.monotonic() - started:.1f} s")
+    return table
+

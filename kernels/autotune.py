@@ -1,0 +1,173 @@
+"""Block sizes for the Triton kernels: tuned once per shape and GPU, cached on disk.
+
+The cache is one JSON file, MIXQ_AUTOTUNE_CACHE or ~/.cache/mixq/autotune.json, mapping a key
+(kernel, shape, dtypes, GPU name, Triton version) to the fastest config. It is written atomically
+(temporary file + rename), so several processes may share it and a second process never tunes a
+shape again. MIXQ_AUTOTUNE=0 turns tuning off: cached choices are still used, else the default.
+Tuning is skipped while a CUDA graph is being captured (timing would break the capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch_args(self) -> dict:
+        """The keyword arguments of a kernel launch that carry this config."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# The interpreter runs one program at a time in numpy: few, mid-sized tiles are fastest there.
+INTERPRETER_CONFIG = Config(64, 64, 64, group_m=4, num_warps=1, num_stages=1)
+
+# Tiles of 128 int8 values along K feed the int8 MMA with 128-byte rows. 64-wide tiles keep the
+# grid filled where M * N is small (M = 256 tokens in SDXL-Turbo's deepest blocks).
+LARGE_TILE = Config(128, 128, 128, num_warps=8, num_stages=3)
+SMALL_TILE = Config(64, 64, 128, num_warps=4, num_stages=4)
+
+CANDIDATES = (
+    LARGE_TILE,
+    SMALL_TILE,
+    Config(128, 128, 64, num_warps=8, num_stages=4),
+    Config(128, 256, 64, num_warps=8, num_stages=3),
+    Config(64, 128, 128, num_warps=4, num_stages=4),
+    Config(128, 64, 128, num_warps=4, num_stages=4),
+    Config(64, 256, 128, num_warps=8, num_stages=3),
+    Config(64, 64, 64, num_warps=4, num_stages=5),
+    Config(32, 64, 128, num_warps=4, num_stages=4),
+)
+
+# Roughly one wave of CTAs on an H100 (132 SMs); below it, large tiles leave SMs idle.
+FULL_GRID = 132
+# Shared memory an untuned config may plan for: every recent GPU has at least ~100 KB per block.
+SHARED_MEMORY_BUDGET = 96 * 1024
+
+
+def tiles(m: int, n: int, config: Config) -> int:
+    return -(-m // config.block_m) * -(-n // config.block_n)
+
+
+def default_config(m: int, n: int, x_element_size: int) -> Config:
+    """The untuned choice: large tiles where they still fill the GPU, else small ones, with as
+    many pipeline stages as surely fit (an input tile and an int8 weight tile per stage)."""
+    tile = LARGE_TILE if tiles(m, n, LARGE_TILE) >= FULL_GRID else SMALL_TILE
+    per_stage = tile.block_k * (tile.block_m * x_element_size + tile.block_n)
+    return replace(tile, num_stages=max(1, min(tile.num_stages, SHARED_MEMORY_BUDGET // per_stage)))
+
+
+def cache_path() -> Path:
+    configured = os.environ.get("MIXQ_AUTOTUNE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "mixq" / "autotune.json"
+
+
+def tuning_enabled() -> bool:
+    if os.environ.get("MIXQ_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+class ConfigCache:
+    """Configs by key, backed by a JSON file; reads it once, merges with it on every write."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict[str, dict] | None = None
+
+    def get(self, key: str) -> Config | None:
+        if self._entries is None:
+            self._entries = self._read()
+        try:
+            return Config(**self._entries[key])
+        except (KeyError, TypeError):  # absent, or written by a version with other fields
+            return None
+
+    def put(self, key: str, config: Config):
+        # Another process may have added entries since we read the file: keep them.
+        self._entries = {**self._read(), **(self._entries or {}), key: asdict(config)}
+        try:
+            self._write()
+        except OSError as error:
+            warnings.warn(f"mixq: cannot write the autotune cache {self.path} ({error}); tuned configs are kept "
+                          "for this process only (set MIXQ_AUTOTUNE_CACHE to a writable file)")
+
+    def _write(self):
+        """Temporary file + rename: readers see the old file or the new one, never half of one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except (OSError, ValueError) as error:
+            warnings.warn(f"mixq: ignoring unreadable autotune cache {self.path} ({error}); shapes will be retuned")
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+
+_caches: dict[Path, ConfigCache] = {}
+
+
+def active_cache() -> ConfigCache:
+    """The cache at cache_path(), one instance per path in this process."""
+    path = cache_path()
+    if path not in _caches:
+        _caches[path] = ConfigCache(path)
+    return _caches[path]
+
+
+def tuned_config(key: str, candidates: Iterable[Config], measure: Callable[[Config], float], default: Config) -> Config:
+    """The cached config for key, else the fastest candidate by measure(config) (lower is better)."""
+    cache = active_cache()
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    if not tuning_enabled():
+        return default
+    timings = {}
+    for config in candidates:
+        try:
+            timings[config] = measure(config)
+        except OutOfResources:
+            continue  # needs more shared memory or registers than this GPU has
+    if not timings:
+        return default
+    best = min(timings, key=timings.get)
+    cache.put(key, best)
+    return best
+
+
+@functools.cache
+def device_tag(device: torch.device) -> str:
+    """GPU name and Triton version: a config tuned on one is not the best on another."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}|triton {triton.__version__}"

@@ -1,0 +1,530 @@
+"""Quantized UNet checkpoints: calibrate once, save, and load anywhere without recalibrating.
+
+    mixq.quantize(pipe, w_bit=4, a_bit=8)
+    mixq.save_quantized(pipe, "sdxl-turbo-w4a8")             # share it: huggingface_hub.upload_folder
+    mixq.load_quantized(float_pipe, "owner/sdxl-turbo-w4a8")  # a local folder or a Hub repo id
+
+A checkpoint is a folder with two files:
+
+    mixq_unet.safetensors  every buffer of every QLinear/QConv2d, named "<layer>.<buffer>": packed integer
+                           weights, per-channel scales, weight sums, activation scale/zero, BOS rows, biases
+    mixq_manifest.json     format version, mixq version, the model's fingerprint, config and base hash, one
+                           entry per quantized layer (kind, bits, shapes, split, BOS mode, dtype), the
+                           quantization record (unet.mixq_info), and the size and sha256 of the tensor file
+
+Only the quantized layers are stored. The rest of the UNet (norms, embeddings, conv_in/conv_out, layers
+kept in floating point) is taken from the pipeline the checkpoint is loaded into, an unquantized pipeline
+of the same model: that is what makes the size on disk follow the bits.
+
+What "the same model" means, and how it is checked
+- Architecture: `architecture_fingerprint(unet)`, a hash of the UNet config, must match. The manifest
+  keeps the config too, so that a mismatch names the fields that differ.
+- Weights, the "base hash": a sha256 over every tensor the loader takes from the pipeline, i.e. the UNet's
+  state_dict minus the quantized layers (key, dtype, shape and bytes, in key order). Those tensors and the
+  checkpoint together determine the loaded UNet, so a match means the loaded UNet is the one that was
+  saved, and a mismatch means it would not be. The float weights of the quantized layers are deliberately
+  left out: the checkpoint replaces them, so they cannot change the result (and they no longer exist in
+  the quantized UNet being saved). A consequence worth knowing: a checkpoint of an LCM-LoRA-fused UNet
+  also loads into the plain base pipeline and gives the same UNet, because LCM-LoRA only changes layers
+  that are quantized; when a LoRA-changed layer is kept in floating point (keep_fp), only a pipeline with
+  the same LoRA fused matches.
+- Dtype: a float32 save records the base hash also with its tensors rounded to float16 and bfloat16, so
+  it verifies against a half-precision pipeline of the same model; a float32 pipeline is rounded down to
+  verify against a half-precision save. The layers load into the dtype and device of the layers they
+  replace.
+- Integrity: the manifest records the size and sha256 of the tensor file (truncated or altered tensors),
+  and the tensor file's metadata records the sha256 of the manifest (an edited manifest).
+
+Everything is checked before the pipeline is touched: any failure raises CheckpointError (or
+FileNotFoundError) and leaves it as it was. The manifest is written last, so an interrupted save is
+detected on load instead of pairing new tensors with an old manifest.
+
+Format versions: FORMAT_VERSION is what this code writes. A newer version is refused with a request to
+upgrade mixq; an older one is upgraded through MIGRATIONS, one version at a time, or refused with the
+reason recorded there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from mixq._version import __version__
+from mixq.api import get_unet
+from mixq.io import atomic_path, write_text_atomic
+from mixq.layers import find_lora_layers, find_quantized_layers, set_submodule
+from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer, is_supported_conv
+from mixq.plan import architecture_fingerprint
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "mixq_manifest.json"
+WEIGHTS_NAME = "mixq_unet.safetensors"
+MANIFEST_HASH_KEY = "mixq_manifest_sha256"  # in the tensor file's metadata
+
+# Older format version -> a function that upgrades a manifest by one version, or a sentence that says why
+# that version cannot be read. Empty while format 1 is the only format.
+MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {}
+
+# A float32 save also records its base hash at these precisions (see the module docstring).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info", "weights_file")
+MODEL_FIELDS = ("fingerprint", "config", "base_hash")
+LAYER_FIELDS = ("kind", "w_bits", "a_bits", "in_features", "out_features", "kernel_size", "split_at",
+                "part_sizes", "bos_mode", "has_bias", "dtype")
+CONV_FIELDS = ("stride", "padding")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be saved or loaded as asked; the message says why and what to do."""
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+
+def save_quantized(pipe, path) -> Path:
+    """Write the quantized layers of `pipe.unet` to the folder `path` (created if needed); returns it."""
+    unet = get_unet(pipe)
+    layers = layers_to_save(unet)
+    tensors = {f"{name}.{key}": tensor.detach().contiguous().cpu()
+               for name, layer in layers.items() for key, tensor in layer.state_dict().items()}
+    base = base_state(unet, layers)
+    manifest = json_normalized({
+        "format_version": FORMAT_VERSION,
+        "mixq_version": __version__,
+        "model": {
+            "class": type(unet).__name__,
+            "fingerprint": architecture_fingerprint(unet),
+            "config": unet_config(unet),
+            "base_hash": base_hash_record(base),
+        },
+        "layers": {name: layer_entry(layer) for name, layer in layers.items()},
+        "mixq_info": getattr(unet, "mixq_info", {}),
+    })
+    folder = Path(path)
+    from safetensors.torch import save_file
+
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={MANIFEST_HASH_KEY: manifest_hash(manifest)})
+        manifest["weights_file"] = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    write_text_atomic(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    return folder
+
+
+def layers_to_save(unet: nn.Module) -> dict[str, QuantizedLayer]:
+    fake = [n for n, m in unet.named_modules() if isinstance(m, (FakeQuantLinear, FakeQuantConv2d))]
+    if fake:
+        raise CheckpointError(
+            f"{len(fake)} layer(s) are fake-quant simulations (quantize(..., simulate=True)), e.g. {fake[0]!r}: they "
+            "hold float weights, not a deployable model; quantize with simulate=False to save")
+    lora = find_lora_layers(unet)
+    if lora:
+        raise CheckpointError(
+            f"the UNet holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}), which a checkpoint of the "
+            "quantized layers would drop; fuse the LoRA before quantizing "
+            "(pipe.fuse_lora(); pipe.unload_lora_weights())")
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, QuantizedLayer)}
+    if not layers:
+        raise CheckpointError("this UNet has no quantized layers: quantize it first (mixq.quantize(pipe, ...)), "
+                              "then save")
+    return layers
+
+
+def layer_entry(layer: QuantizedLayer) -> dict:
+    """What it takes to rebuild the layer empty (see empty_quantized_layer) and check it fits its place."""
+    entry = {
+        "kind": layer.kind, "w_bits": layer.w_bits, "a_bits": layer.a_bits,
+        "in_features": layer.in_features, "out_features": layer.out_features,
+        "kernel_size": list(layer.kernel_size), "split_at": layer.split_at, "part_sizes": list(layer.part_sizes),
+        "bos_mode": layer.bos_mode, "has_bias": layer.bias is not None,
+        "dtype": dtype_name(layer_float_dtype(layer)),
+    }
+    if isinstance(layer, QConv2d):
+        entry.update(stride=list(layer.stride), padding=list(layer.padding))
+    return entry
+
+
+def layer_float_dtype(layer: QuantizedLayer) -> torch.dtype | None:
+    """The dtype of the layer's pipeline-dtype buffers (bias, BOS row, float weight); None if it has none."""
+    fp32_always = QuantizedLayer._FP32_BUFFERS
+    dtypes = [b.dtype for n, b in layer.named_buffers() if n not in fp32_always and b.is_floating_point()]
+    return dtypes[0] if dtypes else None
+
+
+def unet_config(unet) -> dict:
+    return json_normalized({k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")})
+
+
+# --- hashes --------------------------------------------------------------------------------------
+
+
+def base_state(unet: nn.Module, quantized_names) -> dict[str, torch.Tensor]:
+    """The UNet tensors a loader takes from the pipeline: its state_dict outside the quantized layers."""
+    prefixes = tuple(f"{name}." for name in quantized_names)
+    return {key: t for key, t in unet.state_dict().items() if not key.startswith(prefixes)}
+
+
+def base_hash(state: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every tensor, floats rounded to `dtype`, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        flat = tensor.contiguous().cpu().reshape(-1)
+        digest.update(f"{key}:{dtype_name(flat.dtype)}:{list(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def base_hash_record(state: dict[str, torch.Tensor]) -> dict:
+    saved = float_dtype(state)
+    dtypes = (saved, *HALF_DTYPES) if saved == torch.float32 else (saved,)
+    return {"dtype": dtype_name(saved), "tensors": len(state),
+            "sha256": {dtype_name(d): base_hash(state, d) for d in dtypes}}
+
+
+def float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    return next((t.dtype for _, t in sorted(state.items()) if t.is_floating_point()), torch.float32)
+
+
+def manifest_hash(manifest: dict) -> str:
+    """sha256 of the manifest without its record of the tensor file (which is written after it)."""
+    body = {k: v for k, v in manifest.items() if k != "weights_file"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_normalized(value):
+    """As it reads back from JSON (tuples become lists, unknown objects strings): hashes must agree."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in FLOAT_DTYPES:
+        raise CheckpointError(f"unknown floating-point dtype {name!r} in the manifest (known: {sorted(FLOAT_DTYPES)})")
+    return FLOAT_DTYPES[name]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | None = None,
+                   token: str | bool | None = None):
+    """Swap the quantized layers of the checkpoint at `path` into `pipe.unet` and return `pipe`.
+
+    pipe: an unquantized pipeline of the model the checkpoint was made from (see the module docstring
+        for what must match); the layers take the dtype and device of the layers they replace.
+    path: a local checkpoint folder, or a Hugging Face Hub repo id ("owner/name"); for a repo,
+        `revision` (branch, tag or commit), `subfolder` and `token` are passed to the download.
+    """
+    folder = checkpoint_folder(path, revision=revision, subfolder=subfolder, token=token)
+    manifest = read_manifest(folder)
+    check_format_version(manifest)
+    check_integrity(folder, manifest)
+    manifest = upgrade_manifest(manifest)
+    check_manifest_fields(manifest)
+
+    unet = get_unet(pipe)
+    check_loadable(unet)
+    check_architecture(manifest["model"], unet)
+    targets = layers_to_replace(manifest["layers"], unet)
+    check_base_hash(manifest["model"]["base_hash"], base_state(unet, targets))
+    replacements = build_quantized_layers(manifest["layers"], folder / WEIGHTS_NAME, targets)
+
+    for name, layer in replacements.items():
+        set_submodule(unet, name, layer)
+    unet.mixq_info = {**manifest["mixq_info"], "checkpoint": str(path)}
+    return pipe
+
+
+def checkpoint_folder(path, *, revision=None, subfolder=None, token=None) -> Path:
+    """A local folder as is; anything else that reads as an "owner/name" repo id is downloaded."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local / subfolder if subfolder else local
+    if local.exists():
+        raise CheckpointError(f"{path} is a file: pass the checkpoint folder that holds {MANIFEST_NAME} and "
+                              f"{WEIGHTS_NAME}")
+    if not is_hub_repo_id(str(path)):
+        raise FileNotFoundError(f"no checkpoint folder at {path}, and it is not a Hugging Face Hub repo id "
+                                "('owner/name')")
+    return download_checkpoint(str(path), revision=revision, subfolder=subfolder, token=token)
+
+
+def is_hub_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.count("/") != 1:  # a checkpoint repo always has an owner; anything else is a missing local path
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def download_checkpoint(repo_id: str, *, revision=None, subfolder=None, token=None) -> Path:
+    """Only the two checkpoint files are fetched (a repo may hold the whole pipeline beside them)."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        root = snapshot_download(repo_id, revision=revision, token=token,
+                                 allow_patterns=[prefix + MANIFEST_NAME, prefix + WEIGHTS_NAME])
+    except Exception as err:  # network, authentication, missing repo or revision: all end here for the user
+        raise CheckpointError(f"{repo_id!r} is not a local folder, and downloading it from the Hugging Face Hub "
+                              f"failed: {err}") from err
+    return Path(root) / prefix if prefix else Path(root)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} holds no {MANIFEST_NAME}: not a mixq checkpoint "
+                              "(mixq.save_quantized writes one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): the checkpoint is damaged; "
+                              "save or download it again") from err
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path} is not a mixq manifest (a JSON object is expected)")
+    return manifest
+
+
+def check_format_version(manifest: dict):
+    """Refuse versions this code cannot read, before anything else in the manifest is trusted."""
+    version = manifest.get("format_version")
+    writer = f"mixq {manifest.get('mixq_version', '?')}"
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"the manifest has no integer format_version (got {version!r}): not a mixq "
+                              "checkpoint, or a damaged one")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format version {version} (written by {writer}) is newer than this mixq {__version__} can "
+            f"read (format {FORMAT_VERSION}): upgrade mixq (pip install -U mixq)")
+    for old in range(version, FORMAT_VERSION):
+        step = MIGRATIONS.get(old)
+        cannot = f"checkpoint format version {version} (written by {writer}) cannot be read by mixq {__version__}"
+        if step is None:
+            raise CheckpointError(f"{cannot}: there is no migration from format {old} to {old + 1}; load it with "
+                                  f"{writer}, or quantize the model again and save it with this version")
+        if isinstance(step, str):
+            raise CheckpointError(f"{cannot}: {step}")
+
+
+def upgrade_manifest(manifest: dict) -> dict:
+    """Apply MIGRATIONS one version at a time (check_format_version has made sure they exist)."""
+    for old in range(manifest["format_version"], FORMAT_VERSION):
+        manifest = MIGRATIONS[old](dict(manifest))
+        if manifest.get("format_version") != old + 1:
+            raise RuntimeError(f"the migration from checkpoint format {old} must return a format {old + 1} manifest")
+    return manifest
+
+
+def check_integrity(folder: Path, manifest: dict):
+    """The tensor file is the one the manifest was saved with, whole, and the manifest is unedited."""
+    record = manifest.get("weights_file")
+    if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+            and isinstance(record.get("sha256"), str)):
+        raise CheckpointError(f"{folder / MANIFEST_NAME} has no weights_file record (bytes, sha256): it is damaged or "
+                              "was not written by mixq.save_quantized")
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has a manifest but no {WEIGHTS_NAME}: copy or download the whole folder")
+    size, expected = path.stat().st_size, record["bytes"]
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated: {size:,} of {expected:,} bytes (an interrupted copy or download); "
+                              "fetch it again")
+    if size != expected:
+        raise CheckpointError(f"{path} has {size:,} bytes but its manifest records {expected:,}: the file was altered "
+                              "or comes from another save; save or download the checkpoint again")
+    if file_sha256(path) != record["sha256"]:
+        raise CheckpointError(f"{path} does not match the sha256 recorded in {MANIFEST_NAME}: the file is damaged, "
+                              "altered, or comes from another save; save or download the checkpoint again")
+    if stored_manifest_hash(path) != manifest_hash(manifest):
+        raise CheckpointError(f"{folder / MANIFEST_NAME} was edited after saving (it no longer matches the hash "
+                              f"recorded in {WEIGHTS_NAME}): restore the original manifest or save the checkpoint "
+                              "again")
+
+
+def stored_manifest_hash(weights_path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as f:
+        return (f.metadata() or {}).get(MANIFEST_HASH_KEY)
+
+
+def check_manifest_fields(manifest: dict):
+    """Every field the loader reads is present (a manifest that passed the hash checks always has them)."""
+    missing = [f for f in MANIFEST_FIELDS if f not in manifest]
+    missing += [f"model.{f}" for f in MODEL_FIELDS if f not in manifest.get("model", {})]
+    for name, entry in manifest.get("layers", {}).items():
+        needed = LAYER_FIELDS + (CONV_FIELDS if entry.get("kind") == "conv2d" else ())
+        missing += [f"layers[{name!r}].{f}" for f in needed if f not in entry]
+    if missing:
+        raise CheckpointError(f"the manifest lacks {', '.join(missing[:5])}: it was not written by mixq.save_quantized "
+                              "or is damaged")
+
+
+def check_loadable(unet: nn.Module):
+    lora = find_lora_layers(unet)
+    if lora:
+        raise CheckpointError(
+            f"the UNet holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}): loading would replace them and "
+            "drop the adapter. Fuse it first (pipe.fuse_lora(); pipe.unload_lora_weights()) if the checkpoint was "
+            "made from the fused model, or load into the pipeline without the LoRA")
+    done = find_quantized_layers(unet)
+    if done:
+        raise CheckpointError(f"this UNet is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}): "
+                              "load the checkpoint into the floating-point pipeline")
+
+
+def check_architecture(model: dict, unet: nn.Module):
+    expected, actual = model["fingerprint"], architecture_fingerprint(unet)
+    if expected == actual:
+        return
+    differing = config_differences(model["config"], unet_config(unet))
+    raise CheckpointError(
+        f"this checkpoint was made for another UNet architecture (fingerprint {expected}; this pipeline's UNet is "
+        f"{actual}; config differences: {differing or 'none listed'}): load it into a pipeline of the model it "
+        "was quantized from")
+
+
+def config_differences(saved: dict, current: dict, limit: int = 4) -> str:
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    shown = [f"{k} {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} here" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def layers_to_replace(entries: dict, unet: nn.Module) -> dict[str, nn.Module]:
+    """name -> the float layer of `unet` each manifest entry replaces, after checking it fits."""
+    targets, problems = {}, []
+    for name, entry in entries.items():
+        try:
+            module = unet.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such layer")
+            continue
+        problem = layer_mismatch(entry, module)
+        if problem:
+            problems.append(f"{name}: {problem}")
+        else:
+            targets[name] = module
+    if problems:
+        raise CheckpointError(f"{len(problems)} layer(s) of the checkpoint do not fit this UNet "
+                              f"({'; '.join(problems[:3])}): it was made for another model")
+    return targets
+
+
+def layer_mismatch(entry: dict, module: nn.Module) -> str | None:
+    """Why the float `module` cannot be replaced by the layer `entry` describes, or None."""
+    if entry["kind"] == "linear" and isinstance(module, nn.Linear):
+        found = {"in_features": module.in_features, "out_features": module.out_features}
+    elif entry["kind"] == "conv2d" and isinstance(module, nn.Conv2d):
+        if not is_supported_conv(module):
+            return "the UNet's Conv2d is of a kind mixq does not quantize (groups, dilation or padding mode)"
+        found = {"in_features": module.in_channels, "out_features": module.out_channels,
+                 "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                 "padding": list(module.padding)}
+    else:
+        return f"the checkpoint holds a {entry['kind']} layer, the UNet a {type(module).__name__}"
+    found["has_bias"] = module.bias is not None
+    differing = [f"{key} {entry[key]} in the checkpoint vs {value} here"
+                 for key, value in found.items() if entry[key] != value]
+    return ", ".join(differing) or None
+
+
+def check_base_hash(record: dict, state: dict[str, torch.Tensor]):
+    recorded = record["sha256"]
+    saved, here = parse_dtype(record["dtype"]), float_dtype(state)
+    if dtype_name(here) in recorded:
+        dtype = here
+    elif here.itemsize > saved.itemsize:
+        dtype = saved  # a wider pipeline is rounded down to the precision of the save
+    else:
+        raise CheckpointError(
+            f"this checkpoint was saved from a {dtype_name(saved)} UNet and cannot be verified against this "
+            f"{dtype_name(here)} pipeline: load it into a pipeline in one of {sorted(recorded)}, then cast it")
+    if base_hash(state, dtype) != recorded[dtype_name(dtype)]:
+        raise CheckpointError(
+            f"the pipeline's UNet is not the model this checkpoint was made from: the weights the checkpoint does not "
+            f"store ({len(state)} tensors here, {record['tensors']} when saved: norms, embeddings, conv_in/conv_out, "
+            "layers kept in floating point) differ from the ones it was quantized with. Load it into that model "
+            "(with the same LoRA fused, if one was fused before quantizing)")
+
+
+def build_quantized_layers(entries: dict, weights_path: Path,
+                           targets: dict[str, nn.Module]) -> dict[str, QuantizedLayer]:
+    """Every layer of the checkpoint, built empty and filled from the tensor file; no float weights are made."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as file:
+        stored = set(file.keys())
+        layers = {}
+        for name, entry in entries.items():
+            float_layer = targets[name]
+            layers[name] = load_layer(name, entry, file, stored, float_layer.weight.dtype, float_layer.weight.device)
+    expected = {f"{name}.{key}" for name, layer in layers.items() for key in layer.state_dict()}
+    unexpected = sorted(stored - expected)
+    if unexpected:
+        raise CheckpointError(f"{weights_path} holds {len(unexpected)} tensor(s) its manifest does not describe "
+                              f"(e.g. {unexpected[0]!r}): manifest and tensors disagree; save the checkpoint again")
+    return layers
+
+
+def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtype, device) -> QuantizedLayer:
+    """One layer: check each stored tensor against the layer as saved, then cast it to `dtype`/`device`."""
+    as_saved = empty_quantized_layer(entry, parse_dtype(entry["dtype"]) or dtype).state_dict()
+    layer = empty_quantized_layer(entry, dtype)
+    if list(layer.part_sizes) != entry["part_sizes"]:
+        raise CheckpointError(f"layer {name!r}: part sizes {entry['part_sizes']} in the manifest, {layer.part_sizes} "
+                              "rebuilt from it: the manifest is inconsistent; save the checkpoint again")
+    state = {}
+    for key, target in layer.state_dict().items():
+        full = f"{name}.{key}"
+        if full not in stored:
+            raise CheckpointError(f"the tensor file has no {full!r}, which the manifest's layer needs: "
+                                  "save the checkpoint again")
+        tensor = file.get_tensor(full)
+        saved = as_saved[key]
+        if tensor.dtype != saved.dtype or tensor.shape != saved.shape:
+            raise CheckpointError(f"tensor {full!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, the "
+                                  f"manifest's layer needs {dtype_name(saved.dtype)} {list(saved.shape)}: save the "
+                                  "checkpoint again")
+        state[key] = tensor.to(device=device, dtype=target.dtype)
+    layer.load_state_dict(state, strict=True, assign=True)  # replaces the meta buffers
+    return layer
+
+
+def empty_quantized_layer(entry: dict, dtype: torch.dtype, device="meta") -> QuantizedLayer:
+    """The layer a manifest entry describes, its buffers on `device` (meta: nothing is allocated)."""
+    shared = {"split_at": entry["split_at"], "has_bias": entry["has_bias"], "dtype": dtype, "device": device}
+    if entry["kind"] == "linear":
+        return QLinear(entry["out_features"], entry["in_features"], entry["w_bits"], entry["a_bits"],
+                       bos_mode=entry["bos_mode"], **shared)
+    if entry["kind"] == "conv2d":
+        return QConv2d(entry["out_features"], entry["in_features"], entry["w_bits"], entry["a_bits"],
+                       entry["kernel_size"], entry["stride"], entry["padding"], **shared)
+    raise CheckpointError(f"unknown layer kind {entry['kind']!r} in the manifest (known: linear, conv2d)")

@@ -1,0 +1,77 @@
+"""Shared fixtures: offline tiny pipelines (seeded random weights) and the optional reference data.
+
+The reference data (real CLIP tokenizer, COCO captions, real diffusers configs) is looked up in
+MIXQ_TEST_DATA, else ../shared/data beside the repository; tests that need it skip when absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_data_dir() -> Path | None:
+    candidate = Path(os.environ.get("MIXQ_TEST_DATA", REPO.parent / "shared" / "data"))
+    return candidate if candidate.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = reference_data_dir()
+    if found is None:
+        pytest.skip("reference data (MIXQ_TEST_DATA or ../shared/data) not present")
+    return found
+
+
+@pytest.fixture(scope="session")
+def _tiny_sdxl_master():
+    from mixq.offline import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def _tiny_sd15_master():
+    from mixq.offline import tiny_sd15_pipeline
+
+    return tiny_sd15_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_sdxl(_tiny_sdxl_master):
+    """A fresh, unquantized tiny SDXL pipeline (a deep copy: tests may quantize it)."""
+    return copy.deepcopy(_tiny_sdxl_master)
+
+
+@pytest.fixture
+def tiny_sd15(_tiny_sd15_master):
+    return copy.deepcopy(_tiny_sd15_master)
+
+
+def capture_unet_call(pipe, prompts=("a red bus on a bridge", "a cat on a sofa"), seed=5, **kwargs):
+    """Run the pipeline once and return the (args, kwargs) of its first UNet call: realistic inputs."""
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    try:
+        pipe(list(prompts), num_inference_steps=1, guidance_scale=0.0, output_type="latent",
+             generator=torch.Generator().manual_seed(seed), **kwargs)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def unet_output(unet, call) -> torch.Tensor:
+    args, kwargs = call
+    with torch.no_grad():
+        out = unet(*args, **{**kwargs, "return_dict": False})
+    return out[0]
