@@ -22,7 +22,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40",
         "triton>=3.0",
-        "pulp>=2.8",
+        "pulp>=2.8,<4",
         "numpy",
         "huggingface-hub",
         "safetensors",

@@ -6,6 +6,7 @@ import os
 import platform
 import re
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -19,11 +20,21 @@ def library_version(name: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name where the OS tells it (Linux), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def device_slug(device) -> str:
@@ -34,13 +45,22 @@ def device_slug(device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def kernel_backend(device) -> str:
+    """The backend mixq's quantized layers dispatch to on this device (MIXQ_BACKEND, auto-resolved)."""
+    from mixq.kernels import selected_backend
+
+    return selected_backend(torch.empty(0, device=device))
+
+
 def environment(device) -> dict:
     cpu = torch.device(device).type != "cuda"
     return {
         # Other processes on the machine skew CPU timings; the 1-minute load average says how much.
         "load_average_1min": round(os.getloadavg()[0], 2) if cpu and hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
         "device": device_name(device),
         "device_slug": device_slug(device),
+        "mixq_kernel_backend": kernel_backend(device),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.device(device).type == "cuda" else None,

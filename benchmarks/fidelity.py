@@ -25,7 +25,7 @@ from benchmarks.config import add_options, bench_config
 from benchmarks.environment import environment
 from benchmarks.metrics import labelled_grid, psnr, ssim
 from benchmarks.models import BENCH_SEED, capture_unet_calls, run_unet
-from benchmarks.variants import VARIANTS, VariantSet, VariantUnavailable, eager, generate
+from benchmarks.variants import VARIANTS, VariantSet, VariantUnavailable, generate, with_eager_mode
 
 FIDELITY_FILE = "fidelity.json"
 GRID_FILE = "grid.png"
@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = eager(bench_config(vars(args)))
+    cfg = with_eager_mode(bench_config(vars(args)))
     from mixq.calib.prompts import load_prompts
 
     prompts = load_prompts(args.prompts, args.num_prompts or DEFAULT_NUM_PROMPTS[cfg.name])

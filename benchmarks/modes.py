@@ -66,12 +66,3 @@ class CudaGraphedForward:
 def capture_in_cuda_graph(module: nn.Module):
     module.forward = CudaGraphedForward(module.forward)
 
-
-def apply_mode(module: nn.Module, mode: str, compiled: bool = False):
-    """Apply `mode` to `module` in place. `compiled`: the module is already torch.compiled."""
-    if mode == "compile" and not compiled:
-        compile_module(module)
-    elif mode == "cuda-graph":
-        capture_in_cuda_graph(module)
-    elif mode not in ("eager", "compile"):
-        raise ValueError(f"unknown mode {mode!r}")

@@ -50,7 +50,7 @@ def timing_rows(benchmarks: list[dict], suite: str) -> list[dict]:
             continue
         stats = b["stats"]
         rows.append({"variant": info["variant"], "label": info["label"], "description": info.get("description", ""),
-                     "median_ms": stats["median"] * 1e3, "mean_ms": stats["mean"] * 1e3,
+                     "median_ms": stats["median"] * 1e3, "min_ms": stats["min"] * 1e3, "mean_ms": stats["mean"] * 1e3,
                      "stddev_ms": stats["stddev"] * 1e3, "rounds": stats["rounds"], "memory": info.get("memory", {})})
     return rows
 
@@ -90,10 +90,11 @@ def latency_table(rows: list[dict]) -> str:
     variants = by_variant(rows)
     fp = variants.get(BASELINE, {}).get("median_ms")
     torchao = variants.get(TORCHAO, {}).get("median_ms")
-    body = [[r["label"], fmt(r["median_ms"]), f"{fmt(r['mean_ms'])} ± {fmt(r['stddev_ms'])}", r["rounds"],
-             fmt(ratio(fp, r["median_ms"]), suffix="x"), fmt(ratio(torchao, r["median_ms"]), suffix="x")]
+    body = [[r["label"], fmt(r["median_ms"]), fmt(r["min_ms"]), f"{fmt(r['mean_ms'])} ± {fmt(r['stddev_ms'])}",
+             r["rounds"], fmt(ratio(fp, r["median_ms"]), suffix="x"), fmt(ratio(torchao, r["median_ms"]), suffix="x")]
             for r in rows]
-    return markdown_table(["variant", "median ms", "mean ± std ms", "rounds", "speedup vs fp", "speedup vs torchao"], body)
+    return markdown_table(["variant", "median ms", "min ms", "mean ± std ms", "rounds", "speedup vs fp",
+                           "speedup vs torchao"], body)
 
 
 def memory_table(rows: list[dict]) -> str:
@@ -192,6 +193,7 @@ def setup_table(cfg: dict, env: dict, bench: dict) -> str:
         ["config", cfg.get("name")], ["model", model], ["device", env.get("device")],
         ["floating-point dtype", cfg.get("dtype")],
         ["image", f"{cfg.get('resolution')}x{cfg.get('resolution')}, batch 1, {cfg.get('steps')} step(s), guidance 0"],
+        ["mixq kernels", env.get("mixq_kernel_backend", "?")],
         ["UNet mode (all variants)", cfg.get("mode")],
         ["rounds / warm-up calls", f"{cfg.get('rounds')} / {cfg.get('warmup')}"],
         ["timing", "CUDA events around each round" if cuda else "time.perf_counter around each round"],
@@ -235,6 +237,10 @@ def render(results: dict, folder: str) -> str:
                 "Quantized layers run on mixq's exact integer torch backend (reference matmuls written for "
                 "exactness, not speed), so they are slower than floating point here; the latencies show "
                 "that the suite works end to end. Peak memory is measured on CUDA only.", ""]
+        load, cores = env.get("load_average_1min"), env.get("cpu_count")
+        if load is not None and cores and load > cores:  # the run itself keeps about `cores` busy
+            out += [f"> Other processes were busy on this machine during the run (load average {load} on "
+                    f"{cores} cores): the timings are noisy; medians are the steadiest figure.", ""]
     out += ["## Setup", "", setup_table(cfg, env, bench), "", "Variants:", "",
             describe_variants(suites["unet-step"] or suites["pipeline"]), ""]
     for suite, title in SUITES.items():

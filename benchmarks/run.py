@@ -26,11 +26,12 @@ from benchmarks.report import BENCHMARK_FILE, RUN_FILE, write_report
 SUITES = ("test_bench_unet.py", "test_bench_pipeline.py")
 QUICK = {"mixq_rounds": 1, "mixq_warmup": 0}
 QUICK_FIDELITY_PROMPTS = 2
+TIMING_ONLY = ("mixq_rounds", "mixq_warmup", "mixq_mode")  # fidelity runs eager, untimed
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
     parser.add_argument("--name", default=None, help="results name (default: <device>-<date>)")
     parser.add_argument("--quick", action="store_true", help="one round, no warm-up, two fidelity prompts")
@@ -71,7 +72,8 @@ def pytest_command(options: dict, json_path: Path, extra: list[str]) -> list[str
 
 
 def fidelity_command(options: dict, args, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "benchmarks.fidelity", "--out", str(out), *options_as_argv(options)]
+    model_options = {k: v for k, v in options.items() if k not in TIMING_ONLY}
+    cmd = [sys.executable, "-m", "benchmarks.fidelity", "--out", str(out), *options_as_argv(model_options)]
     num_prompts = args.num_prompts or (QUICK_FIDELITY_PROMPTS if args.quick else None)
     for flag, value in (("--prompts", args.prompts), ("--num-prompts", num_prompts), ("--clip-model", args.clip_model)):
         if value is not None:
@@ -90,7 +92,11 @@ def shown(cmd: list[str]) -> str:
 def run(argv=None) -> int:
     args = parse_args(argv)
     options = suite_options(args)
-    cfg = bench_config(options)  # fail on bad options before minutes of work
+    try:
+        cfg = bench_config(options)  # fail on bad options before minutes of work
+    except ValueError as err:
+        print(f"python -m benchmarks.run: {err}", file=sys.stderr)
+        return 2
     from benchmarks.environment import device_slug
 
     name = args.name or f"{device_slug(cfg.device)}-{datetime.date.today().isoformat()}"

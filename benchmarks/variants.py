@@ -23,7 +23,7 @@ import torch
 from benchmarks.config import BenchConfig
 from benchmarks.measure import component_bytes, peak_bytes_above_resident, synchronize
 from benchmarks.models import BENCH_PROMPT, BENCH_SEED, capture_unet_calls, float_pipeline, generator, run_unet, with_unet
-from benchmarks.modes import apply_mode, compile_module
+from benchmarks.modes import capture_in_cuda_graph, compile_module
 from benchmarks.plans import benchmark_plan
 
 VARIANTS = ("fp", "w8a8", "w4a8", "plan", "torchao")
@@ -115,11 +115,15 @@ class VariantSet:
             compiled = True
         else:
             variant = self._mixq_variant(name, unet)
-        if compiled or self.cfg.mode == "compile" or self.cfg.is_cuda:
+        if self.cfg.mode == "compile" and not compiled:
+            compile_module(variant.unet)
+            compiled = True
+        if compiled or self.cfg.is_cuda:
             run_unet(variant.unet, self.unet_call)  # compile, autotune and allocate before measuring memory
         # Measured before any CUDA graph is captured: a graph's private pool would hide its activations.
         variant.memory = self._memory(variant) if self.measure_memory else {}
-        apply_mode(variant.unet, self.cfg.mode, compiled=compiled)
+        if self.cfg.mode == "cuda-graph":
+            capture_in_cuda_graph(variant.unet)  # captured on its first call, replayed after
         return variant
 
     def _mixq_variant(self, name: str, unet) -> Variant:
@@ -175,5 +179,5 @@ def average_bits(pipe) -> str:
     return f"{w_avg:.2f} weight bits on average (parameter-weighted, layers left in float count 16)"
 
 
-def eager(cfg: BenchConfig) -> BenchConfig:
+def with_eager_mode(cfg: BenchConfig) -> BenchConfig:
     return replace(cfg, mode="eager")

@@ -8,6 +8,8 @@ ratio k, and `build_plans` sweeps k to produce the candidate plans the calibrati
 
 from __future__ import annotations
 
+import warnings
+
 import pulp
 
 
@@ -39,6 +41,13 @@ def allocate_bits(scores: dict[str, dict[int, float]], sizes: dict[str, float], 
             f"average of {avg_bits:g} bits is infeasible: the smallest candidate bit-widths already average "
             f"{floor:.4f} bits; raise the budget to at least that, or allow lower bit-widths"
         )
+    with warnings.catch_warnings():
+        # PuLP 3.x announces API changes for 4.0; this code pins pulp<4 (setup.py).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _solve(scores, sizes, candidates, avg_bits, time_limit)
+
+
+def _solve(scores, sizes, candidates, avg_bits, time_limit):
     problem = pulp.LpProblem("mixq_bit_allocation", pulp.LpMaximize)
     choose = {
         (n, b): pulp.LpVariable(f"x_{i}_{b}", cat="Binary")
@@ -50,7 +59,11 @@ def allocate_bits(scores: dict[str, dict[int, float]], sizes: dict[str, float], 
     total = sum(sizes[n] for n in scores)
     # Normalised by the total size so the coefficients stay O(bits) and CBC's tolerances behave.
     problem += pulp.lpSum(sizes[n] / total * b * var for (n, b), var in choose.items()) <= avg_bits + 1e-9
-    status = problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
+    # gapRel/gapAbs 0: prove optimality instead of stopping at CBC's default tolerance.
+    # "preprocess off": the bundled CBC 2.10.3's integer preprocessing fixes variables wrongly on
+    # some of these knapsacks (found by the brute-force test) and reports a suboptimal plan as optimal.
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=0, gapAbs=0, options=["preprocess off"])
+    status = problem.solve(solver)
     if pulp.LpStatus[status] != "Optimal":
         raise InfeasibleBudgetError(f"CBC found no optimal allocation (status {pulp.LpStatus[status]})")
     return {n: next(b for b in candidates[n] if choose[n, b].value() > 0.5) for n in scores}

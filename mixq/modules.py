@@ -258,6 +258,15 @@ class QConv2d(QuantizedLayer):
                          has_bias=has_bias, dtype=dtype, device=device)
         self.stride, self.padding = tuple(stride), tuple(padding)
 
+    # nn.Conv2d's names for the shape, which diffusers code reads.
+    @property
+    def in_channels(self) -> int:
+        return self.in_features
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_features
+
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, lows=(0.0,), highs=(0.0,),
                    split_at: int | None = None) -> "QConv2d":
@@ -316,6 +325,11 @@ class FakeQuantLayer(nn.Module):
         self.w_bits, self.a_bits = check_weight_bits(w_bits), check_activation_bits(a_bits)
         self.bos_mode = bos_mode
         self.inner = inner
+        # Same shape attributes as the float layer: pipelines read them (e.g. SDXL reads
+        # add_embedding.linear_1.in_features).
+        for attr in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
         in_channels = inner.weight.shape[1]
         self.part_sizes = split_sizes(in_channels, split_at if a_bits != FLOAT_BITS else None)
         if self.w_bits != FLOAT_BITS:

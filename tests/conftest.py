@@ -19,6 +19,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tiny test models are dominated by per-op overhead, so one thread is as fast as two, and it
+# avoids the collapse of OpenMP's spinning thread pool when another process takes a core.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
 
 def reference_data_dir() -> Path | None:
     candidate = Path(os.environ.get("MIXQ_TEST_DATA", REPO.parent / "shared" / "data"))

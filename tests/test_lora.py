@@ -1,13 +1,15 @@
 """LoRA: unfused adapters are refused, fused ones are quantized; the LCM-LoRA flow on SDXL and SD1.5 end to end.
 
 The LoRA is a randomly initialised PEFT adapter on the LCM-LoRA target modules (rank 4 instead of 64),
-added with `unet.add_adapter`; in diffusers 0.42 `pipe.fuse_lora()` + `pipe.unload_lora_weights()` fuse
-it and remove the PEFT wrappers, as for adapters loaded with `pipe.load_lora_weights(...)`.
+added with `unet.add_adapter`, or saved to a LoRA file and loaded with `pipe.load_lora_weights(folder)` as
+users load latent-consistency/lcm-lora-*. In diffusers 0.42 `pipe.fuse_lora()` + `pipe.unload_lora_weights()`
+fuse it and remove the PEFT wrappers in both cases.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,12 +84,22 @@ def test_fused_but_not_unloaded_lora_is_refused(tiny_sd15):
 # --- the LCM-LoRA flow ---------------------------------------------------------------------------
 
 
-def check_lcm_lora_flow(master, folder):
-    """LoRA -> LCMScheduler -> fuse -> quantize W8A8 -> save -> load into a fresh pipe -> generate."""
+def save_random_lcm_lora(master, folder, seed: int = 0) -> Path:
+    """A LoRA file like latent-consistency/lcm-lora-*, written by diffusers: users load it by name."""
+    from peft.utils import get_peft_model_state_dict
+
+    scratch = add_random_lcm_lora(copy.deepcopy(master), seed)
+    type(scratch).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(scratch.unet))
+    return folder
+
+
+def check_lcm_lora_flow(master, tmp_path):
+    """load LoRA -> LCMScheduler -> fuse -> quantize W8A8 -> save -> load into a fresh pipe -> generate."""
+    lora = save_random_lcm_lora(master, tmp_path / "lora")
     pipe = use_lcm_scheduler(copy.deepcopy(master))
     call = capture_unet_call(pipe, prompts=ONE_PROMPT)
     base_output = unet_output(pipe.unet, call)
-    add_random_lcm_lora(pipe)
+    pipe.load_lora_weights(lora)
     lora_output = unet_output(pipe.unet, call)
     fuse_lora(pipe)
     assert not find_lora_layers(pipe.unet)
@@ -99,26 +111,25 @@ def check_lcm_lora_flow(master, folder):
     quantized_output = unet_output(pipe.unet, call)
     # W8A8 stays close to the fused model, far closer than the model without the LoRA is.
     assert mixq.sqnr_db(fused_output, quantized_output) > 20
-    mixq.save_quantized(pipe, folder)
+    mixq.save_quantized(pipe, tmp_path / "lcm-w8a8")
 
-    with_unfused_lora = add_random_lcm_lora(use_lcm_scheduler(copy.deepcopy(master)))
-    assert_load_fails(with_unfused_lora, folder, match="unfused LoRA")
-
-    fresh = fuse_lora(with_unfused_lora)
-    mixq.load_quantized(fresh, folder)
+    fresh = use_lcm_scheduler(copy.deepcopy(master))
+    fresh.load_lora_weights(lora)
+    assert_load_fails(fresh, tmp_path / "lcm-w8a8", match="unfused LoRA")
+    mixq.load_quantized(fuse_lora(fresh), tmp_path / "lcm-w8a8")
     assert torch.equal(unet_output(fresh.unet, call), quantized_output)
     images = fresh(list(ONE_PROMPT), generator=torch.Generator().manual_seed(0), output_type="pt", **LCM).images
     assert images.shape[:2] == (1, 3) and images.shape[-1] >= 32
     assert torch.isfinite(images).all() and 0 <= images.min() and images.max() <= 1 and images.std() > 0
 
     # LCM-LoRA only changes layers that are quantized, so the plain base pipeline makes the same UNet.
-    plain = mixq.load_quantized(use_lcm_scheduler(copy.deepcopy(master)), folder)
+    plain = mixq.load_quantized(use_lcm_scheduler(copy.deepcopy(master)), tmp_path / "lcm-w8a8")
     assert_same_state(plain.unet.state_dict(), fresh.unet.state_dict())
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 def test_lcm_lora_flow(arch, request, tmp_path):
-    check_lcm_lora_flow(request.getfixturevalue(f"_tiny_{arch}_master"), tmp_path / "lcm-w8a8")
+    check_lcm_lora_flow(request.getfixturevalue(f"_tiny_{arch}_master"), tmp_path)
 
 
 @pytest.mark.parametrize("arch, model", [("sdxl", "sdxl-base-1.0"), ("sd15", "sd-v1-5")])

@@ -1,0 +1,191 @@
+"""`python -m mixq.calibrate` end to end on the offline tiny pipeline: plan, report, resume, stages,
+errors. A reduced config (fewer prompts and candidate bits) keeps it quick on 2 cores."""
+
+import copy
+
+import pytest
+import torch
+import yaml
+
+import mixq
+from mixq.calib import sensitivity as sensitivity_module
+from mixq.calib.config import ConfigError, load_config
+from mixq.calibrate import main
+from tests.conftest import capture_unet_call, unet_output
+
+FAST_CONFIG = {
+    "name": "tiny-test",
+    "model": {"id": "offline:tiny-sdxl"},
+    "sampling": {"num_inference_steps": 1, "guidance_scale": 0.0, "seed": 7},
+    "calibration": {"num_prompts": 4, "sensitivity_prompts": 2, "batch_size": 4},
+    "keep_fp": ["conv_in", "conv_out"],
+    "bits": {"weight_content": [2, 4, 8], "weight_quality": [4, 8], "activation": [8]},
+    "budget": {"w_bits": 4.0, "a_bits": 8.0, "ratios": [0.8, 1.0, 1.25]},
+}
+
+
+def write_config(path, **overrides):
+    config = copy.deepcopy(FAST_CONFIG)
+    for section, values in overrides.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibration")
+    config = write_config(root / "config.yaml")
+    out = root / "run"
+    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
+    return config, out
+
+
+def test_run_writes_plan_tables_ranges_and_report(finished_run):
+    _, out = finished_run
+    for name in ("plan.yaml", "sensitivity.yaml", "allocation.yaml", "activation_ranges.safetensors", "report.md",
+                 "sensitivity.png", "bits.png", "group_bits.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+    report = (out / "report.md").read_text()
+    for heading in ("## Plan", "## Fidelity against floating point", "## Budget split sweep", "## Sensitivity"):
+        assert heading in report
+    table = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]
+    row = table["down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"]
+    assert row["group"] == "content" and row["metric"] == "ssim" and set(row["weight"]) == {2, 4, 8}
+    row = table["down_blocks.1.resnets.0.conv1"]
+    assert row["group"] == "quality" and row["metric"] == "sqnr_db" and set(row["weight"]) == {4, 8}
+    assert row["weight"][8] > row["weight"][4]  # more bits, less noise
+
+
+def test_plan_meets_the_budget_in_both_groups(finished_run):
+    _, out = finished_run
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    sweeps = yaml.safe_load((out / "allocation.yaml").read_text())["sweeps"]
+    table = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]
+    layers = plan["layers"]
+    assert layers["conv_in"] == {"w_bits": 16, "a_bits": 16}
+    params = {n: row["params"] for n, row in table.items()}
+    chosen = min(sweeps["weight"], key=lambda e: e["image_mse"])
+    for group in ("content", "quality"):
+        members = [n for n in table if table[n]["group"] == group]
+        avg = sum(params[n] * layers[n]["w_bits"] for n in members) / sum(params[n] for n in members)
+        assert avg == pytest.approx(chosen[f"avg_{group}"], abs=1e-3)
+    content_size = sum(params[n] for n in table if table[n]["group"] == "content")
+    quality_size = sum(params[n] for n in table if table[n]["group"] == "quality")
+    from mixq.calib.allocate import group_budgets
+
+    content_budget, quality_budget = group_budgets(4.0, chosen["ratio"], content_size, quality_size)
+    assert chosen["avg_content"] <= content_budget + 1e-6 and chosen["avg_quality"] <= quality_budget + 1e-6
+    overall = sum(params[n] * layers[n]["w_bits"] for n in table) / sum(params.values())
+    assert overall <= 4.0 + 1e-6
+    assert {layers[n]["w_bits"] for n in table} > {4}  # really mixed
+
+
+def test_plan_beats_uniform_quantization_at_the_same_average_bits(finished_run, _tiny_sdxl_master):
+    _, out = finished_run
+    pipe = copy.deepcopy(_tiny_sdxl_master)
+    call = capture_unet_call(pipe)
+    reference = unet_output(pipe.unet, call)
+    planned = mixq.quantize(copy.deepcopy(pipe), plan=str(out / "plan.yaml"), calibration=str(out))
+    uniform = mixq.quantize(copy.deepcopy(pipe), 4, 8, calibration=str(out))
+    planned_sqnr = mixq.sqnr_db(reference, unet_output(planned.unet, call))
+    uniform_sqnr = mixq.sqnr_db(reference, unet_output(uniform.unet, call))
+    print(f"UNet SQNR: mixed plan {planned_sqnr:.2f} dB, uniform W4A8 {uniform_sqnr:.2f} dB")
+    assert planned_sqnr > uniform_sqnr
+    assert "is better than uniform W4" in (out / "report.md").read_text()
+
+
+def test_allocate_stage_alone_reuses_sensitivities(finished_run, monkeypatch, tmp_path):
+    config, out = finished_run
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("the allocate stage re-measured a layer")
+
+    monkeypatch.setattr(sensitivity_module, "measure_layer", must_not_measure)
+    assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--w-bits", "3.5", "--no-progress"]) == 0
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    table = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]
+    params = {n: row["params"] for n, row in table.items()}
+    avg = sum(params[n] * plan["layers"][n]["w_bits"] for n in table) / sum(params.values())
+    assert avg <= 3.5 + 1e-6
+    assert plan["budget"]["w_bits"] == 3.5
+    # Back to the budget the other tests read.
+    assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--no-progress"]) == 0
+
+
+def test_interrupted_sensitivity_resumes_without_remeasuring(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "c.yaml", bits={"weight_content": [4], "weight_quality": [4], "activation": [8]})
+    out = tmp_path / "run"
+    measured = []
+    real_measure = sensitivity_module.measure_layer
+
+    def interrupted_after_five(evaluator, unet, info, *args):
+        if len(measured) == 5:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill during the stage looks like in-process
+        measured.append(info.name)
+        return real_measure(evaluator, unet, info, *args)
+
+    monkeypatch.setattr(sensitivity_module, "measure_layer", interrupted_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--config", config, "--out", str(out), "--no-progress"])
+    partial = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]  # a complete, valid file
+    assert list(partial) == measured[:5]
+    assert not (out / "plan.yaml").exists()
+
+    resumed = []
+
+    def counting(evaluator, unet, info, *args):
+        resumed.append(info.name)
+        return real_measure(evaluator, unet, info, *args)
+
+    monkeypatch.setattr(sensitivity_module, "measure_layer", counting)
+    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
+    final = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]
+    assert not set(resumed) & set(measured)  # nothing measured twice
+    assert len(final) == len(measured) + len(resumed)
+    assert all(final[n] == partial[n] for n in partial)
+    assert (out / "plan.yaml").exists()
+
+
+def test_config_errors_name_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**FAST_CONFIG, "sampling": {"num_inference_step": 2}}))
+    assert main(["--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown config field sampling.'num_inference_step'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'bits.weight_content'.*unsupported weight bit-width 3"):
+        load_config(write_config(tmp_path / "b.yaml", bits={"weight_content": [3, 4]}))
+    with pytest.raises(ConfigError, match="'budget.w_bits' must be float"):
+        load_config(write_config(tmp_path / "c.yaml", budget={"w_bits": "four"}))
+    assert load_config(None).name == "tiny-sdxl"
+    assert load_config("sdxl-turbo").model.id == "stabilityai/sdxl-turbo"
+
+
+def test_budget_below_the_smallest_candidate_is_refused(finished_run, capsys):
+    config, out = finished_run
+    assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--w-bits", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "smallest candidate bit-widths already average" in err
+    assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--no-progress"]) == 0
+
+
+def test_plan_and_ranges_from_another_model_are_refused(finished_run, tiny_sd15):
+    _, out = finished_run
+    with pytest.raises(mixq.PlanMismatchError, match="another model"):
+        mixq.quantize(tiny_sd15, plan=str(out / "plan.yaml"), calibration=str(out))
+    with pytest.raises(ValueError, match="another model"):
+        mixq.quantize(tiny_sd15, 8, 8, calibration=str(out))
+    assert not any(isinstance(m, mixq.QLinear) for m in tiny_sd15.unet.modules())
+
+
+def test_changed_measurement_settings_need_a_new_folder(finished_run, tmp_path, capsys):
+    _, out = finished_run
+    other = write_config(tmp_path / "other.yaml", sampling={"num_inference_steps": 2})
+    assert main(["--config", other, "--out", str(out), "--stage", "allocate"]) == 2
+    assert "different sampling settings" in capsys.readouterr().err
+
+
+def test_missing_prompts_file_is_a_clear_error(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml")
+    assert main(["--config", config, "--out", str(tmp_path / "r"), "--prompts", str(tmp_path / "nope.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
