@@ -23,8 +23,10 @@ import torch
 
 from benchmarks.config import add_options, bench_config
 from benchmarks.environment import environment
-from benchmarks.metrics import labelled_grid, psnr, ssim
-from benchmarks.models import BENCH_SEED, capture_unet_calls, run_unet
+from benchmarks.images import labelled_grid
+from mixq.metrics import psnr, ssim
+from benchmarks.models import BENCH_SEED, capture_unet_calls
+from mixq.calib.collect import run_unet
 from benchmarks.variants import VARIANTS, VariantSet, VariantUnavailable, generate, with_eager_mode
 
 FIDELITY_FILE = "fidelity.json"

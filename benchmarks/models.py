@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.config import BenchConfig
+from mixq.calib.collect import capturing_unet_calls
 
 BENCH_PROMPT = "a photo of a cat sitting on a windowsill"
 BENCH_SEED = 42  # the reference's seed
@@ -96,22 +97,6 @@ def generator(seed: int) -> torch.Generator:
 
 def capture_unet_calls(pipe, prompt: str, seed: int, generation_kwargs: dict) -> list[tuple[tuple, dict]]:
     """Run the pipeline once and return the (args, kwargs) of each UNet call: realistic step inputs."""
-    calls = []
-
-    def record(module, args, kwargs):
-        calls.append((args, dict(kwargs)))
-
-    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(prompt, generator=generator(seed), output_type="latent", **generation_kwargs)
-    finally:
-        handle.remove()
-    return calls
-
-
-def run_unet(unet, call) -> torch.Tensor:
-    args, kwargs = call
-    with torch.no_grad():
-        out = unet(*args, **{**kwargs, "return_dict": False})
-    return out[0]
+    with torch.no_grad(), capturing_unet_calls(pipe.unet, to_cpu=False) as calls:
+        pipe(prompt, generator=generator(seed), output_type="latent", **generation_kwargs)
+    return [(args, kwargs) for args, kwargs, _ in calls]

@@ -6,7 +6,7 @@
 
 import pytest
 
-from benchmarks.models import run_unet
+from mixq.calib.collect import run_unet
 from benchmarks.variants import VARIANTS
 
 

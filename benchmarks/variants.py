@@ -22,7 +22,8 @@ import torch
 
 from benchmarks.config import BenchConfig
 from benchmarks.measure import component_bytes, peak_bytes_above_resident, synchronize
-from benchmarks.models import BENCH_PROMPT, BENCH_SEED, capture_unet_calls, float_pipeline, generator, run_unet, with_unet
+from benchmarks.models import BENCH_PROMPT, BENCH_SEED, capture_unet_calls, float_pipeline, generator, with_unet
+from mixq.calib.collect import run_unet
 from benchmarks.modes import capture_in_cuda_graph, compile_module
 from benchmarks.plans import benchmark_plan
 

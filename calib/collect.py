@@ -26,17 +26,18 @@ REFERENCE_FILENAME = "reference.safetensors"
 
 
 @contextmanager
-def capturing_unet_calls(unet):
-    """Records (args, kwargs, output) of every UNet call, tensors moved to the CPU."""
+def capturing_unet_calls(unet, to_cpu: bool = True):
+    """Records (args, kwargs, float32 output) of every UNet call; tensors moved to the CPU unless
+    to_cpu=False (benchmarks replay the calls on the device)."""
     calls, pending = [], []
+    keep = _to_cpu if to_cpu else (lambda value: value)
 
     def before(module, args, kwargs):
-        pending.append((_to_cpu(args), _to_cpu(kwargs)))
+        pending.append((keep(args), keep(dict(kwargs))))
 
     def after(module, args, kwargs, output):
         inputs, kw = pending.pop()
-        sample = output[0] if isinstance(output, (tuple, list)) else output.sample
-        calls.append((inputs, kw, sample.detach().float().cpu()))
+        calls.append((inputs, kw, keep(unet_sample(output).detach().float())))
 
     handles = [unet.register_forward_pre_hook(before, with_kwargs=True),
                unet.register_forward_hook(after, with_kwargs=True)]
@@ -45,6 +46,18 @@ def capturing_unet_calls(unet):
     finally:
         for h in handles:
             h.remove()
+
+
+def unet_sample(output) -> torch.Tensor:
+    """The predicted sample of a UNet call, whether it returned a tuple or an output object."""
+    return output[0] if isinstance(output, (tuple, list)) else output.sample
+
+
+@torch.no_grad()
+def run_unet(unet, call) -> torch.Tensor:
+    """Replay a recorded (args, kwargs[, output]) UNet call; returns the predicted sample."""
+    args, kwargs = call[0], call[1]
+    return unet_sample(unet(*args, **{**kwargs, "return_dict": False}))
 
 
 def _to_cpu(value):

@@ -34,7 +34,7 @@ from mixq.calib.sensitivity import Evaluator, measure_sensitivity, swapped_layer
 from mixq.calibration import Calibration
 from mixq.io import read_yaml, write_yaml_atomic
 from mixq.layers import quantizable_layers, resolve_keep_fp
-from mixq.metrics import global_ssim, psnr_db
+from mixq.metrics import batch_psnr, batch_ssim
 from mixq.plan import architecture_fingerprint
 from mixq.quantizers import FLOAT_BITS
 
@@ -188,7 +188,7 @@ def evaluate_real(evaluator: Evaluator, pipe, layers, bits: dict, calibration) -
         sqnr = evaluator.unet_sqnr()
         images = evaluator.images()
     reference = evaluator.reference.images
-    return {"unet_sqnr": sqnr, "image_psnr": psnr_db(reference, images), "image_ssim": global_ssim(reference, images)}
+    return {"unet_sqnr": sqnr, "image_psnr": batch_psnr(reference, images), "image_ssim": batch_ssim(reference, images)}
 
 
 def compare_with_uniform(evaluator, pipe, layers, keep, plan: dict, table: dict, calibration, config, log) -> list[dict]:

@@ -16,12 +16,12 @@ from contextlib import contextmanager
 import torch
 
 from mixq.api import build_quantized_layer
-from mixq.calib.collect import Reference
+from mixq.calib.collect import Reference, run_unet
 from mixq.calib.pipeline import generate
 from mixq.calibration import Calibration
 from mixq.io import read_yaml, write_yaml_atomic
 from mixq.layers import LayerInfo, set_submodule
-from mixq.metrics import global_ssim, sqnr_db
+from mixq.metrics import batch_ssim, sqnr_db
 from mixq.quantizers import FLOAT_BITS
 
 SQNR_CAP_DB = 200.0  # a layer whose quantization changes nothing would score +inf
@@ -62,17 +62,16 @@ class Evaluator:
     @torch.no_grad()
     def unet_sqnr(self) -> float:
         outputs, expected = [], []
-        for args, kwargs, out in self.calls:
-            result = self.pipe.unet(*args, **kwargs)
-            outputs.append((result[0] if isinstance(result, (tuple, list)) else result.sample).float().cpu())
-            expected.append(out)
+        for call in self.calls:
+            outputs.append(run_unet(self.pipe.unet, call).float().cpu())
+            expected.append(call[2])
         return sqnr_db(torch.cat(expected), torch.cat(outputs))
 
     def images(self) -> torch.Tensor:
         return generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs, self.batch_size)
 
     def image_ssim(self) -> float:
-        return global_ssim(self.reference.images, self.images())
+        return batch_ssim(self.reference.images, self.images())
 
     def image_mse(self) -> float:
         return float((self.images() - self.reference.images).pow(2).mean())

@@ -41,9 +41,12 @@ def get_unet(pipe) -> nn.Module:
 def check_quantizable(unet: nn.Module):
     lora = find_lora_layers(unet)
     if lora:
+        fused = all(getattr(unet.get_submodule(n), "merged", False) for n in lora)
+        state = "fused but still wrapped in PEFT layers" if fused else "unfused"
         raise ValueError(
-            f"the UNet holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}); quantizing them would drop or "
-            "half-quantize the adapter. Fuse first: pipe.fuse_lora(); pipe.unload_lora_weights()"
+            f"the UNet holds {len(lora)} {state} LoRA/adapter layer(s) (e.g. {lora[0]!r}); quantizing them would drop "
+            "or half-quantize the adapter. Fold it into the weights first: "
+            + ("pipe.unload_lora_weights()" if fused else "pipe.fuse_lora(); pipe.unload_lora_weights()")
         )
     done = find_quantized_layers(unet)
     if done:

@@ -17,7 +17,7 @@ kept in floating point) is taken from the pipeline the checkpoint is loaded into
 of the same model: that is what makes the size on disk follow the bits.
 
 What "the same model" means, and how it is checked
-- Architecture: `architecture_fingerprint(unet)`, a hash of the UNet config, must match. The manifest
+- Architecture: `architecture_fingerprint(unet)`, a hash of the UNet's layer structure, must match. The manifest
   keeps the config too, so that a mismatch names the fields that differ.
 - Weights, the "base hash": a sha256 over every tensor the loader takes from the pipeline, i.e. the UNet's
   state_dict minus the quantized layers (key, dtype, shape and bytes, in key order). Those tensors and the

@@ -37,8 +37,16 @@ def is_bos_layer(name: str) -> bool:
 
 
 def find_lora_layers(unet: nn.Module) -> list[str]:
-    """PEFT LoRA wrappers (they hold a base_layer and lora_A/lora_B adapters)."""
-    return [n for n, m in unet.named_modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    """PEFT adapter wrappers (LoRA, LoHa, LoKr, ...): a base_layer plus adapter modules."""
+    return [n for n, m in unet.named_modules() if is_adapter_wrapper(m)]
+
+
+def is_adapter_wrapper(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return hasattr(module, "base_layer")
+    return isinstance(module, BaseTunerLayer)
 
 
 def find_quantized_layers(unet: nn.Module) -> list[str]:

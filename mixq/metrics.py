@@ -1,33 +1,96 @@
-"""Fidelity metrics shared by calibration and benchmarks (pure functions on tensors)."""
+"""Fidelity metrics shared by calibration and benchmarks: small pure functions.
+
+Images are float arrays in [0, 1], [H, W] or [H, W, C] (numpy), or batches [N, C, H, W] (torch)
+for the batch_ helpers.
+
+SSIM follows Wang et al. (2004) with a uniform window. MixDQ judges content-group layers by SSIM
+with a near-global window, so the default window is the largest odd size that fits the image:
+the score then compares whole-image statistics (composition, brightness, contrast) rather than
+local texture, which is what a low-bit layer changes in a few-step model.
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mixq.quantizers import sqnr_db
 
-SSIM_C1 = 0.01 ** 2  # (k1 * L)^2 with L = 1: images in [0, 1]
-SSIM_C2 = 0.03 ** 2
+SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def psnr_db(reference: torch.Tensor, image: torch.Tensor, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio of images in [0, peak]; +inf when identical."""
-    mse = float((reference.double() - image.double()).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+def _as_float_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    return a, b
 
 
-def global_ssim(reference: torch.Tensor, image: torch.Tensor) -> float:
-    """SSIM with one window covering the whole image (MixDQ's "near-global" window), per image and
-    channel, averaged. Images: [..., C, H, W] in [0, 1]."""
-    x = reference.double().flatten(-2)
-    y = image.double().flatten(-2)
-    mx, my = x.mean(-1), y.mean(-1)
-    vx, vy = x.var(-1, unbiased=False), y.var(-1, unbiased=False)
-    cov = ((x - mx[..., None]) * (y - my[..., None])).mean(-1)
-    ssim = ((2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx ** 2 + my ** 2 + SSIM_C1) * (vx + vy + SSIM_C2))
-    return float(ssim.mean())
+def psnr(reference, image, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB; +inf for identical images."""
+    reference, image = _as_float_pair(reference, image)
+    mse = float(np.mean((reference - image) ** 2))
+    if mse == 0:
+        return math.inf
+    return 10 * math.log10(data_range**2 / mse)
 
 
-__all__ = ["psnr_db", "global_ssim", "sqnr_db"]
+def near_global_window(height: int, width: int) -> int:
+    """The largest odd window side that fits the image."""
+    side = min(height, width)
+    return side if side % 2 else side - 1
+
+
+def box_means(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over every window x window patch of a 2-D array (valid positions only), via an integral image."""
+    integral = np.pad(x, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = (integral[window:, window:] - integral[:-window, window:]
+            - integral[window:, :-window] + integral[:-window, :-window])
+    return sums / window**2
+
+
+def ssim_channel(a: np.ndarray, b: np.ndarray, window: int, data_range: float) -> float:
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    mu_a, mu_b = box_means(a, window), box_means(b, window)
+    var_a = box_means(a * a, window) - mu_a**2
+    var_b = box_means(b * b, window) - mu_b**2
+    cov = box_means(a * b, window) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(score.mean())
+
+
+def ssim(reference, image, window: int | None = None, data_range: float = 1.0) -> float:
+    """Mean SSIM over window positions and channels; 1.0 for identical images.
+
+    window: side of the uniform window (odd, at most the image side); default near-global.
+    """
+    reference, image = _as_float_pair(reference, image)
+    if reference.ndim == 2:
+        reference, image = reference[..., None], image[..., None]
+    if reference.ndim != 3:
+        raise ValueError(f"expected an [H, W] or [H, W, C] image, got shape {reference.shape}")
+    height, width = reference.shape[:2]
+    window = near_global_window(height, width) if window is None else window
+    if window < 1 or window > min(height, width):
+        raise ValueError(f"SSIM window {window} does not fit a {height}x{width} image")
+    scores = [ssim_channel(reference[..., c], image[..., c], window, data_range) for c in range(reference.shape[2])]
+    return float(np.mean(scores))
+
+
+def _as_hwc(batch: torch.Tensor) -> np.ndarray:
+    return batch.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+
+
+def batch_ssim(reference: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean SSIM (near-global window) over a batch of [N, C, H, W] images."""
+    return float(np.mean([ssim(r, i) for r, i in zip(_as_hwc(reference), _as_hwc(images))]))
+
+
+def batch_psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
+    """PSNR over a whole batch of [N, C, H, W] images in [0, 1]."""
+    return psnr(_as_hwc(reference), _as_hwc(images))
+
+
+__all__ = ["psnr", "ssim", "batch_psnr", "batch_ssim", "near_global_window", "sqnr_db"]

@@ -12,8 +12,9 @@ is accepted too):
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+import torch.nn as nn
 
 from mixq.io import read_yaml
 from mixq.quantizers import FLOAT_BITS, check_activation_bits, check_weight_bits
@@ -23,11 +24,33 @@ class PlanMismatchError(ValueError):
     pass
 
 
+def layer_signature(module) -> tuple | None:
+    """The shape of a Linear/Conv2d, the same for its float, quantized and fake-quant forms."""
+    module = getattr(module, "inner", module)  # fake-quant twins wrap the float layer
+    kernel = tuple(getattr(module, "kernel_size", (1, 1)))
+    if isinstance(module, nn.Linear) or getattr(module, "kind", None) == "linear":
+        return ("linear", module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d) or getattr(module, "kind", None) == "conv2d":
+        return ("conv2d", module.in_channels, module.out_channels, *kernel, *tuple(module.stride), *tuple(module.padding))
+    return None
+
+
 def architecture_fingerprint(unet) -> str:
-    """A short hash of the UNet's architecture config (the same for every copy of the model)."""
-    config = {k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")}
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A short hash of the UNet's structure: every Linear/Conv2d's name and shape, and the name and
+    shape of every other parameter. Quantizing a UNet does not change it; a different architecture
+    does. (The config is not hashed: a diffusers release that adds a config field would otherwise
+    orphan every saved plan and checkpoint.)"""
+    parts, layers = [type(unet).__name__], []
+    for name, module in unet.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in layers):
+            continue
+        signature = layer_signature(module)
+        if signature is not None:
+            layers.append(name)
+            parts.append(f"{name}:{signature}")
+        else:
+            parts.extend(f"{name}.{p}:{tuple(t.shape)}" for p, t in module.named_parameters(recurse=False))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def read_plan(plan) -> tuple[dict[str, tuple[int, int]], dict]:

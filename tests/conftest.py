@@ -65,18 +65,15 @@ def tiny_sd15(_tiny_sd15_master):
 
 def capture_unet_call(pipe, prompts=("a red bus on a bridge", "a cat on a sofa"), seed=5, **kwargs):
     """Run the pipeline once and return the (args, kwargs) of its first UNet call: realistic inputs."""
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: calls.append((a, dict(k))), with_kwargs=True)
-    try:
+    from mixq.calib.collect import capturing_unet_calls
+
+    with capturing_unet_calls(pipe.unet, to_cpu=False) as calls:
         pipe(list(prompts), num_inference_steps=1, guidance_scale=0.0, output_type="latent",
              generator=torch.Generator().manual_seed(seed), **kwargs)
-    finally:
-        handle.remove()
-    return calls[0]
+    return calls[0][:2]
 
 
 def unet_output(unet, call) -> torch.Tensor:
-    args, kwargs = call
-    with torch.no_grad():
-        out = unet(*args, **{**kwargs, "return_dict": False})
-    return out[0]
+    from mixq.calib.collect import run_unet
+
+    return run_unet(unet, call)

@@ -1,11 +1,12 @@
-"""The benchmark suite's image metrics and grids (benchmarks/metrics.py)."""
+"""Image metrics (mixq.metrics) and the benchmark report's grids (benchmarks/images.py)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from benchmarks.metrics import box_means, image_grid, labelled_grid, near_global_window, psnr, ssim
+from benchmarks.images import image_grid, labelled_grid
+from mixq.metrics import box_means, near_global_window, psnr, ssim
 
 
 def random_image(shape=(32, 32, 3), seed=0):

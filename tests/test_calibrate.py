@@ -4,7 +4,6 @@ errors. A reduced config (fewer prompts and candidate bits) keeps it quick on 2 
 import copy
 
 import pytest
-import torch
 import yaml
 
 import mixq

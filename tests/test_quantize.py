@@ -3,7 +3,6 @@ memory, dtypes, and errors that leave the pipeline untouched."""
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
