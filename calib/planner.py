@@ -39,6 +39,10 @@ def sweep_side(side: str, table: dict, target: float, ratios, evaluator: Evaluat
     """Candidates for one side (the other side in floating point), scored by image MSE."""
     sizes, groups = sizes_for(side, table), {n: row["group"] for n, row in table.items()}
     candidates = build_plans(scores_for(side, table), sizes, groups, target, ratios)
+    skipped = [r for r in ratios if float(r) not in candidates]
+    if skipped:
+        log(f"  {side} k={', '.join(f'{r:g}' for r in skipped)}: skipped, a group's share of the budget is below "
+            "its smallest candidate bit-width")
     sweep = []
     for ratio, plan in candidates.items():
         bits = {n: (b, FLOAT_BITS) if side == "weight" else (FLOAT_BITS, b) for n, b in plan.items()}

@@ -49,8 +49,11 @@ def im2col_channels_last(q_x: torch.Tensor, x_zero, kernel_size, stride, padding
     """
     kh, kw = kernel_size
     b, c, h, w = q_x.shape
-    # Integer codes are exact in fp32, and F.pad / F.unfold only move them around.
-    padded = F.pad(q_x.float(), (padding[1], padding[1], padding[0], padding[0]), value=float(x_zero))
+    # Integer codes are exact in fp32, and F.pad / F.unfold only move them around. Padding the
+    # centered codes with 0 puts x_zero at the borders without reading x_zero on the host (a sync
+    # that would break CUDA-graph capture).
+    zero = x_zero.to(torch.float32) if torch.is_tensor(x_zero) else float(x_zero)
+    padded = F.pad(q_x.float() - zero, (padding[1], padding[1], padding[0], padding[0])) + zero
     cols = F.unfold(padded, (kh, kw), stride=stride)  # [B, C * kh * kw, L], channel-major
     ho = (h + 2 * padding[0] - kh) // stride[0] + 1
     wo = (w + 2 * padding[1] - kw) // stride[1] + 1
