@@ -17,11 +17,11 @@ from .autotune import Config, device_tag, tiles
 from .reference import is_channels_last
 from .triton_gemm import (
     choose_config,
-    dequantize,
     load_weight_tile,
+    output_tile,
     per_channel_vectors,
     quantize_tile,
-    tile_coordinates,
+    store_output,
 )
 
 
@@ -36,11 +36,7 @@ def _conv2d_kernel(
     W_BITS: tl.constexpr, A_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_valid = offs_m < M
-    n_valid = offs_n < N
+    offs_m, offs_n, m_valid, n_valid = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Output pixel of each row; its receptive field starts at (top, left), maybe in the padding.
     batch = offs_m // (H_OUT * W_OUT)
     out_h = (offs_m // W_OUT) % H_OUT
@@ -68,12 +64,8 @@ def _conv2d_kernel(
 
     y_ptrs = (y_ptr + (batch * stride_yb + out_h * stride_yh + out_w * stride_yw)[:, None]
               + offs_n[None, :] * stride_yc)
-    mask = m_valid[:, None] & n_valid[None, :]
-    if ACCUMULATE_ONLY:
-        tl.store(y_ptrs, acc, mask=mask)
-    else:
-        y = dequantize(acc, offs_n, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero, HAS_BIAS)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_output(y_ptrs, acc, m_valid, n_valid, offs_n, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero,
+                 HAS_BIAS, ACCUMULATE_ONLY)
 
 
 def output_like(x: torch.Tensor, n: int, h_out: int, w_out: int, dtype: torch.dtype) -> torch.Tensor:

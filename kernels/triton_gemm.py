@@ -83,6 +83,27 @@ def tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
 
 
 @triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile, and which of them exist."""
+    pid_m, pid_n = tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def store_output(y_ptrs, acc, m_valid, n_valid, offs_n, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero,
+                 HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr):
+    """Write the tile: the raw int32 accumulator (tests), or the dequantized result in y's dtype."""
+    mask = m_valid[:, None] & n_valid[None, :]
+    if ACCUMULATE_ONLY:
+        tl.store(y_ptrs, acc, mask=mask)
+    else:
+        y = dequantize(acc, offs_n, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero, HAS_BIAS)
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, y_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
     M, N, K,
@@ -90,11 +111,7 @@ def _linear_kernel(
     W_BITS: tl.constexpr, A_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_valid = offs_m < M
-    n_valid = offs_n < N
+    offs_m, offs_n, m_valid, n_valid = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_scale = tl.load(x_scale_ptr)
     x_zero = tl.load(x_zero_ptr)
 
@@ -109,12 +126,8 @@ def _linear_kernel(
         acc = tl.dot(q_x, q_w, acc)
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = m_valid[:, None] & n_valid[None, :]
-    if ACCUMULATE_ONLY:
-        tl.store(y_ptrs, acc, mask=mask)
-    else:
-        y = dequantize(acc, offs_n, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero, HAS_BIAS)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_output(y_ptrs, acc, m_valid, n_valid, offs_n, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero,
+                 HAS_BIAS, ACCUMULATE_ONLY)
 
 
 def _is_interpreted(kernel) -> bool:
