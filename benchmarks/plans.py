@@ -1,15 +1,15 @@
 """The bit plan of the benchmarks' mixed-precision variant: one place, to be replaced by a real plan.
 
-Until `python -m mixq.calibrate` writes plan.yaml files from measured sensitivities, the suite
-derives a plan deterministically from layer names alone, in the spirit of MixDQ's published
-SDXL-Turbo plans (about 5 weight bits on average, 8-bit activations):
+A real plan comes from `python -m mixq.calibrate` (runs/NAME/plan.yaml, passed with `--plan`). Without
+one, the suite derives a plan deterministically from layer names alone, so that a benchmark needs no
+calibration run, in the spirit of MixDQ's published SDXL-Turbo plans (about 5 weight bits on
+average, 8-bit activations):
 
   quality group (convs, self-attention, projections, embeddings)  W8A8
   content group (cross-attention `attn2` and feed-forward `ff`)   W4A8
 
 The content group holds most of the transformer weights, so this lands near MixDQ's W5A8
-operating point in size; it is not tuned for quality. Pass `--plan PATH` to benchmark a real
-plan instead (any file `mixq.quantize(plan=...)` accepts).
+operating point in size; it is not tuned for quality.
 """
 
 from __future__ import annotations
