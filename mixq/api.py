@@ -13,6 +13,7 @@ from mixq.layers import (
     LayerInfo,
     find_lora_layers,
     find_quantized_layers,
+    layer_group,
     quantizable_layers,
     resolve_keep_fp,
     set_submodule,
@@ -224,8 +225,6 @@ def summary(pipe, print_table: bool = False) -> list[dict]:
 
 
 def _row(name, kind, w_bits, a_bits, params, nbytes, parts, bos):
-    from mixq.layers import layer_group
-
     return {"name": name, "kind": kind, "w_bits": w_bits, "a_bits": a_bits, "group": layer_group(name),
             "params": params, "bytes": nbytes, "split": list(parts) if parts and len(parts) > 1 else None,
             "bos": bos}
