@@ -150,17 +150,12 @@ def load_config(source=None) -> Config:
     source = DEFAULT_CONFIG if source is None else source
     path = Path(source)
     if not path.is_file():
-        from mixq.configs import config_path
+        from mixq.configs import config_path, shipped_configs
 
         shipped = config_path(str(source))
         if shipped is None:
-            raise FileNotFoundError(f"no config file {source!r} (shipped configs: {', '.join(_shipped_names())})")
+            raise FileNotFoundError(f"no config file {source!r} (shipped configs: {', '.join(shipped_configs())})")
         path = shipped
     data = read_yaml(path) or {}
     return validate(_build(Config, data, ""))
 
-
-def _shipped_names():
-    from mixq.configs import shipped_configs
-
-    return shipped_configs()

@@ -73,7 +73,7 @@ def seeded_generators(seed: int, count: int, start: int = 0) -> list[torch.Gener
 
 
 def slice_conditioning(conditioning: dict, start: int, stop: int) -> dict:
-    return {k: (v[start:stop] if isinstance(v, torch.Tensor) else v[start:stop]) for k, v in conditioning.items()}
+    return {k: v[start:stop] for k, v in conditioning.items()}
 
 
 @torch.no_grad()

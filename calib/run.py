@@ -30,7 +30,7 @@ from mixq.calib.pipeline import load_pipeline
 from mixq.calib.planner import SIDES, build_plan, group_averages, sizes_for
 from mixq.calib.prompts import load_prompts
 from mixq.calib.report import plot_bits, plot_group_averages, plot_sensitivity, write_report
-from mixq.calib.sensitivity import Evaluator, measure_sensitivity, swapped_layers
+from mixq.calib.sensitivity import Evaluator, load_table, measure_sensitivity, swapped_layers
 from mixq.calibration import Calibration
 from mixq.io import read_yaml, write_yaml_atomic
 from mixq.layers import quantizable_layers, resolve_keep_fp
@@ -132,7 +132,7 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
         timings["sensitivity"] = time.monotonic() - started
 
     folder.require(folder.sensitivity, "sensitivity")
-    table = {n: row for n, row in (read_yaml(folder.sensitivity) or {}).get("layers", {}).items()}
+    table = load_table(folder.sensitivity)
     unfinished = [n for n in layers if n not in table]
     if unfinished:
         raise RuntimeError(f"{folder.sensitivity} misses {len(unfinished)} layers: rerun `--stage sensitivity` to finish it")
