@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixq.errors import ConfigError  # noqa: F401 (also importable from here)
 from mixq.io import read_yaml
 from mixq.quantizers import check_activation_bits, check_weight_bits
 
@@ -17,8 +18,6 @@ from mixq.quantizers import check_activation_bits, check_weight_bits
 DEFAULT_CONFIG = "tiny-sdxl"
 
 
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass

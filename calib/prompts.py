@@ -19,6 +19,8 @@ import json
 import random
 from pathlib import Path
 
+from mixq.errors import PromptFileError  # noqa: F401 (also importable from here)
+
 # Short, varied prompts of the kinds COCO holds; enough to calibrate offline with no data at all.
 DEFAULT_PROMPTS = (
     "a photo of a cat sitting on a windowsill",
@@ -56,8 +58,6 @@ DEFAULT_PROMPTS = (
 )
 
 
-class PromptFileError(ValueError):
-    pass
 
 
 def load_prompts(source=None, num_prompts: int | None = None, seed: int | None = None,

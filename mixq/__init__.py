@@ -8,6 +8,7 @@ from mixq._version import __version__
 from mixq.api import calibrate_ranges, quantize, summary
 from mixq.calibration import Calibration, NonFiniteActivationError
 from mixq.checkpoint import load_quantized, save_quantized
+from mixq.errors import CheckpointError, MixqError
 from mixq.modules import QConv2d, QLinear
 from mixq.plan import PlanMismatchError
 from mixq.quantizers import ACTIVATION_BITS, WEIGHT_BITS, sqnr_db
@@ -25,6 +26,8 @@ __all__ = [
     "sqnr_db",
     "WEIGHT_BITS",
     "ACTIVATION_BITS",
+    "MixqError",
+    "CheckpointError",
     "NonFiniteActivationError",
     "PlanMismatchError",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mixq.errors import NonFiniteActivationError  # noqa: F401 (also importable from here)
 from mixq.layers import LayerInfo
 
 EMA_MOMENTUM = 0.95
@@ -22,8 +23,6 @@ EMA_MOMENTUM = 0.95
 BOS_RELATIVE_TOLERANCE = 1e-2
 
 
-class NonFiniteActivationError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -54,6 +54,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from mixq.errors import CheckpointError  # noqa: F401 (also importable from here)
 from mixq._version import __version__
 from mixq.api import get_unet
 from mixq.io import atomic_path, write_text_atomic
@@ -82,8 +83,6 @@ LAYER_FIELDS = ("kind", "w_bits", "a_bits", "in_features", "out_features", "kern
 CONV_FIELDS = ("stride", "padding")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be saved or loaded as asked; the message says why and what to do."""
 
 
 # --- saving --------------------------------------------------------------------------------------

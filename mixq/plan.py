@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from mixq.errors import PlanMismatchError  # noqa: F401 (also importable from here)
 from mixq.io import read_yaml
 from mixq.quantizers import FLOAT_BITS, check_activation_bits, check_weight_bits
 
 
-class PlanMismatchError(ValueError):
-    pass
 
 
 def layer_signature(module) -> tuple | None:
