@@ -31,11 +31,16 @@ class Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # programs that share one output tile, each summing a slice of K
 
     def launch_args(self) -> dict:
-        """The keyword arguments of a kernel launch that carry this config."""
+        """The keyword arguments of a kernel launch that carry this config (the split sets the grid)."""
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
                     num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def name(self) -> str:
+        split = f" split{self.split_k}" if self.split_k > 1 else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k}/{self.num_warps}w/{self.num_stages}s{split}"
 
 
 # The interpreter runs one program at a time in numpy: few, mid-sized tiles are fastest there.
@@ -43,37 +48,71 @@ INTERPRETER_CONFIG = Config(64, 64, 64, group_m=4, num_warps=1, num_stages=1)
 
 # Tiles of 128 int8 values along K feed the int8 MMA with 128-byte rows. 64-wide tiles keep the
 # grid filled where M * N is small (M = 256 tokens in SDXL-Turbo's deepest blocks).
-LARGE_TILE = Config(128, 128, 128, num_warps=8, num_stages=3)
+LARGE_TILE = Config(128, 128, 128, num_warps=8, num_stages=4)
 SMALL_TILE = Config(64, 64, 128, num_warps=4, num_stages=4)
 
-CANDIDATES = (
+# Block shapes only: BLOCK_K is narrowed per shape to divide K (or a conv's channel count C), and
+# split-K variants are added where the grid is small (candidates_for).
+TILES = (
     LARGE_TILE,
     SMALL_TILE,
-    Config(128, 128, 64, num_warps=8, num_stages=4),
-    Config(128, 256, 64, num_warps=8, num_stages=3),
+    Config(128, 256, 128, num_warps=8, num_stages=3),
+    Config(256, 128, 128, num_warps=8, num_stages=3),
     Config(64, 128, 128, num_warps=4, num_stages=4),
     Config(128, 64, 128, num_warps=4, num_stages=4),
     Config(64, 256, 128, num_warps=8, num_stages=3),
-    Config(64, 64, 64, num_warps=4, num_stages=5),
-    Config(32, 64, 128, num_warps=4, num_stages=4),
 )
+SPLITS = (1, 2, 3, 4, 6, 8)
 
-# Roughly one wave of CTAs on an H100 (132 SMs); below it, large tiles leave SMs idle.
+# One wave of CTAs on an H100 (132 SMs); below it, SMs sit idle unless K is split.
 FULL_GRID = 132
-# Shared memory an untuned config may plan for: every recent GPU has at least ~100 KB per block.
-SHARED_MEMORY_BUDGET = 96 * 1024
+# A split K must leave each program a few K-steps, or the pipeline never fills.
+MIN_K_STEPS_PER_SPLIT = 4
 
 
 def tiles(m: int, n: int, config: Config) -> int:
     return -(-m // config.block_m) * -(-n // config.block_n)
 
 
-def default_config(m: int, n: int, x_element_size: int) -> Config:
-    """The untuned choice: large tiles where they still fill the GPU, else small ones, with as
-    many pipeline stages as surely fit (an input tile and an int8 weight tile per stage)."""
+def fitting_block_k(block_k: int, channels: int) -> int:
+    """The largest of block_k, block_k / 2, ... (at least 32, the int8 MMA's K) dividing channels,
+    so that the main loop needs no masks; block_k itself when none does."""
+    candidate = block_k
+    while candidate >= 32:
+        if channels % candidate == 0:
+            return candidate
+        candidate //= 2
+    return block_k
+
+
+def useful_splits(m: int, n: int, k: int, config: Config) -> list[int]:
+    """Split counts that bring the grid closer to a full wave, with enough K-steps per split."""
+    grid = tiles(m, n, config)
+    k_steps = -(-k // config.block_k)
+    chosen = [1]
+    for split in SPLITS[1:]:
+        if grid * chosen[-1] >= FULL_GRID or k_steps // split < MIN_K_STEPS_PER_SPLIT:
+            break
+        chosen.append(split)
+    return chosen
+
+
+def candidates_for(m: int, n: int, k: int, channels: int) -> list[Config]:
+    """Every tile of TILES with BLOCK_K fitted to the channels, with each useful split of K."""
+    found = []
+    for tile in TILES:
+        fitted = replace(tile, block_k=fitting_block_k(tile.block_k, channels))
+        for split in useful_splits(m, n, k, fitted):
+            found.append(replace(fitted, split_k=split))
+    return list(dict.fromkeys(found))
+
+
+def default_config(m: int, n: int, k: int, channels: int) -> Config:
+    """The untuned choice: large tiles where they fill the GPU, else small ones, and K split until
+    the grid fills one wave."""
     tile = LARGE_TILE if tiles(m, n, LARGE_TILE) >= FULL_GRID else SMALL_TILE
-    per_stage = tile.block_k * (tile.block_m * x_element_size + tile.block_n)
-    return replace(tile, num_stages=max(1, min(tile.num_stages, SHARED_MEMORY_BUDGET // per_stage)))
+    tile = replace(tile, block_k=fitting_block_k(tile.block_k, channels))
+    return replace(tile, split_k=useful_splits(m, n, k, tile)[-1])
 
 
 def cache_path() -> Path:

@@ -1,71 +1,109 @@
-"""Triton implicit-GEMM convolution for quantized Conv2d layers, A8 x W{8,4,2}.
+"""Triton implicit-GEMM convolution for quantized Conv2d layers, int8 codes x W{8,4,2}.
 
 The convolution is the GEMM of triton_gemm.py with rows m = (batch, output row, output column) and
 reduction index k = (kernel row, kernel column, input channel), the order of the packed weights.
-No im2col buffer is built: for each kernel tap the program loads the input pixels that tap sees
-(channels contiguous in channels_last memory) and quantizes them in registers. Pixels outside the
-image are loaded as 0.0, the real zero of the input, whose code is exactly x_zero.
+The input is first quantized once into channels-last int8 codes [B * H * W, C] (triton_quantize.py
+reads NCHW or channels-last input alike), so the main loop only loads contiguous channel runs.
+
+One flattened K loop walks (tap, channel block) pairs, so the software pipeline runs across taps
+instead of draining at each one. A K-tile never straddles two taps: each tap's C channels are
+cdiv(C, BLOCK_K) tiles, the last one masked unless BLOCK_K divides C (EVEN_C, every SDXL conv).
+Pixels outside the image read as x_zero, the code of the input's real zero, as the reference pads.
+1x1 stride-1 convolutions are plain GEMMs and run on the linear kernel.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from .autotune import Config, device_tag, tiles
+from .autotune import Config, device_tag
 from .reference import is_channels_last
 from .triton_gemm import (
+    INTERPRETED,
+    OutputLayout,
     choose_config,
-    load_weight_tile,
+    finish_tile,
+    epilogue_arguments,
+    gemm_rows,
+    gather_weights,
     output_tile,
-    per_channel_vectors,
-    quantize_tile,
-    store_output,
+    quantize_for,
+    run_gemm,
+    split_range,
+    weight_lane,
 )
 
 
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, y_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
-    C, H, W, N, H_OUT, W_OUT, M,
-    stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_wn, stride_wk,
-    stride_yb, stride_yc, stride_yh, stride_yw,
+    a_ptr, w_ptr, y_ptr, partial_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
+    C, H, W, N, H_OUT, W_OUT, M, P,
+    stride_wn, stride_yb, stride_yp, stride_yn,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    W_BITS: tl.constexpr, A_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
+    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n, m_valid, n_valid = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m = rows % M  # wrapped: in bounds without a mask
+    w_rows = cols % N
     # Output pixel of each row; its receptive field starts at (top, left), maybe in the padding.
-    batch = offs_m // (H_OUT * W_OUT)
-    out_h = (offs_m // W_OUT) % H_OUT
-    out_w = offs_m % W_OUT
-    top = out_h * STRIDE - PAD
-    left = out_w * STRIDE - PAD
-    x_scale = tl.load(x_scale_ptr)
-    x_zero = tl.load(x_zero_ptr)
+    image_start = (m // (H_OUT * W_OUT)) * (H * W)
+    top = ((m // W_OUT) % H_OUT) * STRIDE - PAD
+    left = (m % W_OUT) * STRIDE - PAD
+    zero_code = tl.load(x_zero_ptr).to(tl.int8)
+    c_tiles = tl.cdiv(C, BLOCK_K)
+    first, last = split_range(KH * KW * c_tiles, SPLIT_K)
 
+    PER_BYTE: tl.constexpr = 8 // W_BITS
+    LANE_K: tl.constexpr = BLOCK_K // PER_BYTE
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for tap in range(KH * KW):
+    for kt in range(first, last):
+        tap = kt // c_tiles
+        c0 = (kt - tap * c_tiles) * BLOCK_K
         in_h = top + tap // KW
         in_w = left + tap % KW
-        inside = m_valid & (in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W)
-        pixel_ptrs = x_ptr + batch * stride_xb + in_h * stride_xh + in_w * stride_xw
-        for c0 in range(0, C, BLOCK_K):
+        inside = ((in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W))[:, None]
+        pixel_ptrs = a_ptr + ((image_start + in_h * W + in_w) * C + c0)[:, None]
+        if EVEN_K:
+            k0 = tap * C + c0
+            packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
+            for lane in tl.static_range(PER_BYTE):
+                a = tl.load(pixel_ptrs + (lane * LANE_K + tl.arange(0, LANE_K))[None, :], mask=inside, other=zero_code)
+                acc = tl.dot(a, tl.trans(weight_lane(packed, lane, W_BITS)), acc)
+        else:
             offs_c = c0 + tl.arange(0, BLOCK_K)
-            c_valid = offs_c < C
-            x = tl.load(pixel_ptrs[:, None] + offs_c[None, :] * stride_xc,
-                        mask=inside[:, None] & c_valid[None, :], other=0.0)
-            q_x = quantize_tile(x, x_scale, x_zero, A_BITS)
-            # Channels past C would read the next tap's weights: load_weight_tile zeroes them.
-            q_w = load_weight_tile(w_ptr, stride_wn, stride_wk, tap * C + offs_c, c_valid, offs_n, n_valid, W_BITS)
-            acc = tl.dot(q_x, q_w, acc)
+            a = tl.load(pixel_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=inside & (offs_c < C)[None, :],
+                        other=zero_code)
+            # Channels past C would read the next tap's weights: gather_weights zeroes them.
+            w = gather_weights(w_ptr, w_rows, stride_wn, tap * C + c0, tap * C + C, W_BITS, BLOCK_K)
+            acc = tl.dot(a, tl.trans(w), acc)
+    if EVEN_K:
+        acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
 
-    y_ptrs = (y_ptr + (batch * stride_yb + out_h * stride_yh + out_w * stride_yw)[:, None]
-              + offs_n[None, :] * stride_yc)
-    store_output(y_ptrs, acc, m_valid, n_valid, offs_n, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero,
-                 HAS_BIAS, ACCUMULATE_ONLY)
+    finish_tile(acc, rows, cols, M, N, y_ptr, partial_ptr, P, stride_yb, stride_yp, stride_yn,
+                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, SPLIT_K)
+
+
+class ChannelsFirstWarning(UserWarning):
+    """A convolution received NCHW input: correct, but its output stores are strided."""
+
+
+_warned_nchw = False
+
+
+def warn_nchw_once():
+    global _warned_nchw
+    if not _warned_nchw:
+        _warned_nchw = True
+        warnings.warn("mixq: NCHW input to a quantized convolution: it is quantized into channels-last codes in "
+                      "one pass, but the output keeps NCHW, which the kernel stores with strided writes; "
+                      "pipe.unet.to(memory_format=torch.channels_last) avoids both", ChannelsFirstWarning,
+                      stacklevel=5)
 
 
 def output_like(x: torch.Tensor, n: int, h_out: int, w_out: int, dtype: torch.dtype) -> torch.Tensor:
@@ -74,6 +112,14 @@ def output_like(x: torch.Tensor, n: int, h_out: int, w_out: int, dtype: torch.dt
     if is_channels_last(x) or y.is_contiguous():
         return y
     return torch.empty((x.shape[0], n, h_out, w_out), device=x.device, dtype=dtype)
+
+
+def pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> a [B, H * W, C] view (NCHW and channels-last both merge H and W)."""
+    b, c, h, w = x.shape
+    if x.stride(2) != w * x.stride(3):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.as_strided((b, h * w, c), (x.stride(0), x.stride(3), x.stride(1)))
 
 
 def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding, *,
@@ -89,26 +135,28 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
     h_out = (h + 2 * pad - kh) // step + 1
     w_out = (w + 2 * pad - kw) // step + 1
     m = b * h_out * w_out
-    w_scale, w_sum, bias = per_channel_vectors(w_scale, w_sum, bias)
+    if not is_channels_last(x) and c > 1 and h * w > 1:
+        warn_nchw_once()
+    x_rows = pixel_rows(x)
     out = output_like(x, n, h_out, w_out, torch.int32 if accumulate_only else x.dtype)
+    layout = OutputLayout(out, h_out * w_out, out.stride(0), out.stride(3), out.stride(1))
+    key = f"conv2d|{kh}x{kw}/{step}|b={b}|c={c}|h={h}|w={w}|n={n}|{x.dtype}"
+    if (kh, kw, step, pad) == (1, 1, 1, 0):
+        gemm_rows(x_rows, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, layout,
+                  accumulate_only=accumulate_only, config=config, tune_key=key)
+        return out
+
+    qweight = qweight.contiguous()
+    epilogue_args = epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only)
 
     def launch(cfg: Config):
-        _conv2d_kernel[(tiles(m, n, cfg),)](
-            x, qweight, out, w_scale, w_sum, bias, x_scale, x_zero,
-            c, h, w, n, h_out, w_out, m,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            qweight.stride(0), qweight.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            KH=kh, KW=kw, STRIDE=step, PAD=pad,
-            W_BITS=w_bits, A_BITS=a_bits, HAS_BIAS=bias is not None, ACCUMULATE_ONLY=accumulate_only,
-            enable_fp_fusion=False,  # a fused multiply-add would round differently from the reference
-            **cfg.launch_args(),
-        )
+        codes = quantize_for(x_rows, x_scale, x_zero, a_bits, w_bits, c, cfg)
+        grid_args = dict(a_ptr=codes, w_ptr=qweight, C=c, H=h, W=w, N=n, H_OUT=h_out, W_OUT=w_out, M=m,
+                         stride_wn=qweight.stride(0), KH=kh, KW=kw, STRIDE=step, PAD=pad, W_BITS=w_bits,
+                         EVEN_K=c % cfg.block_k == 0)
+        run_gemm(_conv2d_kernel, grid_args, layout, m, n, cfg, epilogue_args)
 
     if config is None:
-        layout = "nhwc" if is_channels_last(x) else "nchw"
-        key = (f"conv2d|{kh}x{kw}/{step}|b={b}|c={c}|h={h}|w={w}|n={n}|{layout}|w{w_bits}|{x.dtype}"
-               f"|{device_tag(x.device)}")
-        config = choose_config(key, m, n, x.element_size(), launch)
+        config = choose_config(f"{key}|w{w_bits}|{device_tag(x.device)}", m, n, kh * kw * c, c, launch)
     launch(config)
     return out

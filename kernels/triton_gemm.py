@@ -1,13 +1,26 @@
-"""Triton GEMM for quantized Linear layers: A8 x W{8,4,2} with int32 accumulation.
+"""Triton GEMM for quantized Linear layers: int8 activation codes x W{8,4,2} weights -> int32.
 
     y[m, n] = f32(acc[m, n] - z_x * wsum[n]) * (s_x * s_w[n]) + bias[n],
     acc[m, n] = sum_k q_x[m, k] * q_w[n, k]
 
-One kernel reads the floating-point input and quantizes each tile in registers (prologue), unpacks
-the packed weight tile in registers, multiplies int8 x int8 -> int32 on tensor cores and applies
-the scales in the epilogue. Every floating-point step rounds exactly as kernels/reference.py does,
-so the result is bit-identical to the torch backend. The building blocks below are shared with
-the implicit-GEMM convolution in triton_conv.py.
+The input is quantized once per call by triton_quantize.py; the main loop then only loads int8
+codes and packed weights and issues int8 tensor-core MMAs.
+
+- EVEN_K (K a multiple of BLOCK_K, true of every SDXL layer): no masks in the main loop. Packed
+  weights are loaded as one [BLOCK_N, BLOCK_K / per_byte] byte tile per K-step, a software-pipeline
+  stage like any other load. Each of the per_byte lanes of that tile (the low nibbles, the high
+  nibbles, ...) becomes an int8 operand with two SIMD bit operations per 4 bytes, and is multiplied
+  by the matching lane of the activation block, which the quantize pass stored lane-major within
+  each BLOCK_K block for this purpose. No shuffles: the dot product does not care about K order.
+- Otherwise (odd test shapes): masked loads, each weight byte gathered per value it holds.
+- Rows and columns past the edge of M and N wrap around instead of being masked: their loads stay
+  in bounds, and their results are never stored.
+- SPLIT_K > 1 (grids that under-fill the GPU): each program sums a slice of K and adds its int32
+  partial tile to a zeroed accumulator with atomic adds, exact in any order; a second small kernel
+  applies the epilogue. The result is bit-identical to SPLIT_K = 1.
+
+The epilogue rounds exactly as kernels/reference.py does. The building blocks below are shared
+with the implicit-GEMM convolution in triton_conv.py.
 """
 
 from __future__ import annotations
@@ -16,56 +29,77 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import CANDIDATES, INTERPRETER_CONFIG, Config, default_config, device_tag, tiles, tuned_config
+from .triton_quantize import quantize_rows
+from .autotune import INTERPRETER_CONFIG, Config, candidates_for, default_config, device_tag, tiles, tuned_config
 
-# Adding and subtracting 1.5 * 2^23 rounds an fp32 |v| < 2^22 to an integer, half to even, like
-# torch.round; unlike libdevice's rint it also runs in the interpreter.
-ROUND_MAGIC = tl.constexpr(12582912.0)
-# Beyond +-256 every code saturates whatever the zero point (|z| <= 128): clamping there first
-# changes no result and keeps |v| in the range where ROUND_MAGIC is exact.
-SATURATED = tl.constexpr(256.0)
+# --- building blocks ---------------------------------------------------------------------------
 
 
-@triton.jit
-def quantize_tile(x, x_scale, x_zero, A_BITS: tl.constexpr):
-    """Floating-point tile -> int8 codes clamp(round(x / s) + z), as mixq.quantizers does."""
-    v = tl.math.div_rn(x.to(tl.float32), x_scale)  # IEEE division: Triton's `/` need not round correctly
-    v = tl.minimum(tl.maximum(v, -SATURATED), SATURATED)
-    v = (v + ROUND_MAGIC) - ROUND_MAGIC
-    q = tl.minimum(tl.maximum(v + x_zero, -(1 << (A_BITS - 1))), (1 << (A_BITS - 1)) - 1)
-    return q.to(tl.int8)
+# Compiled kernels unpack 4 bytes per instruction with inline PTX; the interpreter, which cannot
+# run PTX, evaluates the same bit operations per byte.
+UNPACK_WITH_PTX = tl.constexpr(not triton.knobs.runtime.interpret)
 
 
 @triton.jit
-def load_weight_tile(w_ptr, stride_wn, stride_wk, offs_k, k_valid, offs_n, n_valid, W_BITS: tl.constexpr):
-    """Integer weights [BLOCK_K, BLOCK_N] (int8) of rows offs_n at reduction indices offs_k.
+def weight_lane(packed, LANE: tl.constexpr, W_BITS: tl.constexpr):
+    """Lane LANE of every packed byte as the int8 (w * 2^(8 - W_BITS)), w the signed weight.
 
-    Packed weights hold 8 // W_BITS offset-binary values per byte along K (element k in byte
-    k // per_byte at bit (k % per_byte) * W_BITS); each byte is loaded once per value it holds
-    (the repeats hit L1) and unpacked with a shift, a mask and a subtraction. Entries where
-    k_valid is false are 0, so they add nothing to the dot product whatever the input there.
+    The W_BITS-bit field is shifted to the top of its byte and masked; flipping the top bit turns
+    offset-binary (w + 2^(W_BITS - 1)) into two's complement. Both steps act on each byte alone, so
+    on 32-bit registers they unpack 4 bytes at a time. The factor 2^(8 - W_BITS) keeps every
+    product within int8 x int8 and is shifted out of the int32 accumulator, exactly.
     """
-    PER_BYTE: tl.constexpr = 8 // W_BITS
-    ptrs = w_ptr + offs_n[None, :] * stride_wn + (offs_k // PER_BYTE)[:, None] * stride_wk
-    packed = tl.load(ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0)
     if W_BITS == 8:
         w = packed
     else:
-        shift = ((offs_k % PER_BYTE) * W_BITS)[:, None]
-        w = ((packed.to(tl.int32) >> shift) & ((1 << W_BITS) - 1)) - (1 << (W_BITS - 1))
-    return tl.where(k_valid[:, None], w, 0).to(tl.int8)
+        SHIFT: tl.constexpr = 8 - W_BITS * (LANE + 1)
+        HIGH_BITS: tl.constexpr = (0xFF << (8 - W_BITS)) & 0xFF
+        if UNPACK_WITH_PTX:
+            if SHIFT == 0:
+                shift = "0"
+            elif SHIFT == 2:
+                shift = "2"
+            elif SHIFT == 4:
+                shift = "4"
+            else:
+                shift = "6"
+            mask = "0xF0F0F0F0" if W_BITS == 4 else "0xC0C0C0C0"
+            w = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $1, " + shift + "; and.b32 t, t, " + mask + "; xor.b32 $0, t, 0x80808080; }",
+                "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            w = (((packed << SHIFT) & HIGH_BITS) ^ 0x80).to(tl.int8, bitcast=True)
+    return w
 
 
 @triton.jit
-def dequantize(acc, offs_n, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero, HAS_BIAS: tl.constexpr):
-    """The epilogue in fp32: f32(acc - z_x * wsum) * (s_x * s_w) + bias, in reference order."""
-    w_sum = tl.load(w_sum_ptr + offs_n, mask=n_valid, other=0)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_valid, other=0.0)
-    folded = acc - x_zero.to(tl.int32) * w_sum[None, :]
-    y = folded.to(tl.float32) * (x_scale * w_scale)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    return y
+def gather_weights(w_ptr, w_rows, stride_wn, k0, k_end, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Integer weights [BLOCK_N, BLOCK_K] at reduction indices k0 .. k0 + BLOCK_K, for K not a
+    multiple of BLOCK_K: each byte is gathered once per value it holds, and entries at k >= k_end
+    are 0, so they add nothing to the dot product whatever the input there."""
+    PER_BYTE: tl.constexpr = 8 // W_BITS
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_valid = (offs_k < k_end)[None, :]
+    packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (offs_k // PER_BYTE)[None, :], mask=k_valid, other=0)
+    if W_BITS == 8:
+        w = packed
+    else:
+        shift = ((offs_k % PER_BYTE) * W_BITS)[None, :]
+        w = ((packed.to(tl.int32) >> shift) & ((1 << W_BITS) - 1)) - (1 << (W_BITS - 1))
+        w = tl.where(k_valid, w, 0).to(tl.int8)
+    return w
+
+
+@triton.jit
+def split_range(k_tiles, SPLIT_K: tl.constexpr):
+    """The K-tiles [first, last) that this program sums (all of them unless K is split)."""
+    if SPLIT_K == 1:
+        first, last = 0, k_tiles
+    else:
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        first = tl.program_id(1) * per_split
+        last = tl.minimum(first + per_split, k_tiles)
+    return first, last
 
 
 @triton.jit
@@ -84,50 +118,111 @@ def tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
 
 @triton.jit
 def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Rows and columns of this program's output tile, and which of them exist."""
+    """Rows and columns of this program's output tile."""
     pid_m, pid_n = tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n, offs_m < M, offs_n < N
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
-def store_output(y_ptrs, acc, m_valid, n_valid, offs_n, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero,
+def dequantize(acc, cols, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero, HAS_BIAS: tl.constexpr):
+    """The epilogue in fp32: f32(acc - z_x * wsum) * (s_x * s_w) + bias, in reference order."""
+    w_sum = tl.load(w_sum_ptr + cols, mask=n_valid, other=0)
+    w_scale = tl.load(w_scale_ptr + cols, mask=n_valid, other=0.0)
+    folded = acc - x_zero.to(tl.int32) * w_sum[None, :]
+    y = folded.to(tl.float32) * (x_scale * w_scale)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_yn,
+                 w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
                  HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr):
-    """Write the tile: the raw int32 accumulator (tests), or the dequantized result in y's dtype."""
+    """Write a finished tile: the raw int32 accumulator (tests), or the dequantized result in y's
+    dtype. Row m of the GEMM is output position (m // P, m % P): P = M for a linear layer, the
+    pixels of one image for a convolution."""
+    m_valid, n_valid = rows < M, cols < N
     mask = m_valid[:, None] & n_valid[None, :]
+    y_rows = (rows // P) * stride_yb + (rows % P) * stride_yp
+    y_ptrs = y_ptr + y_rows[:, None] + cols[None, :] * stride_yn
     if ACCUMULATE_ONLY:
         tl.store(y_ptrs, acc, mask=mask)
     else:
-        y = dequantize(acc, offs_n, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero, HAS_BIAS)
+        y = dequantize(acc, cols, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, tl.load(x_scale_ptr),
+                       tl.load(x_zero_ptr), HAS_BIAS)
         tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def finish_tile(acc, rows, cols, M, N, y_ptr, partial_ptr, P, stride_yb, stride_yp, stride_yn,
+                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
+                HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the tile, or with a split K add this slice's partial sums to the [M, N] accumulator."""
+    if SPLIT_K == 1:
+        store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_yn,
+                     w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY)
+    else:
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        tl.atomic_add(partial_ptr + rows[:, None] * N + cols[None, :], acc, mask=mask, sem="relaxed")
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+@triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, y_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    W_BITS: tl.constexpr, A_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
+    a_ptr, w_ptr, y_ptr, partial_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
+    M, N, K, P,
+    stride_am, stride_wn, stride_yb, stride_yp, stride_yn,
+    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n, m_valid, n_valid = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    x_scale = tl.load(x_scale_ptr)
-    x_zero = tl.load(x_zero_ptr)
+    rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    a_rows = rows % M  # wrapped: in bounds without a mask
+    w_rows = cols % N
+    first, last = split_range(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
+    PER_BYTE: tl.constexpr = 8 // W_BITS
+    LANE_K: tl.constexpr = BLOCK_K // PER_BYTE
+    a_rows_ptr = a_ptr + a_rows[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        q_x = quantize_tile(x, x_scale, x_zero, A_BITS)
-        q_w = load_weight_tile(w_ptr, stride_wn, stride_wk, offs_k, k_valid, offs_n, n_valid, W_BITS)
-        acc = tl.dot(q_x, q_w, acc)
+    for kt in range(first, last):
+        k0 = kt * BLOCK_K
+        if EVEN_K:
+            packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
+            for lane in tl.static_range(PER_BYTE):
+                a = tl.load(a_rows_ptr + (k0 + lane * LANE_K + tl.arange(0, LANE_K))[None, :])
+                acc = tl.dot(a, tl.trans(weight_lane(packed, lane, W_BITS)), acc)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_rows_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
+            w = gather_weights(w_ptr, w_rows, stride_wn, k0, K, W_BITS, BLOCK_K)
+            acc = tl.dot(a, tl.trans(w), acc)
+    if EVEN_K:
+        acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
 
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    store_output(y_ptrs, acc, m_valid, n_valid, offs_n, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_zero,
-                 HAS_BIAS, ACCUMULATE_ONLY)
+    finish_tile(acc, rows, cols, M, N, y_ptr, partial_ptr, P, stride_yb, stride_yp, stride_yn,
+                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, SPLIT_K)
+
+
+@triton.jit
+def _epilogue_kernel(
+    partial_ptr, y_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
+    M, N, P, stride_yb, stride_yp, stride_yn,
+    HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """After a split-K GEMM: the summed int32 accumulator [M, N] -> the output."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    acc = tl.load(partial_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0)
+    store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_yn,
+                 w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY)
+
+
+# --- launchers ---------------------------------------------------------------------------------
 
 
 def _is_interpreted(kernel) -> bool:
@@ -141,15 +236,16 @@ def _is_interpreted(kernel) -> bool:
 INTERPRETED = _is_interpreted(_linear_kernel)
 
 
-def choose_config(key: str, m: int, n: int, x_element_size: int, launch) -> Config:
-    """The interpreter's config, else the tuned (and cached) one for this shape."""
+def choose_config(key: str, m: int, n: int, k: int, channels: int, launch) -> Config:
+    """The interpreter's config, else the tuned (and cached) one for this shape. channels: what
+    BLOCK_K must divide for the unmasked main loop (K for a linear layer, C for a convolution)."""
     if INTERPRETED:
         return INTERPRETER_CONFIG
 
     def measure(config: Config) -> float:
         return triton.testing.do_bench(lambda: launch(config), warmup=10, rep=40)
 
-    return tuned_config(key, CANDIDATES, measure, default_config(m, n, x_element_size))
+    return tuned_config(key, candidates_for(m, n, k, channels), measure, default_config(m, n, k, channels))
 
 
 def per_channel_vectors(w_scale, w_sum, bias):
@@ -157,29 +253,75 @@ def per_channel_vectors(w_scale, w_sum, bias):
     return w_scale.contiguous(), w_sum.contiguous(), None if bias is None else bias.contiguous()
 
 
+def quantize_for(x_rows, x_scale, x_zero, a_bits: int, w_bits: int, channels: int, config: Config) -> torch.Tensor:
+    """The int8 codes [B * P, C] of x_rows [B, P, C], in the order the main loop reads them: with
+    packed weights and an unmasked loop, lane-major within each BLOCK_K block of channels."""
+    even = channels % config.block_k == 0
+    per_byte = 8 // w_bits if even else 1
+    group = config.block_k if per_byte > 1 else 1
+    return quantize_rows(x_rows, x_scale, x_zero, a_bits, INTERPRETED, per_byte=per_byte, group=group)
+
+
+class OutputLayout:
+    """Where GEMM row m, column n of the result goes: y[m // P, n, m % P] in y's own strides."""
+
+    def __init__(self, y: torch.Tensor, pixels: int, stride_b: int, stride_p: int, stride_n: int):
+        self.y, self.pixels, self.strides = y, pixels, (stride_b, stride_p, stride_n)
+
+
+def run_gemm(kernel, grid_args: dict, out: OutputLayout, m: int, n: int, config: Config, epilogue_args: dict):
+    """Launch kernel on config's grid (with its split of K) and, for a split K, the epilogue pass."""
+    split = config.split_k
+    partial = out.y if split == 1 else torch.zeros((m, n), device=out.y.device, dtype=torch.int32)
+    kernel[(tiles(m, n, config), split)](
+        y_ptr=out.y, partial_ptr=partial, P=out.pixels, stride_yb=out.strides[0], stride_yp=out.strides[1],
+        stride_yn=out.strides[2], SPLIT_K=split, **grid_args, **epilogue_args, **config.launch_args(),
+    )
+    if split > 1:
+        block_m, block_n = (64, 64) if INTERPRETED else (32, 128)
+        _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            partial, out.y, M=m, N=n, P=out.pixels, stride_yb=out.strides[0], stride_yp=out.strides[1],
+            stride_yn=out.strides[2], BLOCK_M=block_m, BLOCK_N=block_n, **epilogue_args,
+        )
+
+
+def epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only: bool) -> dict:
+    w_scale, w_sum, bias = per_channel_vectors(w_scale, w_sum, bias)
+    return dict(w_scale_ptr=w_scale, w_sum_ptr=w_sum, bias_ptr=bias, x_scale_ptr=x_scale, x_zero_ptr=x_zero,
+                HAS_BIAS=bias is not None, ACCUMULATE_ONLY=accumulate_only,
+                enable_fp_fusion=False)  # a fused multiply-add would round differently from the reference
+
+
+def gemm_rows(x_rows, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out: OutputLayout, *,
+              accumulate_only: bool, config: Config | None, tune_key: str) -> None:
+    """x_rows [B, P, K] (the rows of a linear input, or the pixels of a 1x1 convolution) times
+    the packed weights into out."""
+    b, p, k = x_rows.shape
+    m, n = b * p, qweight.shape[0]
+    qweight = qweight.contiguous()
+    epilogue_args = epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only)
+
+    def launch(cfg: Config):
+        codes = quantize_for(x_rows, x_scale, x_zero, a_bits, w_bits, k, cfg)
+        grid_args = dict(a_ptr=codes, w_ptr=qweight, M=m, N=n, K=k, stride_am=codes.stride(0),
+                         stride_wn=qweight.stride(0), W_BITS=w_bits, EVEN_K=k % cfg.block_k == 0)
+        run_gemm(_linear_kernel, grid_args, out, m, n, cfg, epilogue_args)
+
+    if config is None:
+        config = choose_config(f"{tune_key}|w{w_bits}|{device_tag(x_rows.device)}", m, n, k, k, launch)
+    launch(config)
+
+
 def linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None, *,
            accumulate_only: bool = False, config: Config | None = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] in x's dtype (or the int32 accumulator with accumulate_only=True).
 
-    config forces the block sizes (tests use it to cover several tiles on small shapes).
+    config forces the block sizes and split (tests use it to cover several tiles on small shapes).
     """
     m, k = x.shape
     n = qweight.shape[0]
-    w_scale, w_sum, bias = per_channel_vectors(w_scale, w_sum, bias)
     out = torch.empty((m, n), device=x.device, dtype=torch.int32 if accumulate_only else x.dtype)
-
-    def launch(cfg: Config):
-        _linear_kernel[(tiles(m, n, cfg),)](
-            x, qweight, out, w_scale, w_sum, bias, x_scale, x_zero,
-            m, n, k,
-            x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), out.stride(0), out.stride(1),
-            W_BITS=w_bits, A_BITS=a_bits, HAS_BIAS=bias is not None, ACCUMULATE_ONLY=accumulate_only,
-            enable_fp_fusion=False,  # a fused multiply-add would round differently from the reference
-            **cfg.launch_args(),
-        )
-
-    if config is None:
-        key = f"linear|m={m}|n={n}|k={k}|w{w_bits}|{x.dtype}|{device_tag(x.device)}"
-        config = choose_config(key, m, n, x.element_size(), launch)
-    launch(config)
+    gemm_rows(x.unsqueeze(0), qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
+              OutputLayout(out, m, 0, out.stride(0), out.stride(1)),
+              accumulate_only=accumulate_only, config=config, tune_key=f"linear|m={m}|n={n}|k={k}|{x.dtype}")
     return out
