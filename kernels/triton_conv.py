@@ -8,7 +8,8 @@ reads NCHW or channels-last input alike), so the main loop only loads contiguous
 One flattened K loop walks (tap, channel block) pairs, so the software pipeline runs across taps
 instead of draining at each one. A K-tile never straddles two taps: each tap's C channels are
 cdiv(C, BLOCK_K) tiles, the last one masked unless BLOCK_K divides C (EVEN_C, every SDXL conv).
-Pixels outside the image read as x_zero, the code of the input's real zero, as the reference pads.
+The codes carry the convolution's zero padding as a border of x_zero codes (the code of the
+input's real zero, as the reference pads), so the main loop has no masks and no selects.
 1x1 stride-1 convolutions are plain GEMMs and run on the linear kernel.
 """
 
@@ -51,11 +52,12 @@ def _conv2d_kernel(
     rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m = rows % M  # wrapped: in bounds without a mask
     w_rows = cols % N
-    # Output pixel of each row; its receptive field starts at (top, left), maybe in the padding.
-    image_start = (m // (H_OUT * W_OUT)) * (H * W)
-    top = ((m // W_OUT) % H_OUT) * STRIDE - PAD
-    left = (m % W_OUT) * STRIDE - PAD
-    zero_code = tl.load(x_zero_ptr).to(tl.int8)
+    # The codes hold the image padded by PAD pixels: the receptive field of an output pixel starts
+    # at padded row out_h * STRIDE and column out_w * STRIDE, and never leaves the buffer.
+    padded_w = W + 2 * PAD
+    corner = ((m // (H_OUT * W_OUT)) * (H + 2 * PAD) * padded_w + ((m // W_OUT) % H_OUT) * STRIDE * padded_w
+              + (m % W_OUT) * STRIDE)
+    a_rows_ptr = a_ptr + corner[:, None] * C
     c_tiles = tl.cdiv(C, BLOCK_K)
     first, last = split_range(KH * KW * c_tiles, SPLIT_K)
 
@@ -65,20 +67,16 @@ def _conv2d_kernel(
     for kt in range(first, last):
         tap = kt // c_tiles
         c0 = (kt - tap * c_tiles) * BLOCK_K
-        in_h = top + tap // KW
-        in_w = left + tap % KW
-        inside = ((in_h >= 0) & (in_h < H) & (in_w >= 0) & (in_w < W))[:, None]
-        pixel_ptrs = a_ptr + ((image_start + in_h * W + in_w) * C + c0)[:, None]
+        tap_ptrs = a_rows_ptr + ((tap // KW) * padded_w + tap % KW) * C + c0
         if EVEN_K:
             k0 = tap * C + c0
             packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
             for lane in tl.static_range(PER_BYTE):
-                a = tl.load(pixel_ptrs + (lane * LANE_K + tl.arange(0, LANE_K))[None, :], mask=inside, other=zero_code)
+                a = tl.load(tap_ptrs + (lane * LANE_K + tl.arange(0, LANE_K))[None, :])
                 acc = tl.dot(a, tl.trans(weight_lane(packed, lane, W_BITS)), acc)
         else:
             offs_c = c0 + tl.arange(0, BLOCK_K)
-            a = tl.load(pixel_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=inside & (offs_c < C)[None, :],
-                        other=zero_code)
+            a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=(offs_c < C)[None, :], other=0)
             # Channels past C would read the next tap's weights: gather_weights zeroes them.
             w = gather_weights(w_ptr, w_rows, stride_wn, tap * C + c0, tap * C + C, W_BITS, BLOCK_K)
             acc = tl.dot(a, tl.trans(w), acc)
@@ -114,12 +112,9 @@ def output_like(x: torch.Tensor, n: int, h_out: int, w_out: int, dtype: torch.dt
     return torch.empty((x.shape[0], n, h_out, w_out), device=x.device, dtype=dtype)
 
 
-def pixel_rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> a [B, H * W, C] view (NCHW and channels-last both merge H and W)."""
-    b, c, h, w = x.shape
-    if x.stride(2) != w * x.stride(3):
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.as_strided((b, h * w, c), (x.stride(0), x.stride(3), x.stride(1)))
+def as_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] (NCHW or channels-last) -> the [B, H, W, C] view the quantize pass reads."""
+    return x.permute(0, 2, 3, 1)
 
 
 def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding, *,
@@ -137,12 +132,12 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
     m = b * h_out * w_out
     if not is_channels_last(x) and c > 1 and h * w > 1:
         warn_nchw_once()
-    x_rows = pixel_rows(x)
+    x_image = as_image(x)
     out = output_like(x, n, h_out, w_out, torch.int32 if accumulate_only else x.dtype)
     layout = OutputLayout(out, h_out * w_out, out.stride(0), out.stride(3), out.stride(1))
     key = f"conv2d|{kh}x{kw}/{step}|b={b}|c={c}|h={h}|w={w}|n={n}|{x.dtype}"
     if (kh, kw, step, pad) == (1, 1, 1, 0):
-        gemm_rows(x_rows, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, layout,
+        gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, layout,
                   accumulate_only=accumulate_only, config=config, tune_key=key)
         return out
 
@@ -150,7 +145,7 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
     epilogue_args = epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only)
 
     def launch(cfg: Config):
-        codes = quantize_for(x_rows, x_scale, x_zero, a_bits, w_bits, c, cfg)
+        codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, c, cfg, pad=pad)
         grid_args = dict(a_ptr=codes, w_ptr=qweight, C=c, H=h, W=w, N=n, H_OUT=h_out, W_OUT=w_out, M=m,
                          stride_wn=qweight.stride(0), KH=kh, KW=kw, STRIDE=step, PAD=pad, W_BITS=w_bits,
                          EVEN_K=c % cfg.block_k == 0)

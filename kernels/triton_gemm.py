@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_quantize import quantize_rows
+from .triton_quantize import quantize_image
 from .autotune import INTERPRETER_CONFIG, Config, candidates_for, default_config, device_tag, tiles, tuned_config
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -38,6 +38,8 @@ from .autotune import INTERPRETER_CONFIG, Config, candidates_for, default_config
 # Compiled kernels unpack 4 bytes per instruction with inline PTX; the interpreter, which cannot
 # run PTX, evaluates the same bit operations per byte.
 UNPACK_WITH_PTX = tl.constexpr(not triton.knobs.runtime.interpret)
+DIGITS = tl.constexpr(tuple(str(d) for d in range(8)))
+TOP_BITS_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))  # by W_BITS: its top bits of each byte
 
 
 @triton.jit
@@ -55,17 +57,9 @@ def weight_lane(packed, LANE: tl.constexpr, W_BITS: tl.constexpr):
         SHIFT: tl.constexpr = 8 - W_BITS * (LANE + 1)
         HIGH_BITS: tl.constexpr = (0xFF << (8 - W_BITS)) & 0xFF
         if UNPACK_WITH_PTX:
-            if SHIFT == 0:
-                shift = "0"
-            elif SHIFT == 2:
-                shift = "2"
-            elif SHIFT == 4:
-                shift = "4"
-            else:
-                shift = "6"
-            mask = "0xF0F0F0F0" if W_BITS == 4 else "0xC0C0C0C0"
             w = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; shl.b32 t, $1, " + shift + "; and.b32 t, t, " + mask + "; xor.b32 $0, t, 0x80808080; }",
+                "{ .reg .b32 t; shl.b32 t, $1, " + DIGITS[SHIFT] + "; and.b32 t, t, " + TOP_BITS_MASK[W_BITS]
+                + "; xor.b32 $0, t, 0x80808080; }",
                 "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
         else:
             w = (((packed << SHIFT) & HIGH_BITS) ^ 0x80).to(tl.int8, bitcast=True)
@@ -253,13 +247,14 @@ def per_channel_vectors(w_scale, w_sum, bias):
     return w_scale.contiguous(), w_sum.contiguous(), None if bias is None else bias.contiguous()
 
 
-def quantize_for(x_rows, x_scale, x_zero, a_bits: int, w_bits: int, channels: int, config: Config) -> torch.Tensor:
-    """The int8 codes [B * P, C] of x_rows [B, P, C], in the order the main loop reads them: with
-    packed weights and an unmasked loop, lane-major within each BLOCK_K block of channels."""
+def quantize_for(x_image, x_scale, x_zero, a_bits: int, w_bits: int, channels: int, config: Config,
+                 pad: int = 0) -> torch.Tensor:
+    """The int8 codes of x_image [B, H, W, C] (padded by pad pixels), in the order the main loop
+    reads them: with packed weights and an unmasked loop, lane-major within each BLOCK_K block."""
     even = channels % config.block_k == 0
     per_byte = 8 // w_bits if even else 1
     group = config.block_k if per_byte > 1 else 1
-    return quantize_rows(x_rows, x_scale, x_zero, a_bits, INTERPRETED, per_byte=per_byte, group=group)
+    return quantize_image(x_image, x_scale, x_zero, a_bits, INTERPRETED, pad=pad, per_byte=per_byte, group=group)
 
 
 class OutputLayout:
@@ -292,23 +287,23 @@ def epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only: b
                 enable_fp_fusion=False)  # a fused multiply-add would round differently from the reference
 
 
-def gemm_rows(x_rows, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out: OutputLayout, *,
+def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out: OutputLayout, *,
               accumulate_only: bool, config: Config | None, tune_key: str) -> None:
-    """x_rows [B, P, K] (the rows of a linear input, or the pixels of a 1x1 convolution) times
-    the packed weights into out."""
-    b, p, k = x_rows.shape
-    m, n = b * p, qweight.shape[0]
+    """x_image [B, H, W, K] (a linear input as [1, 1, M, K], or the pixels of a 1x1 convolution),
+    one GEMM row per pixel, times the packed weights into out."""
+    b, h, w, k = x_image.shape
+    m, n = b * h * w, qweight.shape[0]
     qweight = qweight.contiguous()
     epilogue_args = epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only)
 
     def launch(cfg: Config):
-        codes = quantize_for(x_rows, x_scale, x_zero, a_bits, w_bits, k, cfg)
+        codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, k, cfg)
         grid_args = dict(a_ptr=codes, w_ptr=qweight, M=m, N=n, K=k, stride_am=codes.stride(0),
                          stride_wn=qweight.stride(0), W_BITS=w_bits, EVEN_K=k % cfg.block_k == 0)
         run_gemm(_linear_kernel, grid_args, out, m, n, cfg, epilogue_args)
 
     if config is None:
-        config = choose_config(f"{tune_key}|w{w_bits}|{device_tag(x_rows.device)}", m, n, k, k, launch)
+        config = choose_config(f"{tune_key}|w{w_bits}|{device_tag(x_image.device)}", m, n, k, k, launch)
     launch(config)
 
 
@@ -321,7 +316,7 @@ def linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=Non
     m, k = x.shape
     n = qweight.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=torch.int32 if accumulate_only else x.dtype)
-    gemm_rows(x.unsqueeze(0), qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
+    gemm_rows(x[None, None], qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
               OutputLayout(out, m, 0, out.stride(0), out.stride(1)),
               accumulate_only=accumulate_only, config=config, tune_key=f"linear|m={m}|n={n}|k={k}|{x.dtype}")
     return out

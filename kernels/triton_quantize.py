@@ -6,9 +6,11 @@ A memory-bound pass that reads the input once and writes one byte per element, s
 and convolution main loops read int8 codes only (quantizing inside their prologue redid the work
 for every N-tile, and an IEEE division costs ~26 instructions per element).
 
-The input is seen as [B, P, C] with any strides: a linear input is [1, M, K], a convolution input
-is [B, H * W, C], whether NCHW or channels-last. The codes are always written dense as [B * P, C],
-i.e. channels-last for a convolution, the layout its kernel reads with contiguous channel loads.
+The input is seen as [B, H, W, C] with any strides: a linear input [M, K] is [1, 1, M, K], a
+convolution input is its NCHW or channels-last tensor, permuted. The codes are always written dense
+as [B * H' * W', C], i.e. channels-last for a convolution, the layout its kernel reads with
+contiguous channel loads. For a padded convolution the codes carry the padding (H' = H + 2 pad):
+the border holds x_zero, the code of the input's real zero, so the main loop needs no masks.
 """
 
 from __future__ import annotations
@@ -41,35 +43,44 @@ def quantize_tile(x, x_scale, x_zero, A_BITS: tl.constexpr):
 @triton.jit
 def _quantize_kernel(
     x_ptr, q_ptr, x_scale_ptr, x_zero_ptr,
-    P, C, stride_xb, stride_xp, stride_xc,
-    A_BITS: tl.constexpr, PER_BYTE: tl.constexpr, GROUP: tl.constexpr,
+    H, W, C, stride_xb, stride_xh, stride_xw, stride_xc,
+    A_BITS: tl.constexpr, PAD: tl.constexpr, PER_BYTE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     batch = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    padded_w = W + 2 * PAD
+    pixels = (H + 2 * PAD) * padded_w
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of the padded image
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_p < P)[:, None] & (offs_c < C)[None, :]
-    x = tl.load(x_ptr + batch * stride_xb + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc, mask=mask)
+    h = offs_p // padded_w - PAD
+    w = offs_p % padded_w - PAD
+    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    c_valid = (offs_c < C)[None, :]
+    # The border reads as 0.0, the real zero of the input, whose code is exactly x_zero.
+    x = tl.load(x_ptr + batch * stride_xb + (h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
+                mask=inside[:, None] & c_valid, other=0.0)
     q = quantize_tile(x, tl.load(x_scale_ptr), tl.load(x_zero_ptr), A_BITS)
-    rows = batch * P + offs_p
     within = offs_c % GROUP
     lane_major = offs_c - within + (within % PER_BYTE) * (GROUP // PER_BYTE) + within // PER_BYTE
-    tl.store(q_ptr + rows[:, None] * C + lane_major[None, :], q, mask=mask)
+    rows = batch * pixels + offs_p
+    tl.store(q_ptr + rows[:, None] * C + lane_major[None, :], q, mask=(offs_p < pixels)[:, None] & c_valid)
 
 
-def quantize_rows(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: bool, *, per_byte: int = 1,
-                  group: int = 1) -> torch.Tensor:
-    """x viewed as [B, P, C] (3-D, any strides) -> int8 codes [B * P, C], dense, each block of
-    group channels lane-major for per_byte values per weight byte (identity for per_byte=1)."""
-    b, p, c = x.shape
-    codes = torch.empty((b * p, c), device=x.device, dtype=torch.int8)
+def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: bool, *, pad: int = 0,
+                   per_byte: int = 1, group: int = 1) -> torch.Tensor:
+    """x viewed as [B, H, W, C] (4-D, any strides) -> int8 codes [B * (H + 2 pad) * (W + 2 pad), C],
+    dense, with a border of pad pixels holding x_zero and each block of group channels lane-major
+    for per_byte values per weight byte (identity for per_byte=1)."""
+    b, h, w, c = x.shape
+    pixels = (h + 2 * pad) * (w + 2 * pad)
+    codes = torch.empty((b * pixels, c), device=x.device, dtype=torch.int8)
     block_p, block_c = INTERPRETER_BLOCKS if interpreted else (BLOCK_P, BLOCK_C)
-    grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c), b)
+    grid = (triton.cdiv(pixels, block_p), triton.cdiv(c, block_c), b)
     _quantize_kernel[grid](
-        x, codes, x_scale, x_zero, p, c, x.stride(0), x.stride(1), x.stride(2),
-        A_BITS=a_bits, PER_BYTE=per_byte, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c,
+        x, codes, x_scale, x_zero, h, w, c, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        A_BITS=a_bits, PAD=pad, PER_BYTE=per_byte, GROUP=group, BLOCK_P=block_p, BLOCK_C=block_c,
         enable_fp_fusion=False,  # keep every rounding step where the reference has it
         num_warps=4,
     )
