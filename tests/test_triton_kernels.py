@@ -18,7 +18,7 @@ from tests.conftest import capture_unet_call, unet_output  # noqa: E402
 
 import mixq  # noqa: E402
 from mixq import kernels  # noqa: E402
-from mixq.kernels import autotune, reference, triton_backend, triton_conv, triton_gemm  # noqa: E402
+from mixq.kernels import autotune, reference, triton_backend, triton_conv, triton_gemm, triton_quantize  # noqa: E402
 from mixq.kernels.autotune import Config  # noqa: E402
 from mixq.kernels.triton_backend import TritonFallbackWarning  # noqa: E402
 from mixq.modules import conv_weight_as_matrix  # noqa: E402
@@ -134,6 +134,50 @@ def test_linear_through_dispatch_takes_batched_strided_input(device, monkeypatch
     assert torch.equal(y, expected)
 
 
+def expected_accumulator(x, layer, k):
+    codes = reference.quantize_input(x, layer["x_scale"], layer["x_zero"], layer["a_bits"])
+    return reference.int_matmul(codes, unpack_weight(layer["qweight"], layer["w_bits"], k))
+
+
+# K = 128 is a whole number of 32-wide blocks: the unmasked main loop with per-lane unpacking. A
+# split of its 4 K-tiles into 3 leaves the last program an empty slice, which must add nothing.
+EVEN_SPLITS = [Config(32, 16, 32, group_m=2, split_k=1), Config(32, 16, 32, group_m=2, split_k=3),
+               Config(16, 32, 64, group_m=1, split_k=2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", EVEN_SPLITS, ids=["even", "even-split3", "even-bk64-split2"])
+@pytest.mark.parametrize("w_bits", [8, 4, 2])
+def test_linear_even_k_and_split_k_match_reference(device, config, w_bits):
+    g = torch.Generator().manual_seed(w_bits)
+    m, k, n = 37, 128, 45
+    x = activations((m, k), torch.float16, device, g)
+    layer = quantized_layer(torch.randn(n, k, generator=g), x, w_bits, 8, True, torch.float16)
+
+    acc = triton_gemm.linear(x, **layer, accumulate_only=True, config=config)
+    assert torch.equal(acc, expected_accumulator(x, layer, k))
+    y = triton_gemm.linear(x, **layer, config=config)
+    assert_matches_reference(y, reference.quantized_linear(x, **layer))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_byte, group, pad", [(1, 1, 0), (2, 32, 1), (4, 64, 1)])
+def test_quantize_pass_matches_reference_codes(device, dtype, per_byte, group, pad):
+    """The standalone quantize kernel: reference codes, lane-major within blocks, x_zero borders."""
+    g = torch.Generator().manual_seed(per_byte)
+    b, h, w, c = 2, 5, 3, 128
+    x = activations((b, c, h, w), dtype, device, g)  # NCHW, read through a permuted view
+    scale, zero = torch.tensor(0.0625, device=device), torch.tensor(-5.0, device=device)
+    codes = triton_quantize.quantize_image(x.permute(0, 2, 3, 1), scale, zero, 8, triton_gemm.INTERPRETED,
+                                           pad=pad, per_byte=per_byte, group=group)
+
+    expected = reference.quantize_input(x, scale, zero, 8).permute(0, 2, 3, 1)  # [B, H, W, C]
+    expected = torch.nn.functional.pad(expected.float() - zero, (0, 0, pad, pad, pad, pad)) + zero
+    blocks = expected.to(torch.int8).reshape(-1, c // group, group // per_byte, per_byte)
+    assert torch.equal(codes, blocks.transpose(2, 3).reshape(-1, c))
+
+
 # --- conv2d --------------------------------------------------------------------------------------
 
 CONV_CASES = [
@@ -178,6 +222,39 @@ def test_conv2d_matches_reference(device, case):
 
     y = triton_conv.conv2d(x, **layer, **geometry, config=SMALL_BLOCKS)
     assert_matches_reference(y, reference.quantized_conv2d(x, **layer, **geometry))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("w_bits, split_k, channels_last", [(8, 1, True), (4, 2, False), (2, 5, True)])
+def test_conv2d_even_channels_and_split_k_match_reference(device, stride, w_bits, split_k, channels_last):
+    """64 channels = 2 blocks of 32: the unmasked flattened (tap, channel) loop over 18 K-tiles,
+    its packed-weight lanes, and splits of it that cut taps apart."""
+    g = torch.Generator().manual_seed(stride * 10 + w_bits)
+    b, c, h, w, n = 2, 64, 6, 5, 24
+    x = activations((b, c, h, w), torch.float16, device, g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    layer = quantized_layer(conv_weight_as_matrix(torch.randn(n, c, 3, 3, generator=g)), x, w_bits, 8, True,
+                            torch.float16)
+    geometry = dict(kernel_size=(3, 3), stride=(stride, stride), padding=(1, 1))
+    config = Config(32, 16, 32, group_m=2, split_k=split_k)
+
+    y = triton_conv.conv2d(x, **layer, **geometry, config=config)
+    assert_matches_reference(y, reference.quantized_conv2d(x, **layer, **geometry))
+
+
+def test_nchw_conv_input_warns_once(monkeypatch):
+    monkeypatch.setattr(triton_conv, "_warned_nchw", False)
+    x = torch.randn(1, 32, 4, 4)
+    layer = quantized_layer(torch.randn(8, 32), x, 8, 8, False, torch.float32)
+    geometry = dict(kernel_size=(1, 1), stride=(1, 1), padding=(0, 0))
+    with pytest.warns(triton_conv.ChannelsFirstWarning, match="channels_last"):
+        triton_conv.conv2d(x, **layer, **geometry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", triton_conv.ChannelsFirstWarning)
+        triton_conv.conv2d(x, **layer, **geometry)
+        triton_conv.conv2d(x.to(memory_format=torch.channels_last), **layer, **geometry)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -347,12 +424,25 @@ def test_unwritable_autotune_cache_warns_and_keeps_the_choice(tmp_path, monkeypa
     assert timer.calls == 2
 
 
-def test_default_configs_fit_in_shared_memory():
-    for m, n in [(1024, 640), (1024, 5120), (256, 1280), (256, 10240), (4096, 320)]:
-        for element_size in (2, 4):
-            config = autotune.default_config(m, n, element_size)
-            per_stage = config.block_k * (config.block_m * element_size + config.block_n)
-            assert per_stage * config.num_stages <= autotune.SHARED_MEMORY_BUDGET
+def test_default_configs_fill_the_gpu_and_need_no_masks():
+    # (M, N, K, what BLOCK_K must divide): SDXL-Turbo linears and 3x3 convs (C = K / 9)
+    for m, n, k, channels in [(4096, 320, 2880, 320), (1024, 5120, 640, 640), (256, 1280, 1280, 1280),
+                              (256, 1280, 11520, 1280), (76, 1280, 2048, 2048), (1024, 640, 8640, 960)]:
+        config = autotune.default_config(m, n, k, channels)
+        assert channels % config.block_k == 0
+        grid = autotune.tiles(m, n, config) * config.split_k
+        steps_per_split = k // config.block_k // config.split_k
+        assert grid >= autotune.FULL_GRID or steps_per_split < 2 * autotune.MIN_K_STEPS_PER_SPLIT
+        assert config.split_k == 1 or steps_per_split >= autotune.MIN_K_STEPS_PER_SPLIT
+    assert autotune.default_config(256, 1280, 1280, 1280).split_k > 1  # 80 tiles on 132 SMs
+    assert autotune.default_config(4096, 1280, 1280, 1280).split_k == 1
+
+
+def test_candidates_fit_block_k_and_offer_splits_only_for_small_grids():
+    small = autotune.candidates_for(256, 1280, 11520, 1280)
+    assert all(1280 % c.block_k == 0 for c in small) and any(c.split_k > 1 for c in small)
+    assert all(c.split_k == 1 for c in autotune.candidates_for(4096, 5120, 640, 640))
+    assert all(960 % c.block_k == 0 for c in autotune.candidates_for(1024, 640, 8640, 960))
 
 
 @pytest.mark.skipif(not triton_gemm.INTERPRETED, reason="checks the interpreter's fixed config")
