@@ -150,6 +150,8 @@ def parse_sass(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
             continue
         match = INSTRUCTION.match(line)
         if match:
+            if opcode(match.group(2)) == "NOP":  # alignment padding, never executed
+                continue
             address = int(match.group(1), 16)
             for name in pending:
                 labels[name] = address

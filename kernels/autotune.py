@@ -86,15 +86,19 @@ def fitting_block_k(block_k: int, channels: int) -> int:
 
 
 def useful_splits(m: int, n: int, k: int, config: Config) -> list[int]:
-    """Split counts that bring the grid closer to a full wave, with enough K-steps per split."""
+    """Split counts worth trying: each leaves a program enough K-steps, and the grid at most a few
+    waves (a split that ends with a partial wave can still beat one that does not)."""
     grid = tiles(m, n, config)
     k_steps = -(-k // config.block_k)
-    chosen = [1]
-    for split in SPLITS[1:]:
-        if grid * chosen[-1] >= FULL_GRID or k_steps // split < MIN_K_STEPS_PER_SPLIT:
-            break
-        chosen.append(split)
-    return chosen
+    return [split for split in SPLITS
+            if split == 1 or (k_steps // split >= MIN_K_STEPS_PER_SPLIT and grid * split <= 4 * FULL_GRID)]
+
+
+def wave_time(m: int, n: int, k: int, config: Config, split: int) -> float:
+    """Relative time of a grid when each program's time is proportional to its K-steps: whole
+    waves of programs over FULL_GRID SMs, each wave as long as one program."""
+    k_steps = -(-k // config.block_k)
+    return -(-tiles(m, n, config) * split // FULL_GRID) * -(-k_steps // split)
 
 
 def candidates_for(m: int, n: int, k: int, channels: int) -> list[Config]:
@@ -108,11 +112,12 @@ def candidates_for(m: int, n: int, k: int, channels: int) -> list[Config]:
 
 
 def default_config(m: int, n: int, k: int, channels: int) -> Config:
-    """The untuned choice: large tiles where they fill the GPU, else small ones, and K split until
-    the grid fills one wave."""
+    """The untuned choice: large tiles where they fill the GPU, else small ones, and the split of K
+    that fills the waves best."""
     tile = LARGE_TILE if tiles(m, n, LARGE_TILE) >= FULL_GRID else SMALL_TILE
     tile = replace(tile, block_k=fitting_block_k(tile.block_k, channels))
-    return replace(tile, split_k=useful_splits(m, n, k, tile)[-1])
+    split = min(useful_splits(m, n, k, tile), key=lambda s: (wave_time(m, n, k, tile, s), s))
+    return replace(tile, split_k=split)
 
 
 def cache_path() -> Path:

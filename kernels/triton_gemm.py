@@ -138,7 +138,10 @@ def store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_y
     pixels of one image for a convolution."""
     m_valid, n_valid = rows < M, cols < N
     mask = m_valid[:, None] & n_valid[None, :]
-    y_rows = (rows // P) * stride_yb + (rows % P) * stride_yp
+    if stride_yb == P * stride_yp:  # rows evenly strided (linear, channels-last): no division
+        y_rows = rows * stride_yp
+    else:
+        y_rows = (rows // P) * stride_yb + (rows % P) * stride_yp
     y_ptrs = y_ptr + y_rows[:, None] + cols[None, :] * stride_yn
     if ACCUMULATE_ONLY:
         tl.store(y_ptrs, acc, mask=mask)
@@ -317,6 +320,6 @@ def linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=Non
     n = qweight.shape[0]
     out = torch.empty((m, n), device=x.device, dtype=torch.int32 if accumulate_only else x.dtype)
     gemm_rows(x[None, None], qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
-              OutputLayout(out, m, 0, out.stride(0), out.stride(1)),
+              OutputLayout(out, m, m * out.stride(0), out.stride(0), out.stride(1)),
               accumulate_only=accumulate_only, config=config, tune_key=f"linear|m={m}|n={n}|k={k}|{x.dtype}")
     return out

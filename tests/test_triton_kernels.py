@@ -430,11 +430,12 @@ def test_default_configs_fill_the_gpu_and_need_no_masks():
                               (256, 1280, 11520, 1280), (76, 1280, 2048, 2048), (1024, 640, 8640, 960)]:
         config = autotune.default_config(m, n, k, channels)
         assert channels % config.block_k == 0
-        grid = autotune.tiles(m, n, config) * config.split_k
-        steps_per_split = k // config.block_k // config.split_k
-        assert grid >= autotune.FULL_GRID or steps_per_split < 2 * autotune.MIN_K_STEPS_PER_SPLIT
-        assert config.split_k == 1 or steps_per_split >= autotune.MIN_K_STEPS_PER_SPLIT
-    assert autotune.default_config(256, 1280, 1280, 1280).split_k > 1  # 80 tiles on 132 SMs
+        assert k // config.block_k // config.split_k >= autotune.MIN_K_STEPS_PER_SPLIT
+        unsplit = autotune.wave_time(m, n, k, config, 1)
+        assert autotune.wave_time(m, n, k, config, config.split_k) == min(
+            autotune.wave_time(m, n, k, config, s) for s in autotune.useful_splits(m, n, k, config)) <= unsplit
+    # 40 tiles of 90 K-steps on 132 SMs: split
+    assert autotune.default_config(256, 1280, 11520, 1280).split_k > 1
     assert autotune.default_config(4096, 1280, 1280, 1280).split_k == 1
 
 

@@ -1,0 +1,303 @@
+"""An H100 time estimate for every SDXL-Turbo layer, from the compiled SASS (no GPU).
+
+    python -m benchmarks.sass_gate --full --out benchmarks/results/static/sass-variants.json
+    python -m benchmarks.static_report benchmarks/results/static/sass-variants.json benchmarks/results/static
+
+This is an ESTIMATE, not a measurement. The model, per layer (M, N, K) and kernel config:
+
+- issue time: every warp executes the main loop's SASS instructions once per K-step, plus the rest
+  of the kernel once; an SM issues 4 warp-instructions per clock (one per scheduler). Per program:
+  warps * (instructions_per_k_step * k_steps + other_instructions) / 4 clocks;
+- tensor-core time: 2 * BLOCK_M * BLOCK_N * BLOCK_K * k_steps / 8192 clocks per program (the int8
+  dense peak, 1979 TOP/s = 132 SMs x 8192 ops x 1.83 GHz);
+- programs are spread over 132 SMs in whole waves: compute time = ceil(programs / 132) *
+  max(issue, tensor) / 1.83 GHz (perfect overlap of issue and tensor work, and no latency stalls:
+  an optimistic bound, which the MMA drains counted by the gate can only lengthen);
+- memory time: (codes M*K + packed weights + fp16 output + split-K partials) / 3.35 TB/s, every
+  byte from HBM once (re-reads of tiles assumed to hit L2);
+- GEMM time = max(compute, memory); the quantize pass that makes the codes (read fp16, write
+  int8) is added at HBM bandwidth, in separate columns: the input was usually just written by the
+  previous op and may still sit in L2, so it is a pessimistic addition.
+
+fp16 is estimated "the same way" without compiling anything, as an ideal roofline: max(2MNK /
+989 TFLOP/s, bytes / 3.35 TB/s) with fp16 inputs, weights and outputs: a lower bound on any fp16
+kernel's time, so the comparison favours fp16. The config of each shape is the candidate (tile,
+BLOCK_K, split-K) with the lowest estimate, as autotuning would pick on a GPU. conv_in and
+conv_out stay in floating point (the reference's kept layers) and count as fp16 in every UNet
+total. The UNet total covers the 794 Linear and Conv2d layers only, not attention or norms.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAPES_CSV = Path(__file__).resolve().parent / "sdxl_turbo_shapes.csv"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str = "H100 SXM"
+    sms: int = 132
+    int8_ops: float = 1979e12
+    fp16_flops: float = 989e12
+    hbm_bytes: float = 3.35e12
+    int8_ops_per_clock_per_sm: int = 8192
+    warp_instructions_per_clock_per_sm: int = 4
+
+    @property
+    def clock_hz(self) -> float:
+        return self.int8_ops / (self.sms * self.int8_ops_per_clock_per_sm)
+
+
+H100 = Gpu()
+KEPT_IN_FLOAT = ("conv_in", "conv_out")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # linear (including 1x1 convs) or conv (3x3)
+    m: int
+    k: int
+    n: int
+    kernel: int
+    stride: int
+    count: int
+    example: str
+
+    @property
+    def channels(self) -> int:
+        """What BLOCK_K must divide for the unmasked main loop."""
+        return self.k // (self.kernel * self.kernel)
+
+    @property
+    def gate_kernel(self) -> str:
+        if self.kind == "linear":
+            return "linear"
+        return "conv3x3s2" if self.stride == 2 else "conv3x3"
+
+    @property
+    def kept_in_float(self) -> bool:
+        return self.example in KEPT_IN_FLOAT
+
+    def ops(self) -> int:
+        return 2 * self.m * self.n * self.k
+
+    def label(self) -> str:
+        geometry = f" {self.kernel}x{self.kernel}/{self.stride}" if self.kind == "conv" else ""
+        return f"{self.kind}{geometry} M={self.m} N={self.n} K={self.k}"
+
+
+def load_shapes(path: Path = SHAPES_CSV) -> list[Shape]:
+    with open(path) as f:
+        rows = [row for row in csv.DictReader(line for line in f if not line.startswith("#"))]
+    return [Shape(r["kind"], int(r["m"]), int(r["k"]), int(r["n"]), int(r["kernel"]), int(r["stride"]),
+                  int(r["count"]), r["example"]) for r in rows]
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+def fp16_roofline_s(shape: Shape, gpu: Gpu = H100) -> float:
+    bytes_moved = 2 * (shape.m * shape.k + shape.n * shape.k + shape.m * shape.n)
+    return max(shape.ops() / gpu.fp16_flops, bytes_moved / gpu.hbm_bytes)
+
+
+def quantize_pass_s(shape: Shape, gpu: Gpu = H100) -> float:
+    rows = shape.m * shape.stride * shape.stride if shape.kind == "conv" else shape.m
+    return rows * shape.channels * 3 / gpu.hbm_bytes  # fp16 in, int8 out
+
+
+def gemm_estimate(shape: Shape, record: dict, split: int, w_bits: int, gpu: Gpu = H100) -> dict:
+    """The estimate of one kernel config (a sass_gate record) with a split of K on one shape."""
+    v = record["variant"]
+    programs = math.ceil(shape.m / v["block_m"]) * math.ceil(shape.n / v["block_n"]) * split
+    k_steps = math.ceil(math.ceil(shape.k / v["block_k"]) / split)
+    per_step = record["instructions_per_k_step"]
+    other = record["instructions_total"] - per_step
+    issue = v["num_warps"] * (per_step * k_steps + other) / gpu.warp_instructions_per_clock_per_sm
+    tensor = 2 * v["block_m"] * v["block_n"] * v["block_k"] * k_steps / gpu.int8_ops_per_clock_per_sm
+    compute_s = math.ceil(programs / gpu.sms) * max(issue, tensor) / gpu.clock_hz
+    partials = 3 * 4 * shape.m * shape.n if split > 1 else 0  # atomics, then the epilogue pass reads
+    bytes_moved = shape.m * shape.k + shape.n * shape.k * w_bits // 8 + 2 * shape.m * shape.n + partials
+    memory_s = bytes_moved / gpu.hbm_bytes
+    gemm_s = max(compute_s, memory_s)
+    bound = "memory" if memory_s >= compute_s else ("issue" if issue > tensor else "tensor")
+    return dict(config=f"{record['config'].split(' split')[0]}{f' split{split}' if split > 1 else ''}",
+                gemm_s=gemm_s, bound=bound, programs=programs, instructions_per_k_step=per_step)
+
+
+def best_estimate(shape: Shape, w_bits: int, records: list[dict], target: str = "sm_90") -> dict | None:
+    """The candidate with the lowest estimate (what autotuning would pick), over the compiled
+    records of this shape's kernel whose BLOCK_K divides its channels."""
+    from mixq.kernels.autotune import Config, useful_splits
+
+    best = None
+    for record in records:
+        v = record["variant"]
+        if (v["kernel"], v["w_bits"], v["target"], v["dtype"], v["split_k"]) != (
+                shape.gate_kernel, w_bits, target, "float16", 1) or not record.get("loop_found"):
+            continue
+        if shape.channels % v["block_k"]:
+            continue
+        config = Config(v["block_m"], v["block_n"], v["block_k"])
+        for split in useful_splits(shape.m, shape.n, shape.k, config):
+            estimate = gemm_estimate(shape, record, split, w_bits)
+            if best is None or estimate["gemm_s"] < best["gemm_s"]:
+                best = estimate
+    return best
+
+
+def layer_rows(shapes: list[Shape], records: list[dict], bits=(8, 4)) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        row = dict(shape=shape.label(), example=shape.example, count=shape.count, m=shape.m, n=shape.n, k=shape.k,
+                   kind=shape.kind, kept_in_float=shape.kept_in_float, ops=shape.ops(),
+                   int8_peak_s=shape.ops() / H100.int8_ops, fp16_peak_s=shape.ops() / H100.fp16_flops,
+                   fp16_roofline_s=fp16_roofline_s(shape), quantize_s=quantize_pass_s(shape))
+        for w_bits in bits:
+            estimate = None if shape.kept_in_float else best_estimate(shape, w_bits, records)
+            if estimate:
+                row[f"w{w_bits}"] = estimate
+        rows.append(row)
+    return rows
+
+
+def unet_totals(rows: list[dict], bits=(8, 4)) -> dict:
+    """Sum over all layers (times their counts); layers kept in float, or without a compiled
+    kernel, count at the fp16 roofline."""
+    totals = {"fp16 roofline": sum(r["count"] * r["fp16_roofline_s"] for r in rows)}
+    for w_bits in bits:
+        gemm = sum(r["count"] * (r[f"w{w_bits}"]["gemm_s"] if f"w{w_bits}" in r else r["fp16_roofline_s"])
+                   for r in rows)
+        quantize = sum(r["count"] * r["quantize_s"] for r in rows if f"w{w_bits}" in r)
+        totals[f"W{w_bits}A8 kernels"] = gemm
+        totals[f"W{w_bits}A8 kernels + quantize passes"] = gemm + quantize
+    return totals
+
+
+# --- writing the report ------------------------------------------------------------------------
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.2f}"
+
+
+def pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%"
+
+
+def shape_table(rows: list[dict], w_bits: int) -> list[str]:
+    lines = [f"| shape | layers | config (best estimate) | instr/K-step | bound | est. us | % int8 peak | "
+             f"+quantize us | % int8 peak with quantize | int8 peak us | fp16 peak us | fp16 roofline us |",
+             "|" + " --- |" * 12]
+    for r in rows:
+        e = r.get(f"w{w_bits}")
+        if e is None:
+            note = "kept in fp16" if r["kept_in_float"] else "no compiled config"
+            lines.append(f"| {r['shape']} | {r['count']} | {note} | | | | | | | {us(r['int8_peak_s'])} | "
+                         f"{us(r['fp16_peak_s'])} | {us(r['fp16_roofline_s'])} |")
+            continue
+        with_quantize = e["gemm_s"] + r["quantize_s"]
+        lines.append(f"| {r['shape']} | {r['count']} | {e['config']} | {e['instructions_per_k_step']} | {e['bound']} | "
+                     f"{us(e['gemm_s'])} | {pct(r['int8_peak_s'], e['gemm_s'])} | {us(with_quantize)} | "
+                     f"{pct(r['int8_peak_s'], with_quantize)} | {us(r['int8_peak_s'])} | {us(r['fp16_peak_s'])} | "
+                     f"{us(r['fp16_roofline_s'])} |")
+    return lines
+
+
+def variant_table(records: list[dict]) -> list[str]:
+    lines = ["| target | kernel | config | w bits | dtype | MMA | MMA/K-step | instr/K-step | MMA drains/K-step | "
+             "registers | spill instr (loop) | local bytes | shared KB |", "|" + " --- |" * 13]
+    for r in records:
+        v = r["variant"]
+        if not r["compiled"]:
+            lines.append(f"| {v['target']} | {v['kernel']} | {r['config']} | {v['w_bits']} | {v['dtype']} | "
+                         f"FAILED: {r['error']} |")
+            continue
+        lines.append(f"| {v['target']} | {v['kernel']} | {r['config']} | {v['w_bits']} | {v['dtype']} | "
+                     f"{r['mma_opcode']} | {r['mma_per_k_step']} | {r['instructions_per_k_step']} | "
+                     f"{r['mma_drains_per_k_step']} | {r['registers']} | {r['spill_instructions']} "
+                     f"({r['spill_instructions_in_loop']}) | {r['local_bytes']} | {r['shared_bytes'] / 1024:.0f} |")
+    return lines
+
+
+def criteria(rows: list[dict], w_bits: int) -> list[str]:
+    """The issue's targets for M >= 256 quantized shapes, per shape that misses them."""
+    checked = [r for r in rows if r["m"] >= 256 and f"w{w_bits}" in r]
+    below_half = [r for r in checked if r["int8_peak_s"] / r[f"w{w_bits}"]["gemm_s"] < 0.5]
+    slower = [r for r in checked if r[f"w{w_bits}"]["gemm_s"] >= r["fp16_peak_s"]]
+    lines = [f"- W{w_bits}A8, {len(checked)} quantized shapes with M >= 256: {len(checked) - len(below_half)} at >= 50% "
+             f"of int8 peak, {len(checked) - len(slower)} faster than the fp16 peak time (GEMM kernel; the quantize "
+             "pass is in the table)."]
+    for r in below_half:
+        lines.append(f"  - below 50%: {r['shape']} ({pct(r['int8_peak_s'], r[f'w{w_bits}']['gemm_s'])}, "
+                     f"{r[f'w{w_bits}']['bound']}-bound)")
+    for r in slower:
+        lines.append(f"  - not faster than fp16 peak: {r['shape']}")
+    return lines
+
+
+def plot(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["m"] >= 76 and not r["kept_in_float"] and "w8" in r]
+    x = range(len(shown))
+    fig, ax = plt.subplots(figsize=(14, 6))
+    ax.plot(x, [r["int8_peak_s"] * 1e6 for r in shown], "k_", markersize=14, label="int8 peak (1979 TOP/s)")
+    ax.plot(x, [r["fp16_peak_s"] * 1e6 for r in shown], "r_", markersize=14, label="fp16 peak (989 TFLOP/s)")
+    ax.plot(x, [r["fp16_roofline_s"] * 1e6 for r in shown], "rx", label="fp16 roofline (peak or HBM)")
+    ax.plot(x, [r["w8"]["gemm_s"] * 1e6 for r in shown], "bo", label="W8A8 estimate")
+    ax.plot(x, [r["w4"]["gemm_s"] * 1e6 for r in shown], "g^", label="W4A8 estimate")
+    ax.plot(x, [(r["w4"]["gemm_s"] + r["quantize_s"]) * 1e6 for r in shown], "g.", label="W4A8 + quantize pass")
+    ax.set_yscale("log")
+    ax.set_ylabel("time per layer, us (estimate)")
+    ax.set_xticks(list(x), [r["shape"] for r in shown], rotation=80, fontsize=7)
+    ax.set_title("SDXL-Turbo 512x512 layers on H100 SXM: static estimate from compiled sm_90 SASS (not measured)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(records: list[dict], out_dir: Path, command: str) -> dict:
+    shapes = load_shapes()
+    rows = layer_rows(shapes, records)
+    totals = unet_totals(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp16 = totals["fp16 roofline"]
+    lines = ["# Static performance report: Triton kernels on H100 (estimate from compiled SASS, no GPU)", "",
+             f"Made by `{command}`.", "", "**These are estimates, not measurements.** " + " ".join(
+                 __doc__.split("This is an ESTIMATE, not a measurement. ")[1].split("\n\n")[0].split()), "",
+             "## Whole UNet (794 Linear/Conv2d layers, SDXL-Turbo 512x512, batch 1)", "",
+             "| variant | estimated ms | speed-up vs fp16 roofline |", "| --- | --- | --- |"]
+    for name, seconds in totals.items():
+        lines.append(f"| {name} | {seconds * 1e3:.3f} | {fp16 / seconds:.2f}x |")
+    for w_bits in (8, 4):
+        lines += ["", f"## Per shape, W{w_bits}A8 (sm_90)", ""] + criteria(rows, w_bits) + [""] + shape_table(rows, w_bits)
+    lines += ["", "## Compiled variants", "", "Instructions per K-step: SASS instructions in the main loop's body "
+              "(one pass = one K-step). MMA drains: waits for all outstanding wgmma groups inside the loop.", ""]
+    lines += variant_table(records)
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "estimates.json").write_text(json.dumps(dict(gpu=H100.name, totals=totals, layers=rows), indent=1) + "\n")
+    plot(rows, out_dir / "estimates.png")
+    return totals
+
+
+def main(argv: list[str]) -> int:
+    records = json.loads(Path(argv[0]).read_text())
+    totals = write_report(records, Path(argv[1]), "python -m benchmarks.static_report " + " ".join(argv))
+    for name, seconds in totals.items():
+        print(f"{name}: {seconds * 1e3:.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
