@@ -35,6 +35,7 @@ from .triton_gemm import (
     quantize_for,
     run_gemm,
     split_range,
+    unmasked_loop,
     weight_lane,
 )
 
@@ -148,7 +149,7 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
         codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, c, cfg, pad=pad)
         grid_args = dict(a_ptr=codes, w_ptr=qweight, C=c, H=h, W=w, N=n, H_OUT=h_out, W_OUT=w_out, M=m,
                          stride_wn=qweight.stride(0), KH=kh, KW=kw, STRIDE=step, PAD=pad, W_BITS=w_bits,
-                         EVEN_K=c % cfg.block_k == 0)
+                         EVEN_K=unmasked_loop(c, cfg, w_bits))
         run_gemm(_conv2d_kernel, grid_args, layout, m, n, cfg, epilogue_args)
 
     if config is None:

@@ -250,12 +250,21 @@ def per_channel_vectors(w_scale, w_sum, bias):
     return w_scale.contiguous(), w_sum.contiguous(), None if bias is None else bias.contiguous()
 
 
+# The int8 tensor-core MMA multiplies 32 values along K: each weight lane must span at least that.
+MIN_LANE_K = 32
+
+
+def unmasked_loop(channels: int, config: Config, w_bits: int) -> bool:
+    """Whether the main loop can run without masks (EVEN_K): BLOCK_K divides the channels (K, or
+    a convolution's C), and each of its per-byte weight lanes feeds a whole int8 MMA."""
+    return channels % config.block_k == 0 and config.block_k // (8 // w_bits) >= MIN_LANE_K
+
+
 def quantize_for(x_image, x_scale, x_zero, a_bits: int, w_bits: int, channels: int, config: Config,
                  pad: int = 0) -> torch.Tensor:
     """The int8 codes of x_image [B, H, W, C] (padded by pad pixels), in the order the main loop
     reads them: with packed weights and an unmasked loop, lane-major within each BLOCK_K block."""
-    even = channels % config.block_k == 0
-    per_byte = 8 // w_bits if even else 1
+    per_byte = 8 // w_bits if unmasked_loop(channels, config, w_bits) else 1
     group = config.block_k if per_byte > 1 else 1
     return quantize_image(x_image, x_scale, x_zero, a_bits, INTERPRETED, pad=pad, per_byte=per_byte, group=group)
 
@@ -302,7 +311,7 @@ def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits,
     def launch(cfg: Config):
         codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, k, cfg)
         grid_args = dict(a_ptr=codes, w_ptr=qweight, M=m, N=n, K=k, stride_am=codes.stride(0),
-                         stride_wn=qweight.stride(0), W_BITS=w_bits, EVEN_K=k % cfg.block_k == 0)
+                         stride_wn=qweight.stride(0), W_BITS=w_bits, EVEN_K=unmasked_loop(k, cfg, w_bits))
         run_gemm(_linear_kernel, grid_args, out, m, n, cfg, epilogue_args)
 
     if config is None:

@@ -1,0 +1,96 @@
+"""CI's static performance gate: the kernels compiled for H100 (sm_90) and A100 (sm_80), no GPU.
+
+The CI subset of benchmarks/sass_gate.py (the default configs, every weight width, linear and
+3x3 conv, split-K and bf16 samples, both targets) is compiled in a subprocess without
+TRITON_INTERPRET (other test modules turn the interpreter on in this process), then:
+everything compiles, the int8 tensor-core MMA is there, nothing spills inside the main loop,
+shared memory fits, and the main loop stays within an instruction budget per K-step, so a
+regression in the generated code fails CI. The full sweep and the roofline report are commands
+(see benchmarks/static_report.py); here the report code runs on the subset too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Executed SASS instructions per K-step of the main loop, by target and weight bits, with headroom
+# over what the kernels compile to today (sm_90: 85 / 139 / 168 for linear w8 / w4 / w2 at
+# 128x128x128, 8 warps; the 3x3 conv adds ~30 for its tap addressing). The issue's target for w8
+# at 128x128x128 / 8 warps on sm_90 is 300.
+INSTRUCTION_BUDGET = {
+    ("sm_90", 8): 150, ("sm_90", 4): 200, ("sm_90", 2): 230,
+    ("sm_80", 8): 220, ("sm_80", 4): 560, ("sm_80", 2): 580,
+}
+W8_TARGET = 300
+
+
+def triton_can_compile() -> bool:
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        return False
+    from benchmarks.sass_gate import tool
+
+    return all(Path(tool(name)).exists() for name in ("ptxas", "nvdisasm", "cuobjdump"))
+
+
+pytestmark = pytest.mark.skipif(not triton_can_compile(), reason="needs Triton's NVIDIA backend (ptxas, nvdisasm)")
+
+
+@pytest.fixture(scope="module")
+def gate_records(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("gate") / "ci.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    subprocess.run([sys.executable, "-m", "benchmarks.sass_gate", "--out", str(out), "--jobs", "2"], cwd=REPO,
+                   env=env, check=True, capture_output=True, text=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+def describe(record: dict) -> str:
+    v = record["variant"]
+    return f"{v['target']} {v['kernel']} {record['config']} w{v['w_bits']} {v['dtype']}"
+
+
+def test_every_variant_compiles_to_int8_tensor_core_mma(gate_records):
+    assert len(gate_records) >= 24
+    failed = [f"{describe(r)}: {r['error']}" for r in gate_records if not r["compiled"]]
+    assert not failed
+    for record in gate_records:
+        assert record["int8_mma"] and record["loop_found"], describe(record)
+        assert record["mma_per_k_step"] >= 1, describe(record)
+
+
+def test_no_spills_in_the_main_loop_and_shared_memory_fits(gate_records):
+    for record in gate_records:
+        assert record["spill_instructions_in_loop"] == 0, describe(record)
+        assert record["shared_bytes"] <= record["shared_limit"], describe(record)
+
+
+def test_main_loop_instruction_budget(gate_records):
+    over = [f"{describe(r)}: {r['instructions_per_k_step']} > {INSTRUCTION_BUDGET[r['variant']['target'], r['variant']['w_bits']]}"
+            for r in gate_records
+            if r["instructions_per_k_step"] > INSTRUCTION_BUDGET[r["variant"]["target"], r["variant"]["w_bits"]]]
+    assert not over
+    large_w8 = [r for r in gate_records if r["variant"]["target"] == "sm_90" and r["variant"]["w_bits"] == 8
+                and r["config"].startswith("128x128x128/8w")]
+    assert large_w8 and all(r["instructions_per_k_step"] <= W8_TARGET for r in large_w8)
+
+
+def test_roofline_report_from_the_subset(gate_records, tmp_path):
+    from benchmarks.static_report import write_report
+
+    totals = write_report(gate_records, tmp_path, "test")
+    assert (tmp_path / "report.md").read_text().count("| linear M=1024 N=5120 K=640 |") == 2
+    assert (tmp_path / "estimates.png").stat().st_size > 0
+    # Quantized kernels beat the fp16 roofline over the whole UNet, even with their quantize passes.
+    assert totals["W8A8 kernels + quantize passes"] < totals["fp16 roofline"]
