@@ -14,6 +14,8 @@ per call (us_per_call) and the throughput (tops).
 
 CPU (CI): `pytest benchmarks/test_bench_kernels.py --benchmark-disable` runs tiny shapes on the
 torch backend and one through the Triton interpreter, to keep this file working; no GPU timing.
+Without a GPU, the evidence of speed is the compiled code: benchmarks/test_static_gate.py (CI) and
+the estimate of benchmarks/static_report.py, which these GPU timings should be compared against.
 """
 
 import math

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_quantize import quantize_image
 from .autotune import INTERPRETER_CONFIG, Config, candidates_for, default_config, device_tag, tiles, tuned_config
+from .triton_quantize import quantize_image
 
 # --- building blocks ---------------------------------------------------------------------------
 
