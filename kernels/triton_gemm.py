@@ -35,9 +35,23 @@ from .triton_quantize import quantize_image
 # --- building blocks ---------------------------------------------------------------------------
 
 
+def _is_interpreted(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Triton decides at decoration time whether kernels run compiled or in its numpy interpreter
+# (TRITON_INTERPRET=1, which also accepts CPU tensors).
+INTERPRETED = _is_interpreted(_probe)
 # Compiled kernels unpack 4 bytes per instruction with inline PTX; the interpreter, which cannot
 # run PTX, evaluates the same bit operations per byte.
-UNPACK_WITH_PTX = tl.constexpr(not triton.knobs.runtime.interpret)
+UNPACK_WITH_PTX = tl.constexpr(not INTERPRETED)
 DIGITS = tl.constexpr(tuple(str(d) for d in range(8)))
 TOP_BITS_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))  # by W_BITS: its top bits of each byte
 
@@ -220,17 +234,6 @@ def _epilogue_kernel(
 
 
 # --- launchers ---------------------------------------------------------------------------------
-
-
-def _is_interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Triton decides at decoration time whether kernels run compiled or in its numpy interpreter
-# (TRITON_INTERPRET=1, which also accepts CPU tensors).
-INTERPRETED = _is_interpreted(_linear_kernel)
 
 
 def choose_config(key: str, m: int, n: int, k: int, channels: int, launch) -> Config:
