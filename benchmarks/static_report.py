@@ -13,8 +13,10 @@ This is an ESTIMATE, not a measurement. The model, per layer (M, N, K) and kerne
 - programs are spread over 132 SMs in whole waves: compute time = ceil(programs / 132) *
   max(issue, tensor) / 1.83 GHz (perfect overlap of issue and tensor work, and no latency stalls:
   an optimistic bound, which the MMA drains counted by the gate can only lengthen);
-- memory time: (codes M*K + packed weights + fp16 output + split-K partials) / 3.35 TB/s, every
-  byte from HBM once (re-reads of tiles assumed to hit L2);
+- memory time: (int8 codes of the input + packed weights + fp16 output + split-K partials) /
+  3.35 TB/s, every byte from HBM once (re-reads of tiles and conv taps assumed to hit L2);
+- "other instructions" are the kernel's static SASS outside the main loop, all counted as executed
+  (some are branches not taken), so the fixed cost per program is overestimated;
 - GEMM time = max(compute, memory); the quantize pass that makes the codes (read fp16, write
   int8) is added at HBM bandwidth, in separate columns: the input was usually just written by the
   previous op and may still sit in L2, so it is a pessimistic addition.
@@ -107,9 +109,13 @@ def fp16_roofline_s(shape: Shape, gpu: Gpu = H100) -> float:
     return max(shape.ops() / gpu.fp16_flops, bytes_moved / gpu.hbm_bytes)
 
 
+def input_pixels(shape: Shape) -> int:
+    """Rows of the layer's input: tokens, or input pixels of a convolution (not its im2col rows)."""
+    return shape.m * shape.stride * shape.stride if shape.kind == "conv" else shape.m
+
+
 def quantize_pass_s(shape: Shape, gpu: Gpu = H100) -> float:
-    rows = shape.m * shape.stride * shape.stride if shape.kind == "conv" else shape.m
-    return rows * shape.channels * 3 / gpu.hbm_bytes  # fp16 in, int8 out
+    return input_pixels(shape) * shape.channels * 3 / gpu.hbm_bytes  # fp16 in, int8 out
 
 
 def gemm_estimate(shape: Shape, record: dict, split: int, w_bits: int, gpu: Gpu = H100) -> dict:
@@ -123,7 +129,8 @@ def gemm_estimate(shape: Shape, record: dict, split: int, w_bits: int, gpu: Gpu 
     tensor = 2 * v["block_m"] * v["block_n"] * v["block_k"] * k_steps / gpu.int8_ops_per_clock_per_sm
     compute_s = math.ceil(programs / gpu.sms) * max(issue, tensor) / gpu.clock_hz
     partials = 3 * 4 * shape.m * shape.n if split > 1 else 0  # atomics, then the epilogue pass reads
-    bytes_moved = shape.m * shape.k + shape.n * shape.k * w_bits // 8 + 2 * shape.m * shape.n + partials
+    codes = input_pixels(shape) * shape.channels  # a convolution's taps re-read its codes from L2
+    bytes_moved = codes + shape.n * shape.k * w_bits // 8 + 2 * shape.m * shape.n + partials
     memory_s = bytes_moved / gpu.hbm_bytes
     gemm_s = max(compute_s, memory_s)
     bound = "memory" if memory_s >= compute_s else ("issue" if issue > tensor else "tensor")
