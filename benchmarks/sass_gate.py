@@ -14,7 +14,7 @@ into triton.compile. For each cubin we record:
   holds the tensor-core MMAs; Triton's pipeliner does not unroll it, so one pass is one K-step.
   The body has no inner branches in these kernels, so the static count is the executed count.
 
-    python -m benchmarks.sass_gate [--full] [--jobs 2] [--out results.json]
+    python -m benchmarks.sass_gate [--full] [--jobs 2] --out results.json [--only w_bits=2 block_k=64]
 
 runs the CI subset (the default configs) or, with --full, every candidate config; it must run
 without TRITON_INTERPRET (the interpreter replaces the kernels). benchmarks/static_report.py turns
@@ -212,7 +212,7 @@ def analyse(compiled, variant: Variant) -> dict:
         instructions_total=len(instructions),
         # wgmma waits for zero outstanding groups: the tensor core and the loop body do not overlap there
         mma_drains_per_k_step=sum("DEPBAR" in t and "0x0" in t and "gsb0" in t for t in loop),
-        spill_instructions=sum(op in SPILL_OPCODES for op in all_ops),
+        spill_instructions=sum(op in SPILL_OPCODES for op in all_ops),  # STL/LDL: local memory
         spill_instructions_in_loop=sum(op in SPILL_OPCODES for op in loop_ops),
         shared_bytes=compiled.metadata.shared,
         shared_limit=SHARED_MEMORY_LIMIT[variant.target],
@@ -261,14 +261,17 @@ def ci_variants() -> list[Variant]:
 
 def full_variants() -> list[Variant]:
     """Every candidate tile, with BLOCK_K 128 and 64, every kernel and weight width, both targets,
-    fp16; bf16 and split-K for the default tiles."""
-    from mixq.kernels.autotune import LARGE_TILE, SMALL_TILE, TILES
+    fp16; bf16 and split-K for the default tiles. Tiles that autotuning never offers for a weight
+    width (autotune.fits_in_registers, at the representative shape's 1280 channels) are left out."""
+    from mixq.kernels.autotune import LARGE_TILE, SMALL_TILE, TILES, fits_in_registers
 
     found = []
     for target in TARGETS:
         for tile in TILES:
             for block_k in (128, 64):
                 for w_bits in (8, 4, 2):
+                    if not fits_in_registers(1280, replace(tile, block_k=block_k), w_bits):
+                        continue
                     for kernel in KERNELS:
                         found.append(variant_of(kernel, replace(tile, block_k=block_k), w_bits, "float16", target))
         for tile in (LARGE_TILE, SMALL_TILE):
@@ -292,8 +295,20 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="every candidate config (minutes), not the CI subset")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the per-variant records")
+    parser.add_argument("--only", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recompile only variants with these fields (e.g. w_bits=2 block_k=64) and replace "
+                             "their records in --out, keeping the others")
     args = parser.parse_args(argv)
-    records = run(full_variants() if args.full else ci_variants(), args.jobs)
+    variants = full_variants() if args.full else ci_variants()
+    wanted = dict(item.split("=", 1) for item in args.only)
+    variants = [v for v in variants if all(str(asdict(v)[key]) == value for key, value in wanted.items())]
+    records = run(variants, args.jobs)
+    if wanted and args.out.exists():
+        listed = {json.dumps(asdict(v), sort_keys=True) for v in (full_variants() if args.full else ci_variants())}
+        redone = {json.dumps(r["variant"], sort_keys=True) for r in records}
+        kept = [r for r in json.loads(args.out.read_text())
+                if json.dumps(r["variant"], sort_keys=True) in listed - redone]
+        records = kept + records
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     failed = [r for r in records if not r["compiled"]]

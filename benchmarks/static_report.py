@@ -219,7 +219,7 @@ def shape_table(rows: list[dict], w_bits: int) -> list[str]:
 
 def variant_table(records: list[dict]) -> list[str]:
     lines = ["| target | kernel | config | w bits | dtype | MMA | MMA/K-step | instr/K-step | MMA drains/K-step | "
-             "registers | spill instr (loop) | local bytes | shared KB |", "|" + " --- |" * 13]
+             "registers | spill instr (loop) | stack bytes | shared KB |", "|" + " --- |" * 13]
     for r in records:
         v = r["variant"]
         if not r["compiled"]:
@@ -229,7 +229,7 @@ def variant_table(records: list[dict]) -> list[str]:
         lines.append(f"| {v['target']} | {v['kernel']} | {r['config']} | {v['w_bits']} | {v['dtype']} | "
                      f"{r['mma_opcode']} | {r['mma_per_k_step']} | {r['instructions_per_k_step']} | "
                      f"{r['mma_drains_per_k_step']} | {r['registers']} | {r['spill_instructions']} "
-                     f"({r['spill_instructions_in_loop']}) | {r['local_bytes']} | {r['shared_bytes'] / 1024:.0f} |")
+                     f"({r['spill_instructions_in_loop']}) | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} |")
     return lines
 
 

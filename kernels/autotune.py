@@ -85,6 +85,26 @@ def fitting_block_k(block_k: int, channels: int) -> int:
     return block_k
 
 
+# The int8 tensor-core MMA multiplies 32 values along K: each weight lane must span at least that.
+MIN_LANE_K = 32
+
+
+def unmasked_loop(channels: int, config: Config, w_bits: int) -> bool:
+    """Whether the main loop can run without masks (EVEN_K): BLOCK_K divides the channels (K, or
+    a convolution's C), and each of its per-byte weight lanes feeds a whole int8 MMA."""
+    return channels % config.block_k == 0 and config.block_k // (8 // w_bits) >= MIN_LANE_K
+
+
+def fits_in_registers(channels: int, config: Config, w_bits: int) -> bool:
+    """The masked loop gathers packed weights value by value: past 32 weights or 64 accumulators
+    per thread it spills (found by benchmarks/sass_gate.py), so such tiles are no candidates."""
+    if w_bits == 8 or unmasked_loop(channels, config, w_bits):
+        return True
+    threads = 32 * config.num_warps
+    return (config.block_n * config.block_k <= 32 * threads
+            and config.block_m * config.block_n <= 64 * threads)
+
+
 def useful_splits(m: int, n: int, k: int, config: Config) -> list[int]:
     """Split counts worth trying: each leaves a program enough K-steps, and the grid at most a few
     waves (a split that ends with a partial wave can still beat one that does not)."""
@@ -101,11 +121,13 @@ def wave_time(m: int, n: int, k: int, config: Config, split: int) -> float:
     return -(-tiles(m, n, config) * split // FULL_GRID) * -(-k_steps // split)
 
 
-def candidates_for(m: int, n: int, k: int, channels: int) -> list[Config]:
+def candidates_for(m: int, n: int, k: int, channels: int, w_bits: int) -> list[Config]:
     """Every tile of TILES with BLOCK_K fitted to the channels, with each useful split of K."""
     found = []
     for tile in TILES:
         fitted = replace(tile, block_k=fitting_block_k(tile.block_k, channels))
+        if not fits_in_registers(channels, fitted, w_bits):
+            continue
         for split in useful_splits(m, n, k, fitted):
             found.append(replace(fitted, split_k=split))
     return list(dict.fromkeys(found))

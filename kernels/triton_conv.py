@@ -153,6 +153,6 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
         run_gemm(_conv2d_kernel, grid_args, layout, m, n, cfg, epilogue_args)
 
     if config is None:
-        config = choose_config(f"{key}|w{w_bits}|{device_tag(x.device)}", m, n, kh * kw * c, c, launch)
+        config = choose_config(f"{key}|w{w_bits}|{device_tag(x.device)}", m, n, kh * kw * c, c, w_bits, launch)
     launch(config)
     return out

@@ -29,7 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import INTERPRETER_CONFIG, Config, candidates_for, default_config, device_tag, tiles, tuned_config
+from .autotune import (
+    INTERPRETER_CONFIG,
+    Config,
+    candidates_for,
+    default_config,
+    device_tag,
+    tiles,
+    tuned_config,
+    unmasked_loop,
+)
 from .triton_quantize import quantize_image
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -92,8 +101,9 @@ def gather_weights(w_ptr, w_rows, stride_wn, k0, k_end, W_BITS: tl.constexpr, BL
     if W_BITS == 8:
         w = packed
     else:
-        shift = ((offs_k % PER_BYTE) * W_BITS)[None, :]
-        w = ((packed.to(tl.int32) >> shift) & ((1 << W_BITS) - 1)) - (1 << (W_BITS - 1))
+        # Byte-wide arithmetic: int32 temporaries for a [BLOCK_N, BLOCK_K] tile would spill.
+        shift = ((offs_k % PER_BYTE) * W_BITS).to(tl.uint8)[None, :]
+        w = ((packed >> shift) & ((1 << W_BITS) - 1)).to(tl.int8) - (1 << (W_BITS - 1))
         w = tl.where(k_valid, w, 0).to(tl.int8)
     return w
 
@@ -236,7 +246,7 @@ def _epilogue_kernel(
 # --- launchers ---------------------------------------------------------------------------------
 
 
-def choose_config(key: str, m: int, n: int, k: int, channels: int, launch) -> Config:
+def choose_config(key: str, m: int, n: int, k: int, channels: int, w_bits: int, launch) -> Config:
     """The interpreter's config, else the tuned (and cached) one for this shape. channels: what
     BLOCK_K must divide for the unmasked main loop (K for a linear layer, C for a convolution)."""
     if INTERPRETED:
@@ -245,22 +255,12 @@ def choose_config(key: str, m: int, n: int, k: int, channels: int, launch) -> Co
     def measure(config: Config) -> float:
         return triton.testing.do_bench(lambda: launch(config), warmup=10, rep=40)
 
-    return tuned_config(key, candidates_for(m, n, k, channels), measure, default_config(m, n, k, channels))
+    return tuned_config(key, candidates_for(m, n, k, channels, w_bits), measure, default_config(m, n, k, channels))
 
 
 def per_channel_vectors(w_scale, w_sum, bias):
     """w_scale, w_sum and bias as the kernels index them: with unit stride."""
     return w_scale.contiguous(), w_sum.contiguous(), None if bias is None else bias.contiguous()
-
-
-# The int8 tensor-core MMA multiplies 32 values along K: each weight lane must span at least that.
-MIN_LANE_K = 32
-
-
-def unmasked_loop(channels: int, config: Config, w_bits: int) -> bool:
-    """Whether the main loop can run without masks (EVEN_K): BLOCK_K divides the channels (K, or
-    a convolution's C), and each of its per-byte weight lanes feeds a whole int8 MMA."""
-    return channels % config.block_k == 0 and config.block_k // (8 // w_bits) >= MIN_LANE_K
 
 
 def quantize_for(x_image, x_scale, x_zero, a_bits: int, w_bits: int, channels: int, config: Config,
@@ -318,7 +318,7 @@ def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits,
         run_gemm(_linear_kernel, grid_args, out, m, n, cfg, epilogue_args)
 
     if config is None:
-        config = choose_config(f"{tune_key}|w{w_bits}|{device_tag(x_image.device)}", m, n, k, k, launch)
+        config = choose_config(f"{tune_key}|w{w_bits}|{device_tag(x_image.device)}", m, n, k, k, w_bits, launch)
     launch(config)
 
 
