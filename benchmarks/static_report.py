@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHAPES_CSV = Path(__file__).resolve().parent / "sdxl_turbo_shapes.csv"
+SWEEP_NAME = "benchmarks/results/static/sass-variants.json"
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,8 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     fp16 = totals["fp16 roofline"]
     lines = ["# Static performance report: Triton kernels on H100 (estimate from compiled SASS, no GPU)", "",
-             f"Made by `{command}`.", ""] + ["> " + line for line in model_description().splitlines()] + ["",
+             f"Made by `python -m benchmarks.sass_gate --full --out {SWEEP_NAME}` (the compiled variants, "
+             f"{len(records)} here) then `{command}`, on a machine without a GPU.", ""] + ["> " + line for line in model_description().splitlines()] + ["",
              "## Whole UNet (794 Linear/Conv2d layers, SDXL-Turbo 512x512, batch 1)", "",
              "| variant | estimated ms | speed-up vs fp16 roofline |", "| --- | --- | --- |"]
     for name, seconds in totals.items():
