@@ -2,12 +2,13 @@
 
 The convolution is the GEMM of triton_gemm.py with rows m = (batch, output row, output column) and
 reduction index k = (kernel row, kernel column, input channel), the order of the packed weights.
-The input is first quantized once into channels-last int8 codes [B * H * W, C] (triton_quantize.py
-reads NCHW or channels-last input alike), so the main loop only loads contiguous channel runs.
+The input is first quantized once into channels-last int8 codes [B * (H + 2 pad) * (W + 2 pad), C]
+(triton_quantize.py reads NCHW or channels-last input alike), so the main loop only loads
+contiguous channel runs.
 
 One flattened K loop walks (tap, channel block) pairs, so the software pipeline runs across taps
 instead of draining at each one. A K-tile never straddles two taps: each tap's C channels are
-cdiv(C, BLOCK_K) tiles, the last one masked unless BLOCK_K divides C (EVEN_C, every SDXL conv).
+cdiv(C, BLOCK_K) tiles, the last one masked unless BLOCK_K divides C (EVEN_K, every SDXL conv).
 The codes carry the convolution's zero padding as a border of x_zero codes (the code of the
 input's real zero, as the reference pads), so the main loop has no masks and no selects.
 1x1 stride-1 convolutions are plain GEMMs and run on the linear kernel.
@@ -27,10 +28,10 @@ from .triton_gemm import (
     INTERPRETED,
     OutputLayout,
     choose_config,
-    finish_tile,
     epilogue_arguments,
-    gemm_rows,
+    finish_tile,
     gather_weights,
+    gemm_rows,
     output_tile,
     quantize_for,
     run_gemm,
