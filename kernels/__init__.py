@@ -99,7 +99,8 @@ def quantize_input(x, x_scale, x_zero, a_bits):
 def prepare_layer(layer) -> None:
     """Lay out a QLinear / QConv2d's integer weights for the CPU kernels now (quantize / load time),
     so that no call, the first included, reorders weights. A no-op where they are not used."""
-    if getattr(layer, "w_bits", 16) != 8 or getattr(layer, "a_bits", 16) == 16 or layer.qweight_0.is_cuda:
+    qweight = getattr(layer, "qweight_0", None)  # None for fake-quant twins and weight-float layers
+    if qweight is None or qweight.is_cuda or layer.w_bits != 8 or layer.a_bits == 16:
         return
     for p, size in enumerate(layer.part_sizes):
         qweight = getattr(layer, f"qweight_{p}")
