@@ -85,8 +85,11 @@ def _probe() -> str | None:
 def quantize_input_unsigned(x, x_scale, x_zero, a_bits) -> torch.Tensor:
     """The reference's codes (same rounding and clamping), shifted into uint8."""
     qmin, qmax = activation_qrange(a_bits)
-    q = torch.clamp(torch.round(x.float() / x_scale) + x_zero, qmin, qmax)
-    return (q + UNSIGNED_OFFSET).to(torch.uint8)
+    # In place after the division: fewer passes over the activation in eager mode. Shifting before
+    # clamping gives the same codes (in range they are exact small integers, out of range both saturate).
+    q = torch.div(x.float(), x_scale).round_()
+    q.add_(x_zero + UNSIGNED_OFFSET).clamp_(qmin + UNSIGNED_OFFSET, qmax + UNSIGNED_OFFSET)
+    return q.to(torch.uint8)
 
 
 def unsigned_zero(x_zero) -> torch.Tensor:
