@@ -18,7 +18,9 @@ torch backend can serve as the exact oracle for the others:
   y = float32(acc - x_zero * w_sum[n]) * (x_scale * w_scale[n]) + bias[n], cast to x's dtype.
   Padded conv borders hold the real zero of the input, whose code is exactly x_zero.
 
-Backend: MIXQ_BACKEND=auto|torch|triton (read at each call; auto = triton on CUDA, torch otherwise).
+Backend: MIXQ_BACKEND=auto|torch|triton|onednn, read at each call. auto = triton on CUDA, onednn on
+an x86 CPU (oneDNN int8 kernels, kernels/onednn.py), torch elsewhere. A backend that cannot run a call
+falls back to the torch reference with a one-time warning naming why.
 """
 
 from __future__ import annotations
@@ -27,18 +29,29 @@ import os
 
 import torch
 
-from . import reference
+from mixq.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "triton")
+from . import onednn, reference
+
+BACKENDS = ("auto", "torch", "triton", "onednn")
 
 
 def selected_backend(x: torch.Tensor) -> str:
     choice = os.environ.get("MIXQ_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
-        raise ValueError(f"MIXQ_BACKEND={choice!r} is not one of {BACKENDS}")
+        raise ConfigError(f"MIXQ_BACKEND={choice!r} is not one of {BACKENDS}")
     if choice == "auto":
-        return "triton" if x.is_cuda and _triton_available() else "torch"
+        if x.is_cuda:
+            return "triton" if _triton_available() else "torch"
+        return "onednn" if onednn.unavailable_reason() is None else _cpu_fallback()
+    if choice == "onednn" and (x.is_cuda or onednn.unavailable_reason() is not None):
+        return _cpu_fallback("tensors on a CUDA device" if x.is_cuda else None)
     return choice
+
+
+def _cpu_fallback(reason: str | None = None) -> str:
+    onednn.warn_fallback(reason or onednn.unavailable_reason())
+    return "torch"
 
 
 def _triton_available() -> bool:
@@ -56,13 +69,21 @@ def _triton():
 
 
 def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None):
-    if selected_backend(x) == "triton":
+    backend = selected_backend(x)
+    if backend == "onednn":
+        return onednn.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
+    if backend == "triton":
         return _triton().quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
     return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
 
 
 def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding):
-    if selected_backend(x) == "triton":
+    backend = selected_backend(x)
+    if backend == "onednn":
+        return onednn.quantized_conv2d(
+            x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding
+        )
+    if backend == "triton":
         return _triton().quantized_conv2d(
             x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding
         )
@@ -75,4 +96,18 @@ def quantize_input(x, x_scale, x_zero, a_bits):
     return reference.quantize_input(x, x_scale, x_zero, a_bits)
 
 
-__all__ = ["quantized_linear", "quantized_conv2d", "quantize_input", "selected_backend", "BACKENDS"]
+def prepare_layer(layer) -> None:
+    """Lay out a QLinear / QConv2d's integer weights for the CPU kernels now (quantize / load time),
+    so that no call, the first included, reorders weights. A no-op where they are not used."""
+    qweight = getattr(layer, "qweight_0", None)  # None for fake-quant twins and weight-float layers
+    if qweight is None or qweight.is_cuda or layer.w_bits != 8 or layer.a_bits == 16:
+        return
+    for p, size in enumerate(layer.part_sizes):
+        qweight = getattr(layer, f"qweight_{p}")
+        if layer.kind == "linear":
+            onednn.prepare(qweight, 8, layer.w_scale, "linear")
+        else:
+            onednn.prepare(qweight, 8, layer.w_scale, "conv2d", size, layer.kernel_size, layer.stride, layer.padding)
+
+
+__all__ = ["quantized_linear", "quantized_conv2d", "quantize_input", "prepare_layer", "selected_backend", "BACKENDS"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mixq import kernels
 from mixq.calibration import Calibration, observing
 from mixq.layers import (
     LayerInfo,
@@ -18,6 +19,7 @@ from mixq.layers import (
     resolve_keep_fp,
     set_submodule,
 )
+from mixq.memory import release_freed_memory
 from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer
 from mixq.plan import architecture_fingerprint, resolve_bits
 from mixq.quantizers import FLOAT_BITS
@@ -176,7 +178,11 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
             if a != FLOAT_BITS and calibration.ranges(name).calls == 0:
                 not_run.append(name)  # never executed: no range to calibrate, leave it as it is
                 continue
-            replacements[name] = build_quantized_layer(unet.get_submodule(name), info, w, a, calibration, simulate)
+            layer = build_quantized_layer(unet.get_submodule(name), info, w, a, calibration, simulate)
+            kernels.prepare_layer(layer)  # the CPU kernels' weight layout, made once, here
+            replacements[name] = layer
+            # Peak memory stays at float model + quantized layers + one layer's temporaries.
+            release_freed_memory()
 
     for name, module in replacements.items():
         set_submodule(unet, name, module)

@@ -58,6 +58,7 @@ from mixq.errors import CheckpointError  # noqa: F401 (also importable from here
 from mixq._version import __version__
 from mixq.api import get_unet
 from mixq.io import atomic_path, write_text_atomic
+from mixq import kernels
 from mixq.layers import find_lora_layers, find_quantized_layers, set_submodule
 from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer, is_supported_conv
 from mixq.plan import architecture_fingerprint
@@ -250,6 +251,8 @@ def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | 
     targets = layers_to_replace(manifest["layers"], unet)
     check_base_hash(manifest["model"]["base_hash"], base_state(unet, targets))
     replacements = build_quantized_layers(manifest["layers"], folder / WEIGHTS_NAME, targets)
+    for layer in replacements.values():
+        kernels.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
 
     for name, layer in replacements.items():
         set_submodule(unet, name, layer)

@@ -1,0 +1,311 @@
+"""The x86 CPU backend: the oneDNN int8 kernels PyTorch ships, on weights laid out once.
+
+8-bit weights run on torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise (the kernels PyTorch's
+own x86 quantization lowers to: VNNI / AMX int8 dot products, zero-point compensation and the
+scale/bias epilogue fused). Their weights are reordered into oneDNN's blocked layout once per layer,
+the first time the layer is prepared or run, and kept beside the packed buffer (see PackedWeights).
+
+4-bit and 2-bit weights stay packed in memory (resident bytes follow the bits). Each call unpacks
+one layer into a per-thread scratch buffer that is reused from layer to layer, and multiplies with
+torch._int_mm on a transposed view of it (no copy); convolutions gather int8 codes (never floats)
+into columns first. Their epilogue is the reference's, so these layers agree bit for bit with it.
+
+Activations reach oneDNN as unsigned codes: mixq's signed code q in [-2^(b-1), 2^(b-1) - 1] plus
+128, with zero point x_zero + 128, so (u - u_zero) == (q - x_zero) and the integer accumulation is
+the reference's exactly. The fused epilogue rounds in its own order (oneDNN applies the scales and
+the bias in fp32, sometimes with an FMA), so 8-bit outputs agree with the reference within the output
+dtype's rounding rather than bit for bit.
+
+Under torch.compile each GEMM is one custom op (mixq::cpu_linear / mixq::cpu_conv2d): the input
+quantization around it stays visible to inductor, which fuses it into the producing op.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import warnings
+import weakref
+
+import torch
+
+from mixq.quantizers import activation_qrange, values_per_byte
+
+from . import reference
+
+UNSIGNED_OFFSET = 128  # signed int8 code q <-> unsigned code q + 128
+ONEDNN_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+class CpuBackendFallbackWarning(UserWarning):
+    """A call ran on the exact torch reference because the oneDNN CPU backend cannot run it here."""
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(reason: str):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"mixq: the oneDNN CPU backend is not available ({reason}); running the exact torch "
+                      "reference instead (slower)", CpuBackendFallbackWarning, stacklevel=4)
+
+
+_availability: list = []
+
+
+def unavailable_reason() -> str | None:
+    """Why this machine cannot run the oneDNN int8 kernels, or None when it can (probed once)."""
+    if not _availability:
+        _availability.append(_probe())
+    return _availability[0]
+
+
+def _probe() -> str | None:
+    if platform.machine().lower() not in X86_MACHINES:
+        return f"not an x86 CPU ({platform.machine()})"
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN"
+    try:
+        weight = torch.ones(4, 4, dtype=torch.int8)
+        codes = torch.full((2, 4), UNSIGNED_OFFSET + 1, dtype=torch.uint8)
+        y = _onednn_linear(codes, torch.tensor(1.0), torch.tensor(UNSIGNED_OFFSET), _prepack_linear(weight),
+                           torch.ones(4), torch.zeros(4, dtype=torch.int64), None, torch.float32)
+    except (RuntimeError, AttributeError) as error:  # op missing or no usable int8 primitive
+        return f"torch.ops.onednn.qlinear_pointwise failed: {error}"
+    if not torch.equal(y, torch.full((2, 4), 4.0)):
+        return "torch.ops.onednn.qlinear_pointwise returned a wrong result"
+    return None
+
+
+# --- activations -------------------------------------------------------------------------------
+
+
+def quantize_input_unsigned(x, x_scale, x_zero, a_bits) -> torch.Tensor:
+    """The reference's codes (same rounding and clamping), shifted into uint8."""
+    qmin, qmax = activation_qrange(a_bits)
+    # In place after the division: fewer passes over the activation in eager mode. Shifting before
+    # clamping gives the same codes (in range they are exact small integers, out of range both saturate).
+    q = torch.div(x.float(), x_scale).round_()
+    q.add_(x_zero + UNSIGNED_OFFSET).clamp_(qmin + UNSIGNED_OFFSET, qmax + UNSIGNED_OFFSET)
+    return q.to(torch.uint8)
+
+
+def unsigned_zero(x_zero) -> torch.Tensor:
+    return (x_zero + UNSIGNED_OFFSET).to(torch.int64)
+
+
+# --- weights laid out once ---------------------------------------------------------------------
+
+
+class PackedWeights:
+    """oneDNN layouts of 8-bit weights, keyed by the packed buffer they were made from.
+
+    An entry lives as long as its buffer (a weak reference drops it) and is rebuilt if the buffer is
+    written to (its version counter moves), e.g. by load_state_dict. Keeping the table beside the
+    modules leaves their state_dict, deepcopy and .to() untouched.
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, qweight: torch.Tensor, layout: tuple, build):
+        key = (qweight.data_ptr(), layout)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0]() is not None and entry[1] == qweight._version:
+            return entry[2]
+        packed = build()
+        owner = weakref.ref(qweight, lambda ref, key=key: self._drop(key, ref))
+        with self._lock:
+            self._entries[key] = (owner, qweight._version, packed)
+        return packed
+
+    def _drop(self, key, ref):
+        with self._lock:
+            if key in self._entries and self._entries[key][0] is ref:
+                del self._entries[key]
+
+    def __len__(self):
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        return sum(entry[2][0].numel() for entry in list(self._entries.values()))  # int8 weights
+
+
+packed_weights = PackedWeights()
+
+
+def _prepack_linear(qweight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_prepack(qweight, None)
+
+
+def _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -> torch.Tensor:
+    n = qweight.shape[0]
+    kh, kw = kernel_size
+    # [N, (row, col, channel)] -> the [N, C, kh, kw] weight oneDNN reorders from.
+    weight = qweight.view(n, kh, kw, in_channels).permute(0, 3, 1, 2).contiguous()
+    return torch.ops.onednn.qconv_prepack(weight, w_scale, 1.0, 0, list(stride), list(padding), [1, 1], 1, None)
+
+
+def linear_layout(qweight):
+    return packed_weights.get(qweight, ("linear",),
+                              lambda: (_prepack_linear(qweight), torch.zeros(qweight.shape[0], dtype=torch.int64)))
+
+
+def conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding):
+    layout = ("conv2d", in_channels, tuple(kernel_size), tuple(stride), tuple(padding))
+    return packed_weights.get(qweight, layout, lambda: (
+        _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding),
+        torch.zeros(qweight.shape[0], dtype=torch.int64),
+    ))
+
+
+# --- 4/2-bit weights: unpacked per call into a reused scratch buffer ---------------------------
+
+_scratch = threading.local()
+
+
+def scratch_bytes(nbytes: int) -> torch.Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes]
+
+
+def unpack_into_scratch(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """pack_weight's inverse, written into the scratch buffer: an int8 [N, k] view (rows padded)."""
+    per_byte = values_per_byte(bits)
+    n, width = packed.shape
+    lanes = scratch_bytes(n * width * per_byte).view(n, width, per_byte)
+    mask = (1 << bits) - 1
+    for lane in range(per_byte):
+        torch.bitwise_right_shift(packed, lane * bits, out=lanes[:, :, lane])
+        if lane < per_byte - 1:  # the top lane has nothing above it
+            lanes[:, :, lane].bitwise_and_(mask)
+    # Offset-binary -> signed: uint8 subtraction wraps to the two's-complement byte.
+    lanes.sub_(2 ** (bits - 1))
+    return lanes.view(torch.int8).view(n, width * per_byte)[:, :k]
+
+
+def int8_columns(q_x: torch.Tensor, x_zero, kernel_size, stride, padding) -> tuple[torch.Tensor, int, int]:
+    """int8 codes [B, C, H, W] -> [B * Ho * Wo, kh * kw * C] in (row, col, channel) order, borders
+    holding the code of the real zero; integer copies only."""
+    b, c, h, w = q_x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    padded = torch.empty(b, h + 2 * ph, w + 2 * pw, c, dtype=torch.int8)
+    padded.copy_(x_zero.to(torch.int8).expand_as(padded))
+    padded[:, ph:ph + h, pw:pw + w].copy_(q_x.permute(0, 2, 3, 1))
+    windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, Ho, Wo, C, kh, kw]
+    ho, wo = windows.shape[1], windows.shape[2]
+    cols = windows.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)
+    return cols, ho, wo
+
+
+def int_matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N], on a view of b (no copy)."""
+    return torch._int_mm(a, b.t())
+
+
+# --- the two ops -------------------------------------------------------------------------------
+
+
+def _onednn_linear(codes, x_scale, zero, packed, w_scale, w_zero, bias, out_dtype):
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        codes, x_scale, zero, packed, w_scale, w_zero, bias, 1.0, 0, out_dtype, "none", [], "")
+
+
+def onednn_bias(bias, out_dtype):
+    return bias if bias is None or bias.dtype in (torch.float32, out_dtype) else bias.float()
+
+
+def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
+    if w_bits != 8:
+        q_x = reference.quantize_input(x, x_scale, x_zero, a_bits)
+        acc = int_matmul_transposed(q_x, unpack_into_scratch(qweight, w_bits, x.shape[-1]))
+        return reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
+    kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
+    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits)
+    packed, w_zero = linear_layout(qweight)
+    y = _onednn_linear(codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero,
+                       onednn_bias(bias, kernel_dtype), kernel_dtype)
+    return y.to(out_dtype)
+
+
+def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
+                out_dtype):
+    b, c = x.shape[:2]
+    if w_bits != 8:
+        q_x = reference.quantize_input(x, x_scale, x_zero, a_bits)
+        cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding)
+        k = cols.shape[1]
+        acc = int_matmul_transposed(cols, unpack_into_scratch(qweight, w_bits, k))
+        y = reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
+        return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+    kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
+    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits).contiguous(memory_format=torch.channels_last)
+    packed, w_zero = conv_layout(qweight, w_scale, c, kernel_size, stride, padding)
+    y = torch.ops.onednn.qconv2d_pointwise.tensor(
+        codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero, onednn_bias(bias, kernel_dtype),
+        list(stride), list(padding), [1, 1], 1, 1.0, 0, kernel_dtype, "none", [], None)
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op("mixq::cpu_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, qweight: torch.Tensor, w_bits: int, w_scale: torch.Tensor, w_sum: torch.Tensor,
+               x_scale: torch.Tensor, x_zero: torch.Tensor, a_bits: int, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    return linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype)
+
+
+@_linear_op.register_fake
+def _(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mixq::cpu_conv2d", mutates_args=())
+def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_bits: int, w_scale: torch.Tensor, w_sum: torch.Tensor,
+               x_scale: torch.Tensor, x_zero: torch.Tensor, a_bits: int, bias: torch.Tensor | None,
+               kernel_size: list[int], stride: list[int], padding: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    # A custom op may not return a view of scratch memory or an input: hand back owned storage.
+    y = conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride,
+                    padding, out_dtype)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@_conv2d_op.register_fake
+def _(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding, out_dtype):
+    b, _, h, w = x.shape
+    ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    return x.new_empty((b, qweight.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None):
+    """The kernels/__init__ interface; eager calls skip the custom-op dispatch (~tens of us each)."""
+    run = _linear_op if _compiling() else linear_impl
+    return run(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, x.dtype)
+
+
+def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding):
+    run = _conv2d_op if _compiling() else conv2d_impl
+    y = run(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, list(kernel_size), list(stride),
+            list(padding), x.dtype)
+    # Follow the input's memory format, as torch's convs (and the reference) do.
+    return y if reference.is_channels_last(x) else y.contiguous()
+
+
+def prepare(qweight, w_bits, w_scale, kind, in_channels=None, kernel_size=None, stride=None, padding=None):
+    """Lay out one 8-bit weight for the kernels now (at quantize / load time) rather than at first use."""
+    if w_bits != 8 or unavailable_reason() is not None:
+        return
+    if kind == "linear":
+        linear_layout(qweight)
+    else:
+        conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding)

@@ -1,0 +1,245 @@
+"""The oneDNN CPU backend against the exact torch reference: integer accumulation bit for bit, outputs
+within the output dtype's rounding (bit for bit for 4/2-bit weights, whose epilogue is the
+reference's), weights laid out once, packed weights staying packed, torch.compile without graph breaks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mixq import kernels
+from mixq.kernels import onednn, reference
+from mixq.kernels.onednn import CpuBackendFallbackWarning
+from mixq.modules import QConv2d, QLinear, conv_weight_as_matrix
+from mixq.quantizers import activation_qparams, pack_weight, quantize_weight, unpack_weight, weight_row_sums
+
+needs_onednn = pytest.mark.skipif(onednn.unavailable_reason() is not None,
+                                  reason=f"oneDNN int8 kernels unavailable: {onednn.unavailable_reason()}")
+pytestmark = needs_onednn
+
+BITS = [(w, a) for w in (8, 4, 2) for a in (8, 4)]
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def activations(shape, dtype, seed=0):
+    # An offset (a zero point far from 0) and outliers that saturate at both ends.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    x.view(-1)[::17] *= 8
+    return x.to(dtype)
+
+
+def integer_layer(weight_matrix, x, w_bits, a_bits, dtype, unit_scales=False):
+    q, w_scale = quantize_weight(weight_matrix, w_bits)
+    scale, zero = activation_qparams(float(x.min()) / 2, float(x.max()) / 2, a_bits)
+    if unit_scales:  # the output is then f32(acc - z * w_sum): the integer accumulation itself
+        w_scale, scale = torch.ones_like(w_scale), 1.0
+    return dict(qweight=pack_weight(q, w_bits), w_bits=w_bits, w_scale=w_scale, w_sum=weight_row_sums(q),
+                x_scale=torch.tensor(scale), x_zero=torch.tensor(float(zero)), a_bits=a_bits,
+                bias=None if unit_scales else torch.randn(weight_matrix.shape[0]).to(dtype))
+
+
+def assert_within_rounding(y, expected):
+    """Equal up to the output dtype's rounding: the fused epilogue rounds in oneDNN's order."""
+    assert y.dtype == expected.dtype and y.shape == expected.shape and y.stride() == expected.stride()
+    eps = torch.finfo(y.dtype).eps
+    torch.testing.assert_close(y.float(), expected.float(), rtol=eps, atol=eps * float(expected.abs().max()))
+
+
+def assert_matches(y, expected, w_bits):
+    if w_bits == 8:
+        assert_within_rounding(y, expected)
+    else:
+        assert y.stride() == expected.stride()
+        assert torch.equal(y, expected)
+
+
+# --- linear --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (7, 37, 24), (33, 130, 70)])  # K not a multiple of 4 / 64
+def test_linear_accumulates_exactly(w_bits, a_bits, m, k, n):
+    x = activations((m, k), torch.float32)
+    layer = integer_layer(torch.randn(n, k), x, w_bits, a_bits, torch.float32, unit_scales=True)
+    assert torch.equal(onednn.quantized_linear(x, **layer), reference.quantized_linear(x, **layer))
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float16,))
+def test_linear_matches_reference(w_bits, a_bits, dtype):
+    x = activations((19, 45), dtype)
+    layer = integer_layer(torch.randn(40, 45), x, w_bits, a_bits, dtype)
+    assert_matches(onednn.quantized_linear(x, **layer), reference.quantized_linear(x, **layer), w_bits)
+
+
+# --- conv ----------------------------------------------------------------------------------------
+
+CONV_GEOMETRIES = [  # (kernel, stride, padding)
+    ((3, 3), (1, 1), (1, 1)),
+    ((3, 3), (2, 2), (1, 1)),
+    ((1, 1), (1, 1), (0, 0)),
+]
+
+
+def conv_layer(c, n, kernel, x, w_bits, a_bits, dtype, unit_scales=False):
+    weight = torch.randn(n, c, *kernel)
+    return integer_layer(conv_weight_as_matrix(weight), x, w_bits, a_bits, dtype, unit_scales)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("kernel,stride,padding", CONV_GEOMETRIES)
+def test_conv_accumulates_exactly(w_bits, a_bits, kernel, stride, padding):
+    x = activations((2, 5, 7, 6), torch.float32)  # C * kh * kw = 45: not a multiple of 4
+    layer = conv_layer(5, 12, kernel, x, w_bits, a_bits, torch.float32, unit_scales=True)
+    geometry = dict(kernel_size=kernel, stride=stride, padding=padding)
+    assert torch.equal(onednn.quantized_conv2d(x, **layer, **geometry), reference.quantized_conv2d(x, **layer, **geometry))
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel,stride,padding", CONV_GEOMETRIES[:2])
+def test_conv_matches_reference(w_bits, a_bits, dtype, channels_last, kernel, stride, padding):
+    x = activations((3, 16, 9, 8), dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = conv_layer(16, 24, kernel, x, w_bits, a_bits, dtype)
+    geometry = dict(kernel_size=kernel, stride=stride, padding=padding)
+    assert_matches(onednn.quantized_conv2d(x, **layer, **geometry), reference.quantized_conv2d(x, **layer, **geometry),
+                   w_bits)
+
+
+@pytest.mark.parametrize("w_bits", (8, 4))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_conv_shortcut_matches_reference(w_bits, dtype, monkeypatch):
+    """An up-block conv_shortcut: two input parts with their own activation parameters."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 16, 1).to(dtype)
+    x = torch.cat([activations((2, 10, 6, 6), dtype, seed=1), activations((2, 14, 6, 6), dtype, seed=2) * 5], dim=1)
+    layer = QConv2d.from_float(conv, w_bits, 8, lows=(-4.0, -30.0), highs=(5.0, 35.0), split_at=10)
+    monkeypatch.setenv("MIXQ_BACKEND", "torch")
+    expected = layer(x)
+    monkeypatch.setenv("MIXQ_BACKEND", "onednn")
+    assert_matches(layer(x), expected, w_bits)
+
+
+# --- dispatch and fallback -----------------------------------------------------------------------
+
+
+def test_auto_selects_onednn_on_x86(monkeypatch):
+    monkeypatch.delenv("MIXQ_BACKEND", raising=False)
+    assert kernels.selected_backend(torch.zeros(1)) == "onednn"
+    monkeypatch.setenv("MIXQ_BACKEND", "torch")
+    assert kernels.selected_backend(torch.zeros(1)) == "torch"
+
+
+@pytest.mark.parametrize("choice", ["auto", "onednn"])
+def test_falls_back_to_reference_with_a_warning(choice, monkeypatch):
+    monkeypatch.setenv("MIXQ_BACKEND", choice)
+    monkeypatch.setattr(onednn, "_availability", ["not an x86 CPU (riscv64)"])
+    monkeypatch.setattr(onednn, "_warned", set())
+    x = activations((4, 8), torch.float32)
+    layer = integer_layer(torch.randn(6, 8), x, 8, 8, torch.float32)
+    with pytest.warns(CpuBackendFallbackWarning, match="riscv64"):
+        y = kernels.quantized_linear(x, **layer)
+    assert torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    from mixq.errors import ConfigError
+
+    monkeypatch.setenv("MIXQ_BACKEND", "amx")
+    with pytest.raises(ConfigError, match="MIXQ_BACKEND"):
+        kernels.selected_backend(torch.zeros(1))
+
+
+# --- weight layouts ------------------------------------------------------------------------------
+
+
+def test_weights_are_laid_out_once(monkeypatch):
+    monkeypatch.setenv("MIXQ_BACKEND", "onednn")
+    calls = []
+    real = onednn._prepack_linear
+    monkeypatch.setattr(onednn, "_prepack_linear", lambda w: calls.append(w.shape) or real(w))
+    layer = QLinear.from_float(nn.Linear(32, 16), 8, 8, lows=(-3.0,), highs=(3.0,))
+    kernels.prepare_layer(layer)
+    x = torch.randn(5, 32)
+    first = layer(x)
+    assert torch.equal(layer(x), first)
+    assert calls == [(16, 32)]
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})  # new values: laid out again
+    layer(x)
+    assert len(calls) == 2
+
+
+def test_layouts_go_with_their_layer():
+    layer = QLinear.from_float(nn.Linear(32, 16), 8, 8, lows=(-3.0,), highs=(3.0,))
+    before = len(onednn.packed_weights)
+    kernels.prepare_layer(layer)
+    assert len(onednn.packed_weights) == before + 1
+    del layer
+    assert len(onednn.packed_weights) == before
+
+
+@pytest.mark.parametrize("w_bits", (4, 2))
+def test_low_bit_weights_stay_packed(w_bits):
+    layer = QLinear.from_float(nn.Linear(64, 16), w_bits, 8, lows=(-3.0,), highs=(3.0,))
+    before = len(onednn.packed_weights)
+    kernels.prepare_layer(layer)
+    layer(torch.randn(3, 64))
+    assert len(onednn.packed_weights) == before  # nothing unpacked is kept
+    assert layer.qweight_0.numel() == 16 * 64 * w_bits // 8
+
+
+@pytest.mark.parametrize("bits,k", [(4, 7), (4, 64), (2, 5), (2, 130)])
+def test_scratch_unpacking_matches_unpack_weight(bits, k):
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.randint(-qmax, qmax + 1, (9, k), dtype=torch.int8)
+    packed = pack_weight(q, bits)
+    assert torch.equal(onednn.unpack_into_scratch(packed, bits, k), unpack_weight(packed, bits, k))
+
+
+# --- torch.compile -------------------------------------------------------------------------------
+
+
+class SmallQuantizedModel(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = QConv2d.from_float(nn.Conv2d(8, 16, 3, stride=2, padding=1).to(dtype), 8, 8, (-3.0,), (3.0,))
+        self.shortcut = QConv2d.from_float(nn.Conv2d(24, 16, 1).to(dtype), 4, 8, (-3.0, -1.0), (3.0, 2.0), split_at=16)
+        self.linear = QLinear.from_float(nn.Linear(16, 32).to(dtype), 8, 8, (-5.0,), (5.0,))
+        self.low_bit = QLinear.from_float(nn.Linear(32, 16).to(dtype), 2, 4, (-5.0,), (5.0,))
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.conv(x))
+        h = self.shortcut(torch.cat([h, x[:, :, ::2, ::2]], dim=1))
+        tokens = h.flatten(2).transpose(1, 2)
+        return self.low_bit(torch.relu(self.linear(tokens)))
+
+
+def small_input(dtype):
+    x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)) * 2
+    return torch.cat([x, x], dim=1)[:, :8].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_graph_breaks_inside_quantized_layers(dtype, monkeypatch):
+    monkeypatch.setenv("MIXQ_BACKEND", "onednn")
+    model = SmallQuantizedModel(dtype)
+    explanation = torch._dynamo.explain(model)(small_input(dtype))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_model_matches_eager(monkeypatch):
+    monkeypatch.setenv("MIXQ_BACKEND", "onednn")
+    model = SmallQuantizedModel(torch.float32)
+    x = small_input(torch.float32)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    # Inductor may reorder the fp32 math around the integer ops; the codes are the same.
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
