@@ -16,11 +16,9 @@ import torch
 
 from mixq.errors import NonFiniteActivationError  # noqa: F401 (also importable from here)
 from mixq.layers import LayerInfo
+from mixq.modules import BOS_RELATIVE_TOLERANCE
 
 EMA_MOMENTUM = 0.95
-# Token 0 counts as prompt-independent when every observation is this close to the first one
-# (relative to the row's magnitude); batch-size-dependent kernels differ by far less than this.
-BOS_RELATIVE_TOLERANCE = 1e-2
 
 
 

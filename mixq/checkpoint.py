@@ -66,8 +66,8 @@ import torch.nn as nn
 from mixq.errors import CheckpointError, MixqError
 from mixq._version import __version__
 from mixq.api import get_unet
-from mixq.io import TEMP_SUFFIX, publish, temporary_sibling, write_text_atomic
-from mixq.layers import find_lora_layers, find_quantized_layers, set_submodule
+from mixq.io import TEMP_SUFFIX, publish, temporary_sibling
+from mixq.layers import find_lora_layers, find_quantized_layers, float_only_reason, set_submodule
 from mixq.modules import (BOS_MODES, FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer,
                           is_supported_conv)
 from mixq.quantizers import ACTIVATION_BITS, FLOAT_BITS, WEIGHT_BITS
@@ -89,6 +89,10 @@ MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
+
+# Buffers that checkpoints saved by earlier mixq versions lack; a layer loaded without one does without
+# (bos_input: the run-time check that token 0 is still the calibrated one).
+OPTIONAL_BUFFERS = ("bos_input",)
 
 MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info", "weights_file")
 MODEL_FIELDS = ("fingerprint", "config", "base_hash")
@@ -133,11 +137,19 @@ def save_quantized(pipe, path) -> Path:
     save_step("temporaries removed")
     manifest["weights_file"] = write_tensor_file(folder, tensors, manifest_hash(manifest))
     save_step("tensors written")
-    write_text_atomic(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    with temporary_sibling(folder / MANIFEST_NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        save_step("manifest staged")
+        publish(tmp, folder / MANIFEST_NAME)  # the switch from the old checkpoint to the new one
     save_step("manifest written")
     remove_unreferenced_tensor_files(folder, keep=manifest["weights_file"]["name"])
     save_step("done")
     return folder
+
+
+# The step boundaries of save_quantized, in order (the fault-injection tests crash the save at each).
+SAVE_STEPS = ("start", "temporaries removed", "tensors staged", "tensors written", "manifest staged",
+              "manifest written", "done")
 
 
 def save_step(step: str):
@@ -152,6 +164,7 @@ def write_tensor_file(folder: Path, tensors: dict, manifest_sha256: str) -> dict
         save_file(tensors, str(tmp), metadata={MANIFEST_HASH_KEY: manifest_sha256})
         sha256 = file_sha256(tmp)
         record = {"name": versioned_weights_name(sha256), "bytes": tmp.stat().st_size, "sha256": sha256}
+        save_step("tensors staged")
         publish(tmp, folder / record["name"])
     return record
 
@@ -619,6 +632,8 @@ def layers_to_replace(entries: dict, unet: nn.Module) -> dict[str, nn.Module]:
 
 def layer_mismatch(entry: dict, module: nn.Module) -> str | None:
     """Why the float `module` cannot be replaced by the layer `entry` describes, or None."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and float_only_reason(module):
+        return f"mixq keeps this layer in floating point: {float_only_reason(module)}"
     if entry["kind"] == "linear" and isinstance(module, nn.Linear):
         found = {"in_features": module.in_features, "out_features": module.out_features}
     elif entry["kind"] == "conv2d" and isinstance(module, nn.Conv2d):
@@ -688,6 +703,9 @@ def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtyp
     state = {}
     for key, target in layer.state_dict().items():
         full = f"{name}.{key}"
+        if full not in stored and key in OPTIONAL_BUFFERS:
+            setattr(layer, key, None)
+            continue
         if full not in stored:
             raise CheckpointError(f"the tensor file has no {full!r}, which the manifest's layer needs: "
                                   "save the checkpoint again")
