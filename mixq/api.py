@@ -151,9 +151,13 @@ def build_quantized_layer(module: nn.Module, info: LayerInfo, w_bits: int, a_bit
         lows, highs = r.lows, r.highs
         expected_parts = 2 if info.split_at else 1
         if len(lows) != expected_parts:
-            raise ValueError(f"activation ranges of {info.name!r} have {len(lows)} part(s), the layer needs "
+            raise CalibrationFileError(f"activation ranges of {info.name!r} have {len(lows)} part(s), the layer needs "
                              f"{expected_parts}: they come from another model; recalibrate")
         if info.bos and r.bos_input is not None:
+            if r.bos_input.numel() != module.weight.shape[1]:
+                raise CalibrationFileError(f"the token-0 input row of {info.name!r} has {r.bos_input.numel()} values, the "
+                                           f"layer takes {module.weight.shape[1]}: the ranges come from another model; "
+                                           "recalibrate")
             bos_mode, bos_input = ("cached", r.bos_input) if r.bos_constant else ("float", None)
     if info.kind == "linear":
         if simulate:
