@@ -407,7 +407,7 @@ def test_deeply_nested_manifest_is_a_checkpoint_error(saved, tiny_sdxl):
     ("coco.json", json.dumps({"annotations": [{"image_id": [1], "caption": "a"}]}), "image_id is list"),
     ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ("latin.txt", "a caf\xe9 in paris\n".encode("latin-1"), "line 1 is not UTF-8 .*0xe9.* save it as UTF-8"),
-])
+], ids=["caption-int", "annotations-null", "image-id-list", "deep-json", "latin-1"])
 def test_malformed_prompt_files_are_prompt_file_errors(tmp_path, name, content, match):
     from mixq.calib.prompts import load_prompts
 
@@ -419,7 +419,7 @@ def test_malformed_prompt_files_are_prompt_file_errors(tmp_path, name, content, 
 
 @pytest.mark.parametrize("name,content", [
     ("plain.txt", "first\nsecond\n"),
-    ("coco.csv", "file_name,text\nx.jpg,first\ny.jpg,second\n"),
+    ("coco.csv", "text,file_name\nfirst,x.jpg\nsecond,y.jpg\n"),
     ("parti.tsv", "Prompt\tCategory\nfirst\tA\nsecond\tB\n"),
 ])
 def test_byte_order_mark_is_not_part_of_the_first_prompt_or_column(tmp_path, name, content):
