@@ -26,13 +26,13 @@ def check_allocation_inputs(scores: dict, sizes: dict, avg_bits: float):
     (a NaN score otherwise fails inside PuLP, a 3-bit candidate only when the plan is applied)."""
     if not isinstance(avg_bits, (int, float)) or isinstance(avg_bits, bool) or not math.isfinite(avg_bits):
         raise BudgetError(f"the average-bits budget must be a finite number, got {avg_bits!r}")
-    known = set(WEIGHT_BITS) | set(ACTIVATION_BITS)
+    known = tuple(sorted(set(WEIGHT_BITS) | set(ACTIVATION_BITS)))
     for name, table in scores.items():
         if not isinstance(table, dict) or not table:
             raise CalibrationFileError(f"layer {name!r}: no scores per bit-width; remeasure its sensitivity")
         for bits, score in table.items():
             if isinstance(bits, bool) or bits not in known:
-                raise CalibrationFileError(f"layer {name!r}: bit-width {bits!r} is not one of {sorted(known)}; "
+                raise CalibrationFileError(f"layer {name!r}: bit-width {bits!r} is not one of {known}; "
                                            "remove it from the sensitivity table")
             if not isinstance(score, (int, float)) or not math.isfinite(score):
                 raise CalibrationFileError(f"layer {name!r}: the score at {bits} bits is {score!r}, not a finite "

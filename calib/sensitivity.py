@@ -137,7 +137,7 @@ def table_row_problem(row) -> str | None:
     missing = [k for k in ("group", "params", "act_numel", "weight", "activation") if k not in row]
     if missing:
         return f"missing {', '.join(missing)}"
-    if row["group"] not in METRICS:
+    if not isinstance(row["group"], str) or row["group"] not in METRICS:
         return f"group {row['group']!r} is not one of {sorted(METRICS)}"
     for key in ("params", "act_numel"):
         if not (isinstance(row[key], int) and not isinstance(row[key], bool) and row[key] > 0):

@@ -455,7 +455,12 @@ def check_integrity(path: Path, manifest: dict):
     if file_sha256(path) != record["sha256"]:
         raise CheckpointError(f"{path} does not match the sha256 recorded in {MANIFEST_NAME}: the file is damaged, "
                               "altered, or comes from another save; save or download the checkpoint again")
-    if stored_manifest_hash(path) != manifest_hash(manifest):
+    try:
+        expected_hash = manifest_hash(manifest)
+    except RecursionError as err:
+        raise CheckpointError(f"{folder / MANIFEST_NAME} is nested too deeply to be a mixq manifest: the checkpoint is "
+                              "damaged; save or download it again") from err
+    if stored_manifest_hash(path) != expected_hash:
         raise CheckpointError(f"{folder / MANIFEST_NAME} was edited after saving (it no longer matches the hash "
                               f"recorded in {path.name}): restore the original manifest or save the checkpoint "
                               "again")
@@ -522,10 +527,10 @@ def base_hash_problems(record) -> list[str]:
     if not isinstance(record, dict):
         return ["model.base_hash is not an object"]
     problems = []
-    if record.get("dtype") not in FLOAT_DTYPES:
+    if not is_dtype_name(record.get("dtype")):
         problems.append(f"model.base_hash.dtype {record.get('dtype')!r} is not one of {sorted(FLOAT_DTYPES)}")
     hashes = record.get("sha256")
-    if not (isinstance(hashes, dict) and hashes and all(k in FLOAT_DTYPES and isinstance(v, str)
+    if not (isinstance(hashes, dict) and hashes and all(is_dtype_name(k) and isinstance(v, str)
                                                         for k, v in hashes.items())):
         problems.append("model.base_hash.sha256 is not an object of dtype -> hash")
     if not is_count(record.get("tensors")):
@@ -534,6 +539,10 @@ def base_hash_problems(record) -> list[str]:
 
 
 MAX_FEATURES = 1 << 20  # channels of one layer; far above any UNet, far below an allocation that would hurt
+
+
+def is_dtype_name(value) -> bool:
+    return isinstance(value, str) and value in FLOAT_DTYPES
 
 
 def is_count(value, low: int = 0, high: int = 1 << 40) -> bool:
@@ -575,7 +584,7 @@ def layer_entry_problems(entry) -> list[str]:
         problems.append(f"bos_mode {entry['bos_mode']!r} is not one of {BOS_MODES} (none for conv2d)")
     if not isinstance(entry["has_bias"], bool):
         problems.append("has_bias is not true/false")
-    if entry["dtype"] is not None and entry["dtype"] not in FLOAT_DTYPES:
+    if entry["dtype"] is not None and not is_dtype_name(entry["dtype"]):
         problems.append(f"dtype {entry['dtype']!r} is not one of {sorted(FLOAT_DTYPES)}")
     return problems
 
