@@ -455,3 +455,19 @@ def test_every_error_family_is_a_mixq_error():
     from mixq.calib.allocate import InfeasibleBudgetError
 
     assert issubclass(InfeasibleBudgetError, BudgetError) and issubclass(BudgetError, MixqError)
+
+
+def test_checkpoint_without_stored_bos_inputs_still_loads(saved, w8a8, tiny_sdxl):
+    """Checkpoints saved before the BOS input was stored load, without the run-time token-0 check."""
+    def drop_bos_inputs(tensors):
+        for key in [k for k in tensors if k.endswith(".bos_input")]:
+            del tensors[key]
+
+    rewrite_checkpoint(saved, edit_tensors=drop_bos_inputs)
+    loaded = mixq.load_quantized(tiny_sdxl, saved)
+    cached = [m for m in loaded.unet.modules() if isinstance(m, mixq.QLinear) and m.bos_mode == "cached"]
+    assert cached and all(m.bos_input is None for m in cached)
+    expected = dict(w8a8.unet.state_dict())
+    state = loaded.unet.state_dict()
+    assert set(expected) - set(state) == {k for k in expected if k.endswith(".bos_input")}
+    assert all(torch.equal(state[k], expected[k]) for k in state)
