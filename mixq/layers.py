@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from mixq.errors import ConfigError
 from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QuantizedLayer, is_supported_conv
 
 CONTENT_COMPONENTS = ("attn2", "ff")  # cross-attention and feed-forward: judged on the image (SSIM)
@@ -141,7 +142,7 @@ def resolve_keep_fp(keep_fp, layer_names) -> set[str]:
     for pattern in patterns:
         matched = [n for n in layer_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not matched and keep_fp is not None:
-            raise ValueError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer of this UNet "
+            raise ConfigError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer of this UNet "
                              f"(names look like {next(iter(layer_names), '?')!r}; glob patterns are allowed)")
         kept.update(matched)
     return kept

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from mixq.errors import PlanMismatchError  # noqa: F401 (also importable from here)
+from mixq.errors import ConfigError, PlanMismatchError
 from mixq.io import read_yaml
 from mixq.quantizers import FLOAT_BITS, check_activation_bits, check_weight_bits
 
@@ -83,8 +83,11 @@ def read_plan(plan) -> tuple[dict[str, tuple[int, int]], dict]:
 
 def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=None, unet=None) -> dict[str, tuple[int, int]]:
     """The (w_bits, a_bits) of every layer: keep_fp layers 16/16, the rest from the plan or uniform."""
-    check_weight_bits(w_bit)
-    check_activation_bits(a_bit)
+    try:
+        check_weight_bits(w_bit)
+        check_activation_bits(a_bit)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if plan is None:
         bits = {n: (w_bit, a_bit) for n in layer_names}
     else:
