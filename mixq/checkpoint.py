@@ -44,7 +44,7 @@ Saving is atomic as a whole. The tensor file is named by the first hex digits of
 manifest, which names it, is written last with one rename: until that rename the old manifest and its
 tensor file are untouched, after it the new pair is complete. The old tensor file and temporaries of
 interrupted saves are removed after the switch (and by the next save, if the process dies first).
-Checkpoints saved before versioned names (mixq_unet.safetensors, no name in the manifest) still load.
+Format 1 checkpoints (the fixed name mixq_unet.safetensors, no name in the manifest) still load.
 
 Format versions: FORMAT_VERSION is what this code writes. A newer version is refused with a request to
 upgrade mixq; an older one is upgraded through MIGRATIONS, one version at a time, or refused with the
@@ -73,7 +73,8 @@ from mixq.modules import (BOS_MODES, FakeQuantConv2d, FakeQuantLinear, QConv2d, 
 from mixq.quantizers import ACTIVATION_BITS, FLOAT_BITS, WEIGHT_BITS
 from mixq.plan import architecture_fingerprint
 
-FORMAT_VERSION = 1
+# 2: the tensor file is named by its hash (weights_file.name) and BOS-cached layers store bos_input.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "mixq_manifest.json"
 WEIGHTS_STEM, WEIGHTS_SUFFIX = "mixq_unet", ".safetensors"
 WEIGHTS_NAME = WEIGHTS_STEM + WEIGHTS_SUFFIX  # the tensor file of checkpoints saved before versioned names
@@ -83,7 +84,12 @@ MANIFEST_HASH_KEY = "mixq_manifest_sha256"  # in the tensor file's metadata
 
 # Older format version -> a function that upgrades a manifest by one version, or a sentence that says why
 # that version cannot be read. Empty while format 1 is the only format.
-MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {}
+def _from_format_1(manifest: dict) -> dict:
+    """Format 1 had the fixed tensor-file name and no stored BOS inputs (both optional on load)."""
+    return {**manifest, "format_version": 2}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {1: _from_format_1}
 
 # A float32 save also records its base hash at these precisions (see the module docstring).
 HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -244,15 +244,40 @@ def test_unknown_format_version_is_refused(w4a8, tiny_sdxl, tmp_path):
 
 
 def test_older_format_versions_migrate_or_say_why_not(w4a8, _tiny_sdxl_master, monkeypatch):
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)  # the saved format 1 is now the older one
-    assert_load_fails(copy.deepcopy(_tiny_sdxl_master), w4a8.folder, match="no migration from format 1 to 2")
+    saved, newer = checkpoint.FORMAT_VERSION, checkpoint.FORMAT_VERSION + 1
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", newer)  # the saved format is now the older one
+    assert_load_fails(copy.deepcopy(_tiny_sdxl_master), w4a8.folder, match=f"no migration from format {saved} to {newer}")
 
-    monkeypatch.setitem(checkpoint.MIGRATIONS, 1, "format 1 stored weights in another order")
+    monkeypatch.setitem(checkpoint.MIGRATIONS, saved, f"format {saved} stored weights in another order")
     assert_load_fails(copy.deepcopy(_tiny_sdxl_master), w4a8.folder, match="cannot be read .*another order")
 
-    monkeypatch.setitem(checkpoint.MIGRATIONS, 1, lambda manifest: {**manifest, "format_version": 2})
+    monkeypatch.setitem(checkpoint.MIGRATIONS, saved, lambda manifest: {**manifest, "format_version": newer})
     loaded = mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), w4a8.folder)
     assert_same_state(loaded.unet.state_dict(), w4a8.pipe.unet.state_dict())
+
+
+def test_format_1_checkpoints_still_load(w4a8, tiny_sdxl, tmp_path):
+    """Format 1: the fixed tensor-file name, no name in the manifest, no stored BOS inputs."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_checkpoint(w4a8.folder, tmp_path)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    path = tensor_file(folder)
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".bos_input")}
+    manifest["format_version"] = 1
+    del manifest["weights_file"]["name"]
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {**f.metadata(), checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
+    path.unlink()
+    old = folder / checkpoint.WEIGHTS_NAME
+    save_file(tensors, str(old), metadata=metadata)
+    manifest["weights_file"].update(bytes=old.stat().st_size, sha256=checkpoint.file_sha256(old))
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    loaded = mixq.load_quantized(tiny_sdxl, folder)
+    expected = {k: v for k, v in w4a8.pipe.unet.state_dict().items() if not k.endswith(".bos_input")}
+    assert_same_state(loaded.unet.state_dict(), expected)
 
 
 def test_not_a_checkpoint_is_refused(tiny_sdxl, tmp_path, monkeypatch):
