@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixq.layers import quantizable_layers
+from mixq.layers import DEFAULT_KEEP_FP, quantizable_layers
+from mixq.quantizers import FLOAT_BITS
 
 DERIVED_BITS = {"quality": (8, 8), "content": (4, 8)}
 
@@ -25,7 +26,8 @@ def derived_plan(unet) -> dict:
     """{"layers": {name: {w_bits, a_bits}}, "source": ...} for every quantizable layer of `unet`."""
     layers = {}
     for name, info in quantizable_layers(unet).items():
-        w_bits, a_bits = DERIVED_BITS[info.group]
+        # conv_in/conv_out stay in floating point (quantize's default keep_fp); say so in the plan.
+        w_bits, a_bits = (FLOAT_BITS, FLOAT_BITS) if name in DEFAULT_KEEP_FP else DERIVED_BITS[info.group]
         layers[name] = {"w_bits": w_bits, "a_bits": a_bits}
     return {"source": "derived: quality group W8A8, content group (attn2, ff) W4A8", "layers": layers}
 

@@ -8,13 +8,38 @@ ratio k, and `build_plans` sweeps k to produce the candidate plans the calibrati
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pulp
 
+from mixq.errors import BudgetError, CalibrationFileError
+from mixq.quantizers import ACTIVATION_BITS, WEIGHT_BITS
 
-class InfeasibleBudgetError(ValueError):
+
+class InfeasibleBudgetError(BudgetError):
     pass
+
+
+def check_allocation_inputs(scores: dict, sizes: dict, avg_bits: float):
+    """Finite scores at known bit-widths, positive sizes and a finite budget: what CBC needs to be meaningful
+    (a NaN score otherwise fails inside PuLP, a 3-bit candidate only when the plan is applied)."""
+    if not isinstance(avg_bits, (int, float)) or isinstance(avg_bits, bool) or not math.isfinite(avg_bits):
+        raise BudgetError(f"the average-bits budget must be a finite number, got {avg_bits!r}")
+    known = tuple(sorted(set(WEIGHT_BITS) | set(ACTIVATION_BITS)))
+    for name, table in scores.items():
+        if not isinstance(table, dict) or not table:
+            raise CalibrationFileError(f"layer {name!r}: no scores per bit-width; remeasure its sensitivity")
+        for bits, score in table.items():
+            if isinstance(bits, bool) or bits not in known:
+                raise CalibrationFileError(f"layer {name!r}: bit-width {bits!r} is not one of {known}; "
+                                           "remove it from the sensitivity table")
+            if not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise CalibrationFileError(f"layer {name!r}: the score at {bits} bits is {score!r}, not a finite "
+                                           "number; remeasure its sensitivity")
+        size = sizes.get(name)
+        if size is not None and not (isinstance(size, (int, float)) and math.isfinite(size) and size > 0):
+            raise CalibrationFileError(f"layer {name!r}: size {size!r} is not a positive number")
 
 
 def smallest_feasible_average(candidates: dict[str, list[int]], sizes: dict[str, float]) -> float:
@@ -33,7 +58,8 @@ def allocate_bits(scores: dict[str, dict[int, float]], sizes: dict[str, float], 
         return {}
     missing = [n for n in scores if n not in sizes]
     if missing:
-        raise ValueError(f"no size for layer(s) {missing[:3]}")
+        raise CalibrationFileError(f"no size for layer(s) {missing[:3]}")
+    check_allocation_inputs(scores, sizes, avg_bits)
     candidates = {n: sorted(int(b) for b in table) for n, table in scores.items()}
     floor = smallest_feasible_average(candidates, sizes)
     if avg_bits < floor - 1e-9:

@@ -15,11 +15,12 @@ annotations/captions_val2017.json) or the MS-COCO 30k list used by few-step diff
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
 
-from mixq.errors import PromptFileError  # noqa: F401 (also importable from here)
+from mixq.errors import ConfigError, PromptFileError
 
 # Short, varied prompts of the kinds COCO holds; enough to calibrate offline with no data at all.
 DEFAULT_PROMPTS = (
@@ -72,15 +73,16 @@ def load_prompts(source=None, num_prompts: int | None = None, seed: int | None =
         prompts = list(source)
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise TypeError(f"prompt {i} is {type(p).__name__}, not a string")
+                raise PromptFileError(f"prompt {i} is {type(p).__name__}, not a string: pass a list of strings")
     else:
         prompts = read_prompt_file(Path(source), all_captions=all_captions)
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
-        raise ValueError(f"no prompts in {source!r}: give at least one non-empty prompt, or None for the built-in set")
+        raise PromptFileError(f"no prompts in {source!r}: give at least one non-empty prompt, or None for the "
+                              "built-in set")
     if num_prompts is not None:
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+        if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+            raise ConfigError(f"num_prompts must be an integer of at least 1, got {num_prompts!r}")
         if seed is not None:
             prompts = random.Random(seed).sample(prompts, min(num_prompts, len(prompts)))
         else:
@@ -94,40 +96,68 @@ def read_prompt_file(path: Path, all_captions: bool = False) -> list[str]:
             f"prompts file {path} does not exist: pass a COCO captions JSON/CSV, a PartiPrompts TSV, "
             "a JSON list or a text file with one prompt per line"
         )
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _read_json(path, all_captions)
+        return _read_json(path, text, all_captions)
     if suffix in (".csv", ".tsv"):
-        return _read_table(path, "\t" if suffix == ".tsv" else ",")
-    return path.read_text(encoding="utf-8").splitlines()
+        return _read_table(path, text, "\t" if suffix == ".tsv" else ",")
+    return text.splitlines()
 
 
-def _read_json(path: Path, all_captions: bool) -> list[str]:
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text, a leading byte-order mark dropped (editors on Windows add one)."""
+    data = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise PromptFileError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); the file is "
+            "probably Latin-1/Windows-1252: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from err
+
+
+def _read_json(path: Path, text: str, all_captions: bool) -> list[str]:
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise PromptFileError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except RecursionError as err:
+        raise PromptFileError(f"{path}: the JSON is nested too deeply to be a prompts file") from err
     if isinstance(data, list):
         for i, item in enumerate(data):
             if not isinstance(item, str):
                 raise PromptFileError(f"{path}: item {i} of the JSON list is {type(item).__name__}, expected a string")
         return data
     if isinstance(data, dict) and "annotations" in data:
-        captions, seen = [], set()
-        for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or "caption" not in ann:
-                raise PromptFileError(f"{path}: annotations[{i}] has no 'caption' key (COCO captions format expected)")
-            image = ann.get("image_id", i)
-            if all_captions or image not in seen:
-                captions.append(ann["caption"])
-                seen.add(image)
-        return captions
+        return _coco_captions(path, data["annotations"], all_captions)
     raise PromptFileError(f"{path}: expected a JSON list of strings or a COCO captions file with an 'annotations' key")
 
 
-def _read_table(path: Path, delimiter: str) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+def _coco_captions(path: Path, annotations, all_captions: bool) -> list[str]:
+    if not isinstance(annotations, list):
+        raise PromptFileError(f"{path}: 'annotations' is {type(annotations).__name__}, expected a list of "
+                              "{image_id, caption} objects (COCO captions format)")
+    captions, seen = [], set()
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "caption" not in ann:
+            raise PromptFileError(f"{path}: annotations[{i}] has no 'caption' key (COCO captions format expected)")
+        if not isinstance(ann["caption"], str):
+            raise PromptFileError(f"{path}: annotations[{i}].caption is {type(ann['caption']).__name__}, "
+                                  "expected a string")
+        image = ann.get("image_id", i)
+        if isinstance(image, (dict, list)):
+            raise PromptFileError(f"{path}: annotations[{i}].image_id is {type(image).__name__}, expected a number "
+                                  "or string")
+        if all_captions or image not in seen:
+            captions.append(ann["caption"])
+            seen.add(image)
+    return captions
+
+
+def _read_table(path: Path, text: str, delimiter: str) -> list[str]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
         columns = {c.lower(): c for c in (reader.fieldnames or [])}
         key = next((columns[c] for c in ("text", "caption", "prompt") if c in columns), None)
         if key is None:
@@ -141,3 +171,6 @@ def _read_table(path: Path, delimiter: str) -> list[str]:
                 raise PromptFileError(f"{path}: line {reader.line_num} has no value in column {key!r}")
             prompts.append(value)
         return prompts
+    except csv.Error as err:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise PromptFileError(f"{path}: line {reader.line_num} is not valid {kind}: {err}") from err

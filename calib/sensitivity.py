@@ -10,6 +10,7 @@ The table is written atomically after every layer, so an interrupted run resumes
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 
@@ -19,10 +20,11 @@ from mixq.api import build_quantized_layer
 from mixq.calib.collect import Reference, run_unet
 from mixq.calib.pipeline import generate
 from mixq.calibration import Calibration
+from mixq.errors import CalibrationFileError
 from mixq.io import read_yaml, write_yaml_atomic
 from mixq.layers import LayerInfo, set_submodule
 from mixq.metrics import batch_ssim, sqnr_db
-from mixq.quantizers import FLOAT_BITS
+from mixq.quantizers import ACTIVATION_BITS, FLOAT_BITS, WEIGHT_BITS
 
 SQNR_CAP_DB = 200.0  # a layer whose quantization changes nothing would score +inf
 METRICS = {"quality": "sqnr_db", "content": "ssim"}
@@ -105,8 +107,51 @@ def measure_layer(evaluator: Evaluator, unet, info: LayerInfo, calibration: Cali
 def load_table(path) -> dict:
     if not path.exists():
         return {}
-    data = read_yaml(path) or {}
-    return dict(data.get("layers", {}))
+    return checked_table(read_yaml(path, error=CalibrationFileError), path)
+
+
+TABLE_BITS = {"weight": WEIGHT_BITS, "activation": ACTIVATION_BITS}
+
+
+def checked_table(data, path) -> dict:
+    """The `layers` of a sensitivity file, every row checked (a hand-edited or truncated file would
+    otherwise give a plan whose real average misses the budget, or fail deep inside allocation)."""
+    if data is None:
+        return {}
+    layers = data.get("layers", {}) if isinstance(data, dict) else None
+    if not isinstance(layers, dict):
+        raise CalibrationFileError(f"{path}: expected a mapping with a 'layers' mapping of layer -> row; delete the "
+                                   "file and rerun `--stage sensitivity`")
+    for name, row in layers.items():
+        problem = table_row_problem(row)
+        if problem:
+            raise CalibrationFileError(f"{path}: layers[{name!r}]: {problem}; fix the row, or delete it (or the file) "
+                                       "and rerun `--stage sensitivity` to measure it again")
+    return dict(layers)
+
+
+def table_row_problem(row) -> str | None:
+    """Why one sensitivity row is unusable, or None."""
+    if not isinstance(row, dict):
+        return f"the row is {type(row).__name__}, not a mapping"
+    missing = [k for k in ("group", "params", "act_numel", "weight", "activation") if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not isinstance(row["group"], str) or row["group"] not in METRICS:
+        return f"group {row['group']!r} is not one of {sorted(METRICS)}"
+    for key in ("params", "act_numel"):
+        if not (isinstance(row[key], int) and not isinstance(row[key], bool) and row[key] > 0):
+            return f"{key} {row[key]!r} is not a positive integer"
+    for side, allowed in TABLE_BITS.items():
+        scores = row[side]
+        if not isinstance(scores, dict) or not scores:
+            return f"{side} is not a non-empty mapping of bits -> score"
+        for bits, score in scores.items():
+            if isinstance(bits, bool) or bits not in allowed:
+                return f"{side} bit-width {bits!r} is not one of {allowed}"
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                return f"{side} score at {bits} bits is {score!r}, not a finite number"
+    return None
 
 
 def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibration, evaluator: Evaluator,

@@ -10,10 +10,12 @@ import torch.nn as nn
 
 from mixq import kernels
 from mixq.calibration import Calibration, observing
+from mixq.errors import CalibrationFileError, NonFiniteActivationError
 from mixq.layers import (
     LayerInfo,
     find_lora_layers,
     find_quantized_layers,
+    float_only_layers,
     layer_group,
     quantizable_layers,
     resolve_keep_fp,
@@ -55,6 +57,31 @@ def check_quantizable(unet: nn.Module):
     if done:
         raise ValueError(f"this UNet is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
                          "start from the floating-point pipeline")
+
+
+def check_finite_weights(unet: nn.Module, names):
+    """Refuse NaN/Inf weights or biases in the layers about to be quantized, naming the first such layer
+    (quantizing would turn them into zeros or infinite scales, and calibration would blame the next layer)."""
+    for name in names:
+        module = unet.get_submodule(name)
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind, None)
+            if tensor is not None and not torch.isfinite(tensor).all():
+                raise NonFiniteActivationError(
+                    f"layer {name!r} has NaN/Inf values in its {kind}: the floating-point model is already broken "
+                    "there. Reload or repair the weights (an fp16 overflow when converting is a common cause), or "
+                    "add the layer to keep_fp")
+
+
+def warn_float_only(unet: nn.Module) -> dict[str, str]:
+    """Linear/Conv2d layers mixq leaves in floating point whatever the settings, with a warning saying why."""
+    float_only = float_only_layers(unet)
+    if float_only:
+        name, reason = next(iter(float_only.items()))
+        warnings.warn(
+            f"{len(float_only)} Linear/Conv2d layer(s) stay in floating point, e.g. {name!r}: {reason}; "
+            "mixq.summary(pipe) lists them with the reason", stacklevel=3)
+    return float_only
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -107,7 +134,7 @@ def load_calibration(calibration, unet) -> Calibration:
         loaded = Calibration.load(path)
     model = loaded.meta.get("model")
     if model and model != architecture_fingerprint(unet):
-        raise ValueError(
+        raise CalibrationFileError(
             f"these activation ranges were calibrated on another model (fingerprint {model}, this UNet is "
             f"{architecture_fingerprint(unet)}); recalibrate this model"
         )
@@ -126,9 +153,13 @@ def build_quantized_layer(module: nn.Module, info: LayerInfo, w_bits: int, a_bit
         lows, highs = r.lows, r.highs
         expected_parts = 2 if info.split_at else 1
         if len(lows) != expected_parts:
-            raise ValueError(f"activation ranges of {info.name!r} have {len(lows)} part(s), the layer needs "
+            raise CalibrationFileError(f"activation ranges of {info.name!r} have {len(lows)} part(s), the layer needs "
                              f"{expected_parts}: they come from another model; recalibrate")
         if info.bos and r.bos_input is not None:
+            if r.bos_input.numel() != module.weight.shape[1]:
+                raise CalibrationFileError(f"the token-0 input row of {info.name!r} has {r.bos_input.numel()} values, the "
+                                           f"layer takes {module.weight.shape[1]}: the ranges come from another model; "
+                                           "recalibrate")
             bos_mode, bos_input = ("cached", r.bos_input) if r.bos_constant else ("float", None)
     if info.kind == "linear":
         if simulate:
@@ -163,6 +194,8 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
     layers = quantizable_layers(unet)
     keep = resolve_keep_fp(keep_fp, layers)
     bits = resolve_bits(list(layers), keep, w_bit, a_bit, plan=plan, unet=unet)
+    check_finite_weights(unet, [n for n in layers if bits[n] != (FLOAT_BITS, FLOAT_BITS)])
+    float_only = warn_float_only(unet)
     if calibration is None:
         calibration = calibrate_ranges(pipe, prompts, num_prompts, batch_size=batch_size, seed=seed,
                                        progress=progress, layers=layers, **pipeline_kwargs)
@@ -197,6 +230,7 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
         "model": architecture_fingerprint(unet),
         "bits": {n: list(bits[n]) for n in layers},
         "keep_fp": sorted(keep),
+        "float_only": float_only,
         "not_executed": not_run,
         "bos_fallback": fallback,
         "simulate": simulate,
@@ -213,6 +247,7 @@ def summary(pipe, print_table: bool = False) -> list[dict]:
     unet = get_unet(pipe)
     info = getattr(unet, "mixq_info", {})
     float_layers = quantizable_layers(unet)
+    float_only = float_only_layers(unet)
     rows, wrapped = [], []
     for name, module in unet.named_modules():
         if any(name.startswith(prefix + ".") for prefix in wrapped):
@@ -225,15 +260,20 @@ def summary(pipe, print_table: bool = False) -> list[dict]:
         elif name in float_layers:
             layer = float_layers[name]
             rows.append(_row(name, layer.kind, FLOAT_BITS, FLOAT_BITS, layer.params, _bytes(module), None, "none"))
+        elif name in float_only:
+            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+            rows.append(_row(name, kind, FLOAT_BITS, FLOAT_BITS, module.weight.numel(), _bytes(module), None, "none",
+                             note=f"not quantized: {float_only[name]}"))
     if print_table:
         print(format_summary(rows, info))
     return rows
 
 
-def _row(name, kind, w_bits, a_bits, params, nbytes, parts, bos):
+def _row(name, kind, w_bits, a_bits, params, nbytes, parts, bos, note=None):
+    """note: why a Linear/Conv2d is not quantized when mixq cannot quantize it (None otherwise)."""
     return {"name": name, "kind": kind, "w_bits": w_bits, "a_bits": a_bits, "group": layer_group(name),
             "params": params, "bytes": nbytes, "split": list(parts) if parts and len(parts) > 1 else None,
-            "bos": bos}
+            "bos": bos, "note": note}
 
 
 def _params(module) -> int:
@@ -258,6 +298,8 @@ def format_summary(rows: list[dict], info: dict | None = None) -> str:
             notes.append(f"split {r['split']}")
         if r["bos"] != "none":
             notes.append(f"BOS {r['bos']}")
+        if r.get("note"):
+            notes.append(r["note"])
         lines.append(f"{r['name']:<60} {r['kind']:<7} {r['group']:<8} {r['w_bits']:>3} {r['a_bits']:>3} "
                      f"{r['params']:>10,} {r['bytes']:>10,}  {', '.join(notes)}")
     total_params = sum(r["params"] for r in rows)

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixq.errors import NonFiniteActivationError  # noqa: F401 (also importable from here)
+from mixq.errors import CalibrationFileError, NonFiniteActivationError  # noqa: F401 (also importable from here)
 from mixq.layers import LayerInfo
+from mixq.modules import BOS_RELATIVE_TOLERANCE
 
 EMA_MOMENTUM = 0.95
-# Token 0 counts as prompt-independent when every observation is this close to the first one
-# (relative to the row's magnitude); batch-size-dependent kernels differ by far less than this.
-BOS_RELATIVE_TOLERANCE = 1e-2
 
 
 
@@ -44,7 +42,7 @@ class Calibration:
 
     def ranges(self, name: str) -> LayerRanges:
         if name not in self.layers:
-            raise KeyError(
+            raise CalibrationFileError(
                 f"no calibrated activation range for layer {name!r}: these ranges were made for another "
                 "model or another set of layers; recalibrate (mixq.quantize without calibration=)"
             )
@@ -72,23 +70,53 @@ class Calibration:
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        from safetensors import safe_open
+        """Read a file written by save(); anything malformed raises CalibrationFileError naming the layer."""
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 index = json.loads(metadata["layers"])
-                layers = {}
-                for name, info in index.items():
-                    bos_key = f"{name}:bos_input"
-                    layers[name] = LayerRanges(
-                        lows=f.get_tensor(f"{name}:lows").tolist(), highs=f.get_tensor(f"{name}:highs").tolist(),
-                        numel=info["numel"], bos_constant=info["bos_constant"], calls=info.get("calls", 0),
-                        bos_input=f.get_tensor(bos_key) if bos_key in f.keys() else None,
-                    )
-                return cls(layers=layers, meta=json.loads(metadata.get("meta", "{}")))
-        except (KeyError, json.JSONDecodeError, OSError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a mixq activation-range file ({err}); rerun calibration") from err
+                meta = json.loads(metadata.get("meta", "{}"))
+                if not isinstance(index, dict) or not isinstance(meta, dict):
+                    raise ValueError("its 'layers' and 'meta' metadata must be JSON objects")
+                keys = set(f.keys())
+                layers = {name: read_layer_ranges(f, keys, name, info) for name, info in index.items()}
+                return cls(layers=layers, meta=meta)
+        except CalibrationFileError as err:
+            raise CalibrationFileError(f"{path}: {err}; rerun calibration") from err
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError, RecursionError, SafetensorError) as err:
+            raise CalibrationFileError(f"{path} is not a mixq activation-range file ({err}); rerun calibration") from err
+
+
+def read_layer_ranges(f, keys: set, name: str, info) -> LayerRanges:
+    """One layer's record from an open activation-range file, checked: finite ranges, low <= high."""
+    if not isinstance(info, dict):
+        raise CalibrationFileError(f"layer {name!r}: its record is {type(info).__name__}, not an object")
+    missing = [k for k in (f"{name}:lows", f"{name}:highs") if k not in keys]
+    if missing:
+        raise CalibrationFileError(f"layer {name!r}: no tensor {missing[0]!r}")
+    lows, highs = f.get_tensor(f"{name}:lows"), f.get_tensor(f"{name}:highs")
+    if lows.dim() != 1 or lows.shape != highs.shape or not 1 <= lows.numel() <= 2 or not lows.is_floating_point():
+        raise CalibrationFileError(f"layer {name!r}: lows/highs of shapes {list(lows.shape)}, {list(highs.shape)}; "
+                                   "one or two parts expected")
+    if not (torch.isfinite(lows).all() and torch.isfinite(highs).all()):
+        raise CalibrationFileError(f"layer {name!r}: the activation range holds NaN or Inf "
+                                   f"(lows {lows.tolist()}, highs {highs.tolist()})")
+    if (lows > highs).any():
+        raise CalibrationFileError(f"layer {name!r}: a low above its high (lows {lows.tolist()}, highs {highs.tolist()})")
+    numel, calls, constant = info.get("numel"), info.get("calls", 0), info.get("bos_constant")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (numel, calls)) \
+            or not isinstance(constant, bool):
+        raise CalibrationFileError(f"layer {name!r}: numel/calls must be counts and bos_constant true/false, got "
+                                   f"{numel!r}, {calls!r}, {constant!r}")
+    bos_key = f"{name}:bos_input"
+    bos_input = f.get_tensor(bos_key) if bos_key in keys else None
+    if bos_input is not None and (bos_input.dim() != 1 or not bos_input.is_floating_point()
+                                  or not torch.isfinite(bos_input).all()):
+        raise CalibrationFileError(f"layer {name!r}: the token-0 input row is not a finite vector")
+    return LayerRanges(lows=lows.tolist(), highs=highs.tolist(), numel=numel, bos_constant=constant, calls=calls,
+                       bos_input=bos_input)
 
 
 def _input_parts(x: torch.Tensor, info: LayerInfo) -> list[torch.Tensor]:

@@ -6,7 +6,8 @@
 
 A checkpoint is a folder with two files:
 
-    mixq_unet.safetensors  every buffer of every QLinear/QConv2d, named "<layer>.<buffer>": packed integer
+    mixq_unet.<hash>.safetensors
+                           every buffer of every QLinear/QConv2d, named "<layer>.<buffer>": packed integer
                            weights, per-channel scales, weight sums, activation scale/zero, BOS rows, biases
     mixq_manifest.json     format version, mixq version, the model's fingerprint, config and base hash, one
                            entry per quantized layer (kind, bits, shapes, split, BOS mode, dtype), the
@@ -35,9 +36,15 @@ What "the same model" means, and how it is checked
 - Integrity: the manifest records the size and sha256 of the tensor file (truncated or altered tensors),
   and the tensor file's metadata records the sha256 of the manifest (an edited manifest).
 
-Everything is checked before the pipeline is touched: any failure raises CheckpointError (or
-FileNotFoundError) and leaves it as it was. The manifest is written last, so an interrupted save is
-detected on load instead of pairing new tensors with an old manifest.
+Everything is checked before the pipeline is touched, the whole manifest included (types and ranges of
+every field, finite scales): any failure raises CheckpointError (or FileNotFoundError) and leaves it as
+it was.
+
+Saving is atomic as a whole. The tensor file is named by the first hex digits of its sha256 and the
+manifest, which names it, is written last with one rename: until that rename the old manifest and its
+tensor file are untouched, after it the new pair is complete. The old tensor file and temporaries of
+interrupted saves are removed after the switch (and by the next save, if the process dies first).
+Format 1 checkpoints (the fixed name mixq_unet.safetensors, no name in the manifest) still load.
 
 Format versions: FORMAT_VERSION is what this code writes. A newer version is refused with a request to
 upgrade mixq; an older one is upgraded through MIGRATIONS, one version at a time, or refused with the
@@ -48,34 +55,51 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from mixq.errors import CheckpointError  # noqa: F401 (also importable from here)
+from mixq import kernels
 from mixq._version import __version__
 from mixq.api import get_unet
-from mixq.io import atomic_path, write_text_atomic
-from mixq import kernels
-from mixq.layers import find_lora_layers, find_quantized_layers, set_submodule
-from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer, is_supported_conv
+from mixq.errors import CheckpointError, MixqError
+from mixq.io import TEMP_SUFFIX, publish, temporary_sibling
+from mixq.layers import find_lora_layers, find_quantized_layers, float_only_reason, set_submodule
+from mixq.modules import (BOS_MODES, FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer,
+                          is_supported_conv)
 from mixq.plan import architecture_fingerprint
+from mixq.quantizers import ACTIVATION_BITS, FLOAT_BITS, WEIGHT_BITS
 
-FORMAT_VERSION = 1
+# 2: the tensor file is named by its hash (weights_file.name) and BOS-cached layers store bos_input.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "mixq_manifest.json"
-WEIGHTS_NAME = "mixq_unet.safetensors"
+WEIGHTS_STEM, WEIGHTS_SUFFIX = "mixq_unet", ".safetensors"
+WEIGHTS_NAME = WEIGHTS_STEM + WEIGHTS_SUFFIX  # the tensor file of checkpoints saved before versioned names
+WEIGHTS_PATTERN = WEIGHTS_STEM + "*" + WEIGHTS_SUFFIX
+WEIGHTS_HASH_CHARS = 16  # a saved tensor file is "mixq_unet.<first 16 hex digits of its sha256>.safetensors"
 MANIFEST_HASH_KEY = "mixq_manifest_sha256"  # in the tensor file's metadata
 
 # Older format version -> a function that upgrades a manifest by one version, or a sentence that says why
 # that version cannot be read. Empty while format 1 is the only format.
-MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {}
+def _from_format_1(manifest: dict) -> dict:
+    """Format 1 had the fixed tensor-file name and no stored BOS inputs (both optional on load)."""
+    return {**manifest, "format_version": 2}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {1: _from_format_1}
 
 # A float32 save also records its base hash at these precisions (see the module docstring).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
+
+# Buffers that checkpoints saved by earlier mixq versions lack; a layer loaded without one does without
+# (bos_input: the run-time check that token 0 is still the calibrated one).
+OPTIONAL_BUFFERS = ("bos_input",)
 
 MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info", "weights_file")
 MODEL_FIELDS = ("fingerprint", "config", "base_hash")
@@ -90,7 +114,12 @@ CONV_FIELDS = ("stride", "padding")
 
 
 def save_quantized(pipe, path) -> Path:
-    """Write the quantized layers of `pipe.unet` to the folder `path` (created if needed); returns it."""
+    """Write the quantized layers of `pipe.unet` to the folder `path` (created if needed); returns it.
+
+    Saving over an existing checkpoint is atomic as a whole: the tensors go to a new file named by
+    their content hash, and the manifest naming that file replaces the old one in a single rename.
+    A crash before that rename leaves the old checkpoint loadable, after it the new one; files of
+    the old checkpoint and temporaries of interrupted saves are removed by the next save."""
     unet = get_unet(pipe)
     layers = layers_to_save(unet)
     tensors = {f"{name}.{key}": tensor.detach().contiguous().cpu()
@@ -109,13 +138,67 @@ def save_quantized(pipe, path) -> Path:
         "mixq_info": getattr(unet, "mixq_info", {}),
     })
     folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_step("start")
+    remove_stale_temporaries(folder)
+    save_step("temporaries removed")
+    manifest["weights_file"] = write_tensor_file(folder, tensors, manifest_hash(manifest))
+    save_step("tensors written")
+    with temporary_sibling(folder / MANIFEST_NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        save_step("manifest staged")
+        publish(tmp, folder / MANIFEST_NAME)  # the switch from the old checkpoint to the new one
+    save_step("manifest written")
+    remove_unreferenced_tensor_files(folder, keep=manifest["weights_file"]["name"])
+    save_step("done")
+    return folder
+
+
+# The step boundaries of save_quantized, in order (the fault-injection tests crash the save at each).
+SAVE_STEPS = ("start", "temporaries removed", "tensors staged", "tensors written", "manifest staged",
+              "manifest written", "done")
+
+
+def save_step(step: str):
+    """Called at each step boundary of save_quantized; a no-op (tests replace it to crash the save there)."""
+
+
+def write_tensor_file(folder: Path, tensors: dict, manifest_sha256: str) -> dict:
+    """The tensors as a file named by its content hash; returns the manifest's record of it."""
     from safetensors.torch import save_file
 
-    with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={MANIFEST_HASH_KEY: manifest_hash(manifest)})
-        manifest["weights_file"] = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
-    write_text_atomic(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    return folder
+    with temporary_sibling(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={MANIFEST_HASH_KEY: manifest_sha256})
+        sha256 = file_sha256(tmp)
+        record = {"name": versioned_weights_name(sha256), "bytes": tmp.stat().st_size, "sha256": sha256}
+        save_step("tensors staged")
+        publish(tmp, folder / record["name"])
+    return record
+
+
+def versioned_weights_name(sha256: str) -> str:
+    return f"{WEIGHTS_STEM}.{sha256[:WEIGHTS_HASH_CHARS]}{WEIGHTS_SUFFIX}"
+
+
+def is_weights_name(name: str) -> bool:
+    """A tensor-file name a manifest may give: the format-1 fixed name or a versioned one (no paths)."""
+    return isinstance(name, str) and (name == WEIGHTS_NAME or re.fullmatch(
+        rf"{re.escape(WEIGHTS_STEM)}\.[0-9a-f]{{{WEIGHTS_HASH_CHARS}}}{re.escape(WEIGHTS_SUFFIX)}", name) is not None)
+
+
+def remove_stale_temporaries(folder: Path):
+    """Temporary files left by interrupted saves of this folder."""
+    for name in (WEIGHTS_NAME, MANIFEST_NAME):
+        for stale in folder.glob(f".{name}.*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+
+
+def remove_unreferenced_tensor_files(folder: Path, keep: str):
+    """Tensor files of replaced checkpoints (only after the new manifest is in place), and temporaries."""
+    remove_stale_temporaries(folder)
+    for path in folder.iterdir():
+        if path.name != keep and is_weights_name(path.name):
+            path.unlink(missing_ok=True)
 
 
 def layers_to_save(unet: nn.Module) -> dict[str, QuantizedLayer]:
@@ -241,16 +324,17 @@ def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | 
     folder = checkpoint_folder(path, revision=revision, subfolder=subfolder, token=token)
     manifest = read_manifest(folder)
     check_format_version(manifest)
-    check_integrity(folder, manifest)
+    weights = weights_path(folder, manifest)
+    check_integrity(weights, manifest)
     manifest = upgrade_manifest(manifest)
-    check_manifest_fields(manifest)
+    check_manifest_fields(manifest, str(folder / MANIFEST_NAME))
 
     unet = get_unet(pipe)
     check_loadable(unet)
     check_architecture(manifest["model"], unet)
     targets = layers_to_replace(manifest["layers"], unet)
     check_base_hash(manifest["model"]["base_hash"], base_state(unet, targets))
-    replacements = build_quantized_layers(manifest["layers"], folder / WEIGHTS_NAME, targets)
+    replacements = build_quantized_layers(manifest["layers"], weights, targets)
     for layer in replacements.values():
         kernels.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
 
@@ -293,11 +377,14 @@ def download_checkpoint(repo_id: str, *, revision=None, subfolder=None, token=No
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         root = snapshot_download(repo_id, revision=revision, token=token,
-                                 allow_patterns=[prefix + MANIFEST_NAME, prefix + WEIGHTS_NAME])
+                                 allow_patterns=[prefix + MANIFEST_NAME, prefix + WEIGHTS_PATTERN])
     except Exception as err:  # network, authentication, missing repo or revision: all end here for the user
         raise CheckpointError(f"{repo_id!r} is not a local folder, and downloading it from the Hugging Face Hub "
                               f"failed: {err}") from err
     return Path(root) / prefix if prefix else Path(root)
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # an SDXL manifest is well under 1 MiB
 
 
 def read_manifest(folder: Path) -> dict:
@@ -305,10 +392,14 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{folder} holds no {MANIFEST_NAME}: not a mixq checkpoint "
                               "(mixq.save_quantized writes one)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path} has {path.stat().st_size:,} bytes, far more than a mixq manifest: the checkpoint "
+                              "is damaged or not a mixq checkpoint; save or download it again")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}): the checkpoint is damaged; "
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        detail = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise CheckpointError(f"{path} is not valid JSON ({detail}): the checkpoint is damaged; "
                               "save or download it again") from err
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path} is not a mixq manifest (a JSON object is expected)")
@@ -345,16 +436,24 @@ def upgrade_manifest(manifest: dict) -> dict:
     return manifest
 
 
-def check_integrity(folder: Path, manifest: dict):
-    """The tensor file is the one the manifest was saved with, whole, and the manifest is unedited."""
+def weights_path(folder: Path, manifest: dict) -> Path:
+    """The tensor file the manifest names (checkpoints from before versioned names: mixq_unet.safetensors)."""
     record = manifest.get("weights_file")
-    if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
-            and isinstance(record.get("sha256"), str)):
+    if not (isinstance(record, dict) and is_count(record.get("bytes")) and isinstance(record.get("sha256"), str)):
         raise CheckpointError(f"{folder / MANIFEST_NAME} has no weights_file record (bytes, sha256): it is damaged or "
-                              "was not written by mixq.save_quantized")
-    path = folder / WEIGHTS_NAME
+                              "was not written by mixq.save_quantized; save or download the checkpoint again")
+    name = record.get("name", WEIGHTS_NAME)
+    if not is_weights_name(name):
+        raise CheckpointError(f"{folder / MANIFEST_NAME} names the tensor file {name!r}, which is not a mixq tensor "
+                              "file name: the manifest is damaged; save or download the checkpoint again")
+    return folder / name
+
+
+def check_integrity(path: Path, manifest: dict):
+    """The tensor file at `path` is the one the manifest was saved with, whole, and the manifest is unedited."""
+    record, folder = manifest["weights_file"], path.parent
     if not path.is_file():
-        raise CheckpointError(f"{folder} has a manifest but no {WEIGHTS_NAME}: copy or download the whole folder")
+        raise CheckpointError(f"{folder} has a manifest but no {path.name}: copy or download the whole folder")
     size, expected = path.stat().st_size, record["bytes"]
     if size < expected:
         raise CheckpointError(f"{path} is truncated: {size:,} of {expected:,} bytes (an interrupted copy or download); "
@@ -365,29 +464,138 @@ def check_integrity(folder: Path, manifest: dict):
     if file_sha256(path) != record["sha256"]:
         raise CheckpointError(f"{path} does not match the sha256 recorded in {MANIFEST_NAME}: the file is damaged, "
                               "altered, or comes from another save; save or download the checkpoint again")
-    if stored_manifest_hash(path) != manifest_hash(manifest):
+    try:
+        expected_hash = manifest_hash(manifest)
+    except RecursionError as err:
+        raise CheckpointError(f"{folder / MANIFEST_NAME} is nested too deeply to be a mixq manifest: the checkpoint is "
+                              "damaged; save or download it again") from err
+    if stored_manifest_hash(path) != expected_hash:
         raise CheckpointError(f"{folder / MANIFEST_NAME} was edited after saving (it no longer matches the hash "
-                              f"recorded in {WEIGHTS_NAME}): restore the original manifest or save the checkpoint "
+                              f"recorded in {path.name}): restore the original manifest or save the checkpoint "
                               "again")
 
 
-def stored_manifest_hash(weights_path: Path) -> str | None:
-    from safetensors import safe_open
+@contextmanager
+def open_tensor_file(path: Path):
+    """safe_open, with a malformed file (bad header, huge header, bad offsets) reported as a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(weights_path), framework="pt") as f:
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            yield file
+    except (SafetensorError, OSError, RuntimeError, ValueError, OverflowError) as err:
+        if isinstance(err, MixqError):
+            raise
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}): the checkpoint is damaged; "
+                              "save or download it again") from err
+
+
+def stored_manifest_hash(weights_path: Path) -> str | None:
+    with open_tensor_file(weights_path) as f:
         return (f.metadata() or {}).get(MANIFEST_HASH_KEY)
 
 
-def check_manifest_fields(manifest: dict):
-    """Every field the loader reads is present (a manifest that passed the hash checks always has them)."""
+def check_manifest_fields(manifest: dict, where: str = MANIFEST_NAME):
+    """Every field the loader reads has the type and range it needs, checked before the pipe is touched
+    (hashes prove a manifest unedited, not well-formed: a re-hashed or hand-made one reaches here)."""
     missing = [f for f in MANIFEST_FIELDS if f not in manifest]
-    missing += [f"model.{f}" for f in MODEL_FIELDS if f not in manifest.get("model", {})]
-    for name, entry in manifest.get("layers", {}).items():
-        needed = LAYER_FIELDS + (CONV_FIELDS if entry.get("kind") == "conv2d" else ())
-        missing += [f"layers[{name!r}].{f}" for f in needed if f not in entry]
+    model = manifest.get("model")
+    if isinstance(model, dict):
+        missing += [f"model.{f}" for f in MODEL_FIELDS if f not in model]
     if missing:
-        raise CheckpointError(f"the manifest lacks {', '.join(missing[:5])}: it was not written by mixq.save_quantized "
-                              "or is damaged")
+        raise CheckpointError(f"{where} lacks {', '.join(missing[:5])}: it was not written by mixq.save_quantized "
+                              "or is damaged; save or download the checkpoint again")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise CheckpointError(f"{where} is malformed ({'; '.join(problems[:3])}"
+                              f"{f'; and {len(problems) - 3} more' if len(problems) > 3 else ''}): it was not "
+                              "written by mixq.save_quantized or is damaged; save or download the checkpoint again")
+
+
+def manifest_problems(manifest: dict) -> list[str]:
+    problems = []
+    model = manifest["model"]
+    if not isinstance(model, dict):
+        return ["model is not an object"]
+    if not isinstance(model["fingerprint"], str):
+        problems.append("model.fingerprint is not a string")
+    if not isinstance(model["config"], dict):
+        problems.append("model.config is not an object")
+    problems += base_hash_problems(model["base_hash"])
+    if not isinstance(manifest["mixq_info"], dict):
+        problems.append(f"mixq_info is {type(manifest['mixq_info']).__name__}, not an object")
+    layers = manifest["layers"]
+    if not isinstance(layers, dict) or not layers:
+        return problems + ["layers is not a non-empty object"]
+    for name, entry in layers.items():
+        problems += [f"layers[{name!r}]: {p}" for p in layer_entry_problems(entry)]
+    return problems
+
+
+def base_hash_problems(record) -> list[str]:
+    if not isinstance(record, dict):
+        return ["model.base_hash is not an object"]
+    problems = []
+    if not is_dtype_name(record.get("dtype")):
+        problems.append(f"model.base_hash.dtype {record.get('dtype')!r} is not one of {sorted(FLOAT_DTYPES)}")
+    hashes = record.get("sha256")
+    if not (isinstance(hashes, dict) and hashes and all(is_dtype_name(k) and isinstance(v, str)
+                                                        for k, v in hashes.items())):
+        problems.append("model.base_hash.sha256 is not an object of dtype -> hash")
+    if not is_count(record.get("tensors")):
+        problems.append("model.base_hash.tensors is not a count")
+    return problems
+
+
+MAX_FEATURES = 1 << 20  # channels of one layer; far above any UNet, far below an allocation that would hurt
+
+
+def is_dtype_name(value) -> bool:
+    return isinstance(value, str) and value in FLOAT_DTYPES
+
+
+def is_count(value, low: int = 0, high: int = 1 << 40) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def is_pair(value, low: int, high: int = 64) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(is_count(v, low, high) for v in value)
+
+
+def layer_entry_problems(entry) -> list[str]:
+    """Why one manifest layer entry cannot describe a QLinear/QConv2d (empty when it can)."""
+    if not isinstance(entry, dict):
+        return ["not an object"]
+    kind = entry.get("kind")
+    needed = LAYER_FIELDS + (CONV_FIELDS if kind == "conv2d" else ())
+    missing = [f for f in needed if f not in entry]
+    if missing:
+        return [f"lacks {', '.join(missing)}"]
+    problems = []
+    if kind not in ("linear", "conv2d"):
+        problems.append(f"kind {kind!r} is not linear or conv2d")
+    w, a = entry["w_bits"], entry["a_bits"]
+    if not (is_count(w) and w in (*WEIGHT_BITS, FLOAT_BITS)) or not (is_count(a) and a in (*ACTIVATION_BITS, FLOAT_BITS)) \
+            or (w, a) == (FLOAT_BITS, FLOAT_BITS):
+        problems.append(f"bits (w {w!r}, a {a!r}) are not a quantized pair of {WEIGHT_BITS}/{ACTIVATION_BITS}/16")
+    if not is_count(entry["in_features"], 1, MAX_FEATURES) or not is_count(entry["out_features"], 1, MAX_FEATURES):
+        problems.append("in_features/out_features are not counts of channels")
+    if not is_pair(entry["kernel_size"], 1) or (kind == "linear" and entry["kernel_size"] != [1, 1]):
+        problems.append(f"kernel_size {entry['kernel_size']!r} is not a pair of sizes (1, 1 for linear)")
+    if kind == "conv2d" and not (is_pair(entry["stride"], 1) and is_pair(entry["padding"], 0)):
+        problems.append("stride/padding are not pairs of counts")
+    split = entry["split_at"]
+    if split is not None and not (is_count(split, 1) and is_count(entry["in_features"]) and split < entry["in_features"]):
+        problems.append(f"split_at {split!r} is not inside the input channels")
+    if not (isinstance(entry["part_sizes"], list) and all(is_count(p, 1) for p in entry["part_sizes"])):
+        problems.append("part_sizes is not a list of counts")
+    if entry["bos_mode"] not in BOS_MODES or (entry["bos_mode"] != "none" and kind != "linear"):
+        problems.append(f"bos_mode {entry['bos_mode']!r} is not one of {BOS_MODES} (none for conv2d)")
+    if not isinstance(entry["has_bias"], bool):
+        problems.append("has_bias is not true/false")
+    if entry["dtype"] is not None and not is_dtype_name(entry["dtype"]):
+        problems.append(f"dtype {entry['dtype']!r} is not one of {sorted(FLOAT_DTYPES)}")
+    return problems
 
 
 def check_loadable(unet: nn.Module):
@@ -442,6 +650,8 @@ def layers_to_replace(entries: dict, unet: nn.Module) -> dict[str, nn.Module]:
 
 def layer_mismatch(entry: dict, module: nn.Module) -> str | None:
     """Why the float `module` cannot be replaced by the layer `entry` describes, or None."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and float_only_reason(module):
+        return f"mixq keeps this layer in floating point: {float_only_reason(module)}"
     if entry["kind"] == "linear" and isinstance(module, nn.Linear):
         found = {"in_features": module.in_features, "out_features": module.out_features}
     elif entry["kind"] == "conv2d" and isinstance(module, nn.Conv2d):
@@ -480,14 +690,19 @@ def check_base_hash(record: dict, state: dict[str, torch.Tensor]):
 def build_quantized_layers(entries: dict, weights_path: Path,
                            targets: dict[str, nn.Module]) -> dict[str, QuantizedLayer]:
     """Every layer of the checkpoint, built empty and filled from the tensor file; no float weights are made."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights_path), framework="pt") as file:
+    with open_tensor_file(weights_path) as file:
         stored = set(file.keys())
         layers = {}
         for name, entry in entries.items():
             float_layer = targets[name]
-            layers[name] = load_layer(name, entry, file, stored, float_layer.weight.dtype, float_layer.weight.device)
+            try:
+                layers[name] = load_layer(name, entry, file, stored, float_layer.weight.dtype,
+                                          float_layer.weight.device)
+            except (ValueError, TypeError, RuntimeError) as err:  # a manifest entry no layer can be built from
+                if isinstance(err, MixqError):
+                    raise
+                raise CheckpointError(f"layer {name!r} of {MANIFEST_NAME} cannot be rebuilt ({err}): the checkpoint "
+                                      "is damaged; save or download it again") from err
     expected = {f"{name}.{key}" for name, layer in layers.items() for key in layer.state_dict()}
     unexpected = sorted(stored - expected)
     if unexpected:
@@ -506,6 +721,9 @@ def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtyp
     state = {}
     for key, target in layer.state_dict().items():
         full = f"{name}.{key}"
+        if full not in stored and key in OPTIONAL_BUFFERS:
+            setattr(layer, key, None)
+            continue
         if full not in stored:
             raise CheckpointError(f"the tensor file has no {full!r}, which the manifest's layer needs: "
                                   "save the checkpoint again")
@@ -515,6 +733,9 @@ def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtyp
             raise CheckpointError(f"tensor {full!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, the "
                                   f"manifest's layer needs {dtype_name(saved.dtype)} {list(saved.shape)}: save the "
                                   "checkpoint again")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor {full!r} holds NaN or Inf values: the checkpoint is damaged or was made "
+                                  "from a model with non-finite weights; quantize and save it again")
         state[key] = tensor.to(device=device, dtype=target.dtype)
     layer.load_state_dict(state, strict=True, assign=True)  # replaces the meta buffers
     return layer

@@ -9,21 +9,69 @@ from pathlib import Path
 
 import yaml
 
+from mixq.errors import ConfigError
+
+TEMP_SUFFIX = ".tmp"
+
 
 @contextmanager
 def atomic_path(path):
     """Yields a temporary path in the same folder; on success it replaces `path` atomically."""
+    with temporary_sibling(path) as tmp:
+        yield tmp
+        publish(tmp, path)
+
+
+@contextmanager
+def temporary_sibling(path):
+    """Yields a fresh temporary file beside `path` (".<name>.*.tmp"); removed if the block fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; results are meant to be shared
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish(tmp, path):
+    """Rename the finished `tmp` to `path` in one step.
+
+    The file gets the mode the user's umask gives new files, set after the write: writers such as
+    safetensors recreate the file with mode 0600, and results are meant to be shared."""
+    apply_umask(tmp)
+    sync_file(tmp)
+    os.replace(tmp, path)
+    sync_folder(Path(path).parent)
+
+
+def apply_umask(path):
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def sync_file(path):
+    """Flush the file to disk, so a rename never publishes a file the disk does not hold yet."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder):
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -41,11 +89,38 @@ def write_yaml_atomic(path, data):
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def read_yaml(path):
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with the same key twice (plain YAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml(path, error: type[Exception] = ConfigError):
+    """The YAML document at `path` (safe types only, duplicate keys refused); bad files raise `error`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise error(f"{path} is not UTF-8 text ({err}): save it as UTF-8") from err
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
+        raise error(f"{path} is not valid YAML: {err}; fix the file or write it again") from err
+    except RecursionError as err:
+        raise error(f"{path} is nested too deeply to be a mixq file; write it again") from err

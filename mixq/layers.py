@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from mixq.errors import ConfigError
 from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QuantizedLayer, is_supported_conv
 
 CONTENT_COMPONENTS = ("attn2", "ff")  # cross-attention and feed-forward: judged on the image (SSIM)
@@ -86,21 +87,49 @@ def _mid_block_channels(unet):
 
 
 def quantizable_layers(unet: nn.Module) -> dict[str, LayerInfo]:
-    """Every nn.Linear and supported nn.Conv2d of the UNet, in module order."""
+    """Every nn.Linear and nn.Conv2d of the UNet that mixq can replace exactly, in module order."""
     splits = up_block_split_points(unet)
     layers = {}
     for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear):
-            kind = "linear"
-        elif isinstance(module, nn.Conv2d) and is_supported_conv(module):
-            kind = "conv2d"
-        else:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or float_only_reason(module):
             continue
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         layers[name] = LayerInfo(
             name=name, kind=kind, group=layer_group(name), params=module.weight.numel(),
             split_at=splits.get(name), bos=kind == "linear" and is_bos_layer(name),
         )
     return layers
+
+
+def float_only_layers(unet: nn.Module) -> dict[str, str]:
+    """name -> why, for every Linear/Conv2d that mixq leaves in floating point whatever the settings."""
+    return {name: reason for name, module in unet.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and (reason := float_only_reason(module))}
+
+
+# Subclasses whose forward is the plain op while they hold no adapter (diffusers' LoRA-compatible layers).
+PLAIN_WHEN_NO_ADAPTER = ("LoRACompatibleLinear", "LoRACompatibleConv")
+
+
+def float_only_reason(module: nn.Module) -> str | None:
+    """Why mixq cannot replace this Linear/Conv2d by a quantized layer, or None if it can."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if has_custom_forward(module, base):
+        # QLinear/QConv2d compute the plain op: a subclass's own forward would be silently dropped.
+        return f"{type(module).__name__} has its own forward, which a quantized layer would not run"
+    if base is nn.Conv2d and not is_supported_conv(module):
+        return (f"Conv2d with groups={module.groups}, dilation={tuple(module.dilation)}, padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r} (quantized: groups 1, dilation 1, numeric zero padding)")
+    return None
+
+
+def has_custom_forward(module: nn.Module, base: type) -> bool:
+    cls = type(module)
+    if cls is base:
+        return False
+    if cls.__name__ in PLAIN_WHEN_NO_ADAPTER and getattr(module, "lora_layer", None) is None:
+        return False
+    return any(getattr(cls, method, None) is not getattr(base, method, None) for method in ("forward", "_conv_forward"))
 
 
 def resolve_keep_fp(keep_fp, layer_names) -> set[str]:
@@ -113,7 +142,7 @@ def resolve_keep_fp(keep_fp, layer_names) -> set[str]:
     for pattern in patterns:
         matched = [n for n in layer_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not matched and keep_fp is not None:
-            raise ValueError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer of this UNet "
+            raise ConfigError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer of this UNet "
                              f"(names look like {next(iter(layer_names), '?')!r}; glob patterns are allowed)")
         kept.update(matched)
     return kept

@@ -19,6 +19,8 @@ dequantized weights instead ("float").
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,6 +42,38 @@ from mixq.quantizers import (
 )
 
 BOS_MODES = ("none", "cached", "float")
+# Token 0 counts as prompt-independent when every observation is this close to the first one
+# (relative to the row's magnitude); batch-size-dependent kernels differ by far less than this.
+BOS_RELATIVE_TOLERANCE = 1e-2
+
+
+class BosMismatchWarning(UserWarning):
+    """Token 0 of the text embedding differs from the one the cached BOS rows were calibrated with."""
+
+
+def bos_row_matches(rows: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Every row of `rows` [B, K] is the calibrated token-0 input `reference` [K], within tolerance."""
+    reference = reference.to(rows.device, torch.float32)
+    deviation = (rows.float() - reference).abs().amax()
+    return bool(deviation <= BOS_RELATIVE_TOLERANCE * reference.abs().amax().clamp_min(1e-6))
+
+
+def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None) -> torch.Tensor:
+    """`y` with NaN wherever the float layer's output would depend on a NaN/Inf input element.
+
+    Quantizing an activation maps NaN/Inf to ordinary integer codes, so the integer and fake-quant paths
+    alone would turn a broken input into plausible numbers. Checked around the kernel call, without a
+    host sync: a row-wise flag for Linear (any non-finite feature poisons the row), the input's non-finite
+    map pushed through the convolution's window for Conv2d (`conv` = (kernel_size, stride, padding)).
+    Where float would give +-Inf this gives NaN: non-finite either way."""
+    if conv is None:
+        poisoned = ~torch.isfinite(x).all(dim=-1, keepdim=True)
+    else:
+        kernel_size, stride, padding = conv
+        bad = (~torch.isfinite(x)).any(dim=1, keepdim=True).float()
+        window = torch.ones(1, 1, *kernel_size, device=x.device)
+        poisoned = F.conv2d(bad, window, stride=stride, padding=padding) > 0
+    return y.masked_fill(poisoned, float("nan"))
 
 
 @torch.no_grad()
@@ -107,6 +141,8 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("x_zero", torch.zeros(parts, **f32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if has_bias else None)
         self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if bos_mode == "cached" else None)
+        # The calibrated token-0 input the stored row was computed from: checked on every call (see QLinear).
+        self.register_buffer("bos_input", torch.zeros(in_features, dtype=dtype, device=device) if bos_mode == "cached" else None)
 
     # --- construction from a float layer ---------------------------------------------------------
 
@@ -195,7 +231,9 @@ class QuantizedLayer(nn.Module):
         kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
-            self._buffers[name] = tensor.to(fn(torch.empty(0, device=tensor.device)).device)
+            device = fn(torch.empty(0, device=tensor.device)).device
+            # A meta tensor has no data to copy (unet.to_empty(device=...)): allocate it uninitialised there.
+            self._buffers[name] = torch.empty_like(tensor, device=device) if tensor.is_meta else tensor.to(device)
         return self
 
     def state_bytes(self) -> int:
@@ -222,6 +260,7 @@ class QLinear(QuantizedLayer):
             if bos_input is None:
                 raise ValueError("bos_mode='cached' needs the calibrated BOS input row")
             layer.bos_output.copy_(bos_output_row(linear, bos_input))
+            layer.bos_input.copy_(bos_input.detach().reshape(-1))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,22 +270,35 @@ class QLinear(QuantizedLayer):
         return self._body(x)
 
     def _bos_rows(self, x):
-        if self.bos_mode == "cached":
+        if self.bos_mode == "cached" and self._bos_input_is_calibrated(x[:, 0]):
             return self.bos_output.to(x.dtype).expand(x.shape[0], 1, -1)
         return F.linear(x[:, :1], self.float_weight(x.dtype), self.bias)
+
+    def _bos_input_is_calibrated(self, rows) -> bool:
+        """False (with a warning) when token 0 differs from the calibrated one, e.g. a zeroed negative
+        embedding under classifier-free guidance after calibrating without guidance: the stored row would
+        then be wrong, so token 0 is computed from the input instead (the "float" BOS mode)."""
+        if self.bos_input is None or bos_row_matches(rows, self.bos_input):
+            return True  # (checkpoints saved before bos_input was stored cannot be checked)
+        warnings.warn(
+            "token 0 of the text embedding differs from the one mixq calibrated its cached cross-attention rows "
+            "with (e.g. calibrated with guidance_scale <= 1, served with classifier-free guidance and a zeroed "
+            "negative prompt): computing token 0 from the input instead, which is slower. Calibrate with the "
+            "guidance and negative prompt you serve with.", BosMismatchWarning, stacklevel=3)
+        return False
 
     def _body(self, x):
         if self.a_bits == FLOAT_BITS:
             return F.linear(x, self.float_weight(x.dtype), self.bias)
         if self.w_bits == FLOAT_BITS:
-            return F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias)
+            return propagate_non_finite(x, F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias))
         y = self._integer_parts(
             x.reshape(-1, self.in_features),
             lambda xp, qw, ws, xs, xz, b: kernels.quantized_linear(
                 xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b
             ),
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return propagate_non_finite(x, y.reshape(*x.shape[:-1], self.out_features))
 
 
 class QConv2d(QuantizedLayer):
@@ -279,17 +331,20 @@ class QConv2d(QuantizedLayer):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a_bits == FLOAT_BITS or self.w_bits == FLOAT_BITS:
-            if self.w_bits == FLOAT_BITS:
-                x = self._fake_quantized_input(x, 1)
+        if self.a_bits == FLOAT_BITS:
             return F.conv2d(x, self.float_weight(x.dtype), self.bias, self.stride, self.padding)
-        return self._integer_parts(
-            x,
-            lambda xp, qw, ws, xs, xz, b: kernels.quantized_conv2d(
-                xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
-                self.kernel_size, self.stride, self.padding,
-            ),
-        )
+        if self.w_bits == FLOAT_BITS:
+            y = F.conv2d(self._fake_quantized_input(x, 1), self.float_weight(x.dtype), self.bias, self.stride,
+                         self.padding)
+        else:
+            y = self._integer_parts(
+                x,
+                lambda xp, qw, ws, xs, xz, b: kernels.quantized_conv2d(
+                    xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
+                    self.kernel_size, self.stride, self.padding,
+                ),
+            )
+        return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding))
 
 
 def check_supported_conv(conv: nn.Conv2d):
@@ -352,6 +407,10 @@ class FakeQuantLayer(nn.Module):
         """op(input, weight, bias) is the layer's float op (F.linear or a conv)."""
         if self.a_bits == FLOAT_BITS:
             return op(x, self.float_weight(x.dtype), self.inner.bias)
+        conv = None if self.kind == "linear" else (self.inner.kernel_size, self.inner.stride, self.inner.padding)
+        return propagate_non_finite(x, self._simulate_quantized_input(x, channel_dim, op), conv)
+
+    def _simulate_quantized_input(self, x, channel_dim, op):
         if self.w_bits == FLOAT_BITS:
             chunks = x.split(self.part_sizes, dim=channel_dim)
             fq = [fake_quantize_activation(c, self.x_scale[p], self.x_zero[p], self.a_bits) for p, c in enumerate(chunks)]

@@ -12,11 +12,12 @@ is accepted too):
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch.nn as nn
 
-from mixq.errors import PlanMismatchError  # noqa: F401 (also importable from here)
+from mixq.errors import ConfigError, PlanMismatchError
 from mixq.io import read_yaml
 from mixq.quantizers import FLOAT_BITS, check_activation_bits, check_weight_bits
 
@@ -56,30 +57,37 @@ def read_plan(plan) -> tuple[dict[str, tuple[int, int]], dict]:
     """A mapping or YAML path -> ({name: (w_bits, a_bits)}, metadata)."""
     source = plan
     if isinstance(plan, (str, Path)):
-        plan = read_yaml(plan)
+        plan = read_yaml(plan, error=PlanMismatchError)
     if not isinstance(plan, dict):
-        raise ValueError(f"plan {source!r} must be a mapping of layer name -> {{w_bits, a_bits}}")
+        raise PlanMismatchError(f"plan {source!r} must be a mapping of layer name -> {{w_bits, a_bits}}")
     meta = {}
     if "layers" in plan and isinstance(plan["layers"], dict):
         meta = {k: v for k, v in plan.items() if k != "layers"}
         plan = plan["layers"]
     bits = {}
     for name, entry in plan.items():
+        if not isinstance(name, str):
+            raise PlanMismatchError(f"plan {source!r}: layer names must be strings, got {name!r}")
         try:
             w, a = (entry["w_bits"], entry["a_bits"]) if isinstance(entry, dict) else entry
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"plan entry for {name!r} must be {{w_bits: W, a_bits: A}}, got {entry!r}") from None
+            raise PlanMismatchError(f"plan entry for {name!r} must be {{w_bits: W, a_bits: A}}, got {entry!r}") from None
         try:
+            if isinstance(w, bool) or isinstance(a, bool):
+                raise ValueError(f"bit-widths must be numbers, got {w!r}, {a!r}")
             bits[name] = (check_weight_bits(w), check_activation_bits(a))
-        except ValueError as err:
-            raise ValueError(f"plan entry for {name!r}: {err}") from None
+        except (ValueError, TypeError) as err:
+            raise PlanMismatchError(f"plan entry for {name!r}: {err}") from None
     return bits, meta
 
 
 def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=None, unet=None) -> dict[str, tuple[int, int]]:
     """The (w_bits, a_bits) of every layer: keep_fp layers 16/16, the rest from the plan or uniform."""
-    check_weight_bits(w_bit)
-    check_activation_bits(a_bit)
+    try:
+        check_weight_bits(w_bit)
+        check_activation_bits(a_bit)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if plan is None:
         bits = {n: (w_bit, a_bit) for n in layer_names}
     else:
@@ -90,7 +98,18 @@ def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=No
                 f"{architecture_fingerprint(unet)}): calibrate this model with `python -m mixq.calibrate`"
             )
         check_plan_covers(bits, layer_names, keep_fp)
+        warn_plan_overridden(bits, keep_fp)
     return {n: (FLOAT_BITS, FLOAT_BITS) if n in keep_fp else bits[n] for n in layer_names}
+
+
+def warn_plan_overridden(bits: dict, keep_fp: set[str]):
+    """A plan that quantizes a layer keep_fp keeps in floating point (conv_in/conv_out by default) loses."""
+    overridden = sorted(n for n in keep_fp if n in bits and bits[n] != (FLOAT_BITS, FLOAT_BITS))
+    if overridden:
+        warnings.warn(
+            f"the plan gives bits to {len(overridden)} layer(s) that keep_fp keeps in floating point "
+            f"({', '.join(overridden[:3])}); they stay in floating point. Pass keep_fp=[] (or a list without them) to "
+            "quantize them as the plan says", stacklevel=4)
 
 
 def check_plan_covers(bits: dict, layer_names, keep_fp: set[str]):

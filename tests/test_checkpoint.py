@@ -14,7 +14,7 @@ import torch
 
 import mixq
 from mixq import checkpoint
-from mixq.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, CheckpointError
+from mixq.checkpoint import MANIFEST_NAME, CheckpointError
 from mixq.layers import quantizable_layers
 from mixq.modules import QConv2d, QLinear, QuantizedLayer
 from mixq.offline import tiny_sdxl_pipeline
@@ -57,6 +57,10 @@ def assert_load_fails(pipe, path, match, error=CheckpointError, **kwargs):
     assert_same_state(after["state"], before["state"])
 
 
+def tensor_file(folder: Path) -> Path:
+    return checkpoint.weights_path(folder, json.loads((folder / MANIFEST_NAME).read_text()))
+
+
 def copy_checkpoint(folder, tmp_path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "copy"))
 
@@ -94,7 +98,7 @@ def w4a8(_tiny_sdxl_master, sdxl_call, tmp_path_factory):
 
 
 def test_uniform_w4a8_round_trip_is_bit_identical(w4a8, tiny_sdxl, sdxl_call):
-    assert sorted(p.name for p in w4a8.folder.iterdir()) == sorted([MANIFEST_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in w4a8.folder.iterdir()) == sorted([MANIFEST_NAME, tensor_file(w4a8.folder).name])
     assert not torch.equal(w4a8.output, unet_output(tiny_sdxl.unet, sdxl_call))  # it is quantized
 
     loaded = mixq.load_quantized(tiny_sdxl, w4a8.folder)
@@ -205,16 +209,16 @@ def test_other_weights_of_the_same_architecture_are_refused(w4a8, tiny_sdxl):
 
 def test_truncated_file_is_refused(w4a8, tiny_sdxl, tmp_path):
     folder = copy_checkpoint(w4a8.folder, tmp_path)
-    data = (folder / WEIGHTS_NAME).read_bytes()
-    (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    data = tensor_file(folder).read_bytes()
+    tensor_file(folder).write_bytes(data[: len(data) // 2])
     assert_load_fails(tiny_sdxl, folder, match="truncated")
 
 
 def test_altered_tensor_file_is_refused(w4a8, tiny_sdxl, tmp_path):
     folder = copy_checkpoint(w4a8.folder, tmp_path)
-    data = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    data = bytearray(tensor_file(folder).read_bytes())
     data[-5] ^= 0xFF  # one packed weight byte: same size, still valid safetensors
-    (folder / WEIGHTS_NAME).write_bytes(bytes(data))
+    tensor_file(folder).write_bytes(bytes(data))
     assert_load_fails(tiny_sdxl, folder, match="does not match the sha256")
 
 
@@ -240,15 +244,40 @@ def test_unknown_format_version_is_refused(w4a8, tiny_sdxl, tmp_path):
 
 
 def test_older_format_versions_migrate_or_say_why_not(w4a8, _tiny_sdxl_master, monkeypatch):
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)  # the saved format 1 is now the older one
-    assert_load_fails(copy.deepcopy(_tiny_sdxl_master), w4a8.folder, match="no migration from format 1 to 2")
+    saved, newer = checkpoint.FORMAT_VERSION, checkpoint.FORMAT_VERSION + 1
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", newer)  # the saved format is now the older one
+    assert_load_fails(copy.deepcopy(_tiny_sdxl_master), w4a8.folder, match=f"no migration from format {saved} to {newer}")
 
-    monkeypatch.setitem(checkpoint.MIGRATIONS, 1, "format 1 stored weights in another order")
+    monkeypatch.setitem(checkpoint.MIGRATIONS, saved, f"format {saved} stored weights in another order")
     assert_load_fails(copy.deepcopy(_tiny_sdxl_master), w4a8.folder, match="cannot be read .*another order")
 
-    monkeypatch.setitem(checkpoint.MIGRATIONS, 1, lambda manifest: {**manifest, "format_version": 2})
+    monkeypatch.setitem(checkpoint.MIGRATIONS, saved, lambda manifest: {**manifest, "format_version": newer})
     loaded = mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), w4a8.folder)
     assert_same_state(loaded.unet.state_dict(), w4a8.pipe.unet.state_dict())
+
+
+def test_format_1_checkpoints_still_load(w4a8, tiny_sdxl, tmp_path):
+    """Format 1: the fixed tensor-file name, no name in the manifest, no stored BOS inputs."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_checkpoint(w4a8.folder, tmp_path)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    path = tensor_file(folder)
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".bos_input")}
+    manifest["format_version"] = 1
+    del manifest["weights_file"]["name"]
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {**f.metadata(), checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
+    path.unlink()
+    old = folder / checkpoint.WEIGHTS_NAME
+    save_file(tensors, str(old), metadata=metadata)
+    manifest["weights_file"].update(bytes=old.stat().st_size, sha256=checkpoint.file_sha256(old))
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    loaded = mixq.load_quantized(tiny_sdxl, folder)
+    expected = {k: v for k, v in w4a8.pipe.unet.state_dict().items() if not k.endswith(".bos_input")}
+    assert_same_state(loaded.unet.state_dict(), expected)
 
 
 def test_not_a_checkpoint_is_refused(tiny_sdxl, tmp_path, monkeypatch):
@@ -283,7 +312,7 @@ def test_failed_save_keeps_the_previous_checkpoint(w4a8, tiny_sdxl, tmp_path, mo
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         mixq.save_quantized(w4a8.pipe, folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST_NAME, WEIGHTS_NAME])  # no temp files
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST_NAME, tensor_file(folder).name])  # no temp files
     mixq.load_quantized(tiny_sdxl, folder)
 
 
@@ -305,7 +334,7 @@ def test_hub_repo_id_downloads_only_the_checkpoint_files(w4a8, _tiny_sdxl_master
                                  subfolder="w4a8")
 
     assert calls == [("someone/tiny-sdxl-mixq", {"revision": "v1", "token": None,
-                                                 "allow_patterns": [f"w4a8/{MANIFEST_NAME}", f"w4a8/{WEIGHTS_NAME}"]})]
+                                                 "allow_patterns": [f"w4a8/{MANIFEST_NAME}", f"w4a8/{checkpoint.WEIGHTS_PATTERN}"]})]
     assert_same_state(loaded.unet.state_dict(), w4a8.pipe.unet.state_dict())
 
 

@@ -239,8 +239,13 @@ def test_nan_activations_name_the_layer(tiny_sdxl):
     with torch.no_grad():
         victim.weight[0, 0] = float("nan")
     before = copy.deepcopy(tiny_sdxl.unet.state_dict())
+    # Kept in floating point, the layer's NaN output reaches the next quantized layer, which is named.
     with pytest.raises(mixq.NonFiniteActivationError, match="mid_block.attentions.0.transformer_blocks.0.norm1|"
                        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"):
+        mixq.quantize(tiny_sdxl, 8, 8, keep_fp=["conv_in", "conv_out", "mid_block.attentions.0.proj_in"], **CALIB)
+    assert_untouched(tiny_sdxl, before)
+    # To be quantized, its weight is refused before calibration, naming it.
+    with pytest.raises(mixq.NonFiniteActivationError, match="'mid_block.attentions.0.proj_in' has NaN/Inf .* weight"):
         mixq.quantize(tiny_sdxl, 8, 8, **CALIB)
     assert_untouched(tiny_sdxl, before)
     assert not any(m._forward_pre_hooks for m in tiny_sdxl.unet.modules())  # observers removed
