@@ -93,6 +93,14 @@ def shard(names: list[str], world: World) -> list[str]:
     return names[world.rank::world.size]
 
 
+def merge_shard_rows(row_sets: list[dict], layer_order) -> dict:
+    """One table from several processes' rows, in `layer_order` (the order a single process writes)."""
+    merged = {}
+    for rows in row_sets:
+        merged.update(rows)
+    return {name: merged[name] for name in layer_order if name in merged}
+
+
 # --- shard files ---------------------------------------------------------------------------------
 
 

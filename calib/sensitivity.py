@@ -8,7 +8,7 @@ at each candidate bit-width) with fake-quant twins, the rest of the model in flo
 Precision. In half precision one layer's effect drowns in rounding noise: any change to one layer
 re-rounds every later operation, so on the full-size SDXL-Turbo UNet in bf16 every candidate of
 every layer scores about 40 dB, W2 and W8 alike. The pass therefore runs the UNet and VAE in
-float32 (full fp32 matmuls on CUDA too: TF32 rounds matmul inputs to fp16's 10 mantissa bits)
+float32 (text encoders too; full fp32 matmuls on CUDA too: TF32 rounds matmul inputs to fp16's 10 mantissa bits)
 against a float32 reference recomputed on the same inputs, whatever the serving dtype; casting
 fp16/bf16 weights to fp32 and back is exact. The noise floor of that measurement (the score of a
 change exact arithmetic would not see: one layer's weights moved by one unit in the last place) is
@@ -34,8 +34,8 @@ import torch
 
 from mixq.api import build_quantized_layer
 from mixq.calib.collect import Reference, run_unet, to_device
-from mixq.calib.distributed import (World, current_world, read_all_shards, remove_all_shards, remove_shards, shard,
-                                    write_shard)
+from mixq.calib.distributed import (World, current_world, merge_shard_rows, read_all_shards, remove_all_shards,
+                                    remove_shards, shard, write_shard)
 from mixq.calib.pipeline import generate
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError
@@ -153,9 +153,10 @@ def full_precision_matmuls():
 
 @contextmanager
 def measurement_precision(pipe):
-    """The UNet and VAE in the measurement dtype, restored afterwards (fp16/bf16 -> fp32 -> back is exact)."""
+    """The pipeline's models in the measurement dtype, restored afterwards (fp16/bf16 -> fp32 -> back is
+    exact). The text encoders too: the pipeline casts given text embeddings to their dtype."""
     target = measurement_dtype(pipe.unet.dtype)
-    modules = [m for m in (pipe.unet, getattr(pipe, "vae", None)) if m is not None]
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     originals = [m.dtype for m in modules]
     try:
         for module, dtype in zip(modules, originals):
@@ -346,10 +347,7 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
 
 def merge_shards(world: World, table_path: Path, layers: dict, known: dict, mine: dict, measurement) -> dict:
     """Every process's rows to everyone; process 0 writes the table, then the shards go."""
-    merged = dict(known)
-    for rows in world.all_gather(mine):
-        merged.update(rows)
-    merged = in_layer_order(merged, layers)
+    merged = merge_shard_rows([known, *world.all_gather(mine)], layers)
     if world.is_main:
         write_table(table_path, measurement, merged)
     world.barrier()  # the merged table is on disk before any shard disappears
