@@ -215,6 +215,21 @@ def measure_noise_floor(evaluator: Evaluator, unet, probes: list[str]) -> dict:
             "probe_layers": list(probes), "sqnr_db": min(sqnrs), "ssim": min(ssims)}
 
 
+def load_measurement(path) -> dict | None:
+    """The table's record of how it was measured (dtype, serving dtype, noise floor); None for old tables."""
+    return read_table_file(path).get("measurement")
+
+
+def noise_floor_line(measurement: dict | None) -> str:
+    """One sentence for the report, next to the scores."""
+    if not measurement:
+        return "Noise floor: not recorded (table measured by an older mixq)."
+    floor = measurement["noise_floor"]
+    return (f"Measured in {measurement['dtype']} (serving dtype {measurement['serving_dtype']}); noise floor "
+            f"(one layer moved by one unit in the last place): UNet SQNR {floor['sqnr_db']:.1f} dB, image SSIM "
+            f"1 - {1 - floor['ssim']:.1e}. Scores near the floor are not resolved.")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
