@@ -83,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--flops", action="store_true", help="count one UNet call's FLOPs (batch 1)")
     parser.add_argument("--batch-timing", type=int, default=0, help="time one fp32 UNet call at this batch")
     parser.add_argument("--vae-config", default=None, help="time one decode of this VAE config at --size (fp32)")
+    parser.add_argument("--skip-floor", action="store_true", help="no noise floor in the measurement dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -141,6 +142,7 @@ def main(argv=None):
             with counter:
                 run_unet(unet, precise.calls[0])
             result["unet_flops_batch1"] = counter.get_total_flops() / len(prompts[:args.prompts])
+            save()
         if args.batch_timing:
             args_, kw, _ = precise.calls[0]
             repeat = lambda t: t.expand(args.batch_timing, *t.shape[1:]).contiguous() if t.dim() else t  # noqa: E731
@@ -159,8 +161,9 @@ def main(argv=None):
             _, result[f"unet_call_batch{args.batch_timing}_s"] = timed(lambda: run_unet(unet, call))
             _, result["unet_call_batch1_s"] = timed(lambda: run_unet(unet, precise.calls[0]))
             save()
-        result["floor"], result["floor_s"] = timed(lambda: measure_noise_floor(precise, unet, probes))
-        print(f"floor {result['floor']} ({result['floor_s']:.1f} s)", flush=True)
+        if not args.skip_floor:
+            result["floor"], result["floor_s"] = timed(lambda: measure_noise_floor(precise, unet, probes))
+            print(f"floor {result['floor']} ({result['floor_s']:.1f} s)", flush=True)
         result["rows"] = {}
         for name in sample:
             row, seconds = timed(lambda: measure_layer(precise, unet, layers[name], calibration, candidates(name)))
