@@ -300,14 +300,34 @@ def check_no_stale_rows(rows: dict, layers: dict, where):
                                    "another model or keep-fp setting; use a new --out folder")
 
 
+def measured_rows(evaluator: Evaluator, todo: list[str], layers: dict, calibration: Calibration, bits_config,
+                  progress: bool, say, world: World):
+    """(name, row) for every layer of `todo`, with a progress bar and, after the first few layers, the
+    measured time per layer and the expected rest."""
+    from tqdm.auto import tqdm
+
+    unet, clock = evaluator.pipe.unet, LayerClock()
+    bar = tqdm(todo, desc="sensitivity", unit="layer", smoothing=0, disable=not progress)
+    for index, name in enumerate(bar):
+        info = layers[name]
+        candidates = candidate_bits(info.group, bits_config.weight_content, bits_config.weight_quality,
+                                    bits_config.activation)
+        started = time.monotonic()
+        row = measure_layer(evaluator, unet, info, calibration, candidates)
+        clock.record(info.group, time.monotonic() - started)
+        yield name, row
+        groups_left = [layers[n].group for n in todo[index + 1:]]
+        if clock.count == ESTIMATE_AFTER_LAYERS and groups_left:
+            say(estimate_line(clock, groups_left, world))
+        bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left", refresh=False)
+
+
 def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibration, evaluator: Evaluator,
                         bits_config, table_path, progress: bool = True, log=print) -> dict:
     """Fills (or resumes) the sensitivity table at `table_path`; returns layer -> row.
 
     Under torchrun every process measures its share of the layers into its own shard, and process 0
     writes the merged table (the same file a single process writes)."""
-    from tqdm.auto import tqdm
-
     world = current_world()
     table_path = Path(table_path)
     stored, shards = read_table_file(table_path), read_all_shards(table_path)
@@ -320,7 +340,8 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
     if done:
         say(f"sensitivity: resuming, {len(done)} of {len(layers)} layers already measured")
 
-    mine = dict(known) if world.size == 1 else {n: r for n, r in known.items() if n in set(shard(list(layers), world))}
+    my_share = set(shard(list(layers), world))
+    mine = {name: row for name, row in known.items() if name in my_share}
 
     def save():
         if world.size == 1:
@@ -329,30 +350,23 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
             write_shard(table_path, world.rank, in_layer_order(mine, layers), measurement if world.is_main else None)
 
     started, serving_dtype = time.monotonic(), pipe.unet.dtype
-    with measurement_precision(pipe) as dtype:
-        precise = evaluator_at_current_precision(evaluator)
-        if world.is_main and measurement is None:
-            floor = measure_noise_floor(precise, pipe.unet, noise_floor_probes(list(layers)))
-            measurement = {"dtype": dtype_name(dtype), "serving_dtype": dtype_name(serving_dtype), "noise_floor": floor}
-            save()  # a resumed run keeps this floor
-        if world.is_main:
-            floor = measurement["noise_floor"]
-            say(f"sensitivity: measured in {measurement['dtype']}; noise floor SQNR {floor['sqnr_db']:.1f} dB, "
-                f"SSIM 1 - {1 - floor['ssim']:.1e}")
-        clock = LayerClock()
-        bar = tqdm(todo, desc="sensitivity", unit="layer", smoothing=0, disable=not progress or not world.is_main)
-        for index, name in enumerate(bar):
-            info = layers[name]
-            candidates = candidate_bits(info.group, bits_config.weight_content, bits_config.weight_quality,
-                                        bits_config.activation)
-            layer_started = time.monotonic()
-            mine[name] = measure_layer(precise, pipe.unet, info, calibration, candidates)
-            save()
-            clock.record(info.group, time.monotonic() - layer_started)
-            groups_left = [layers[n].group for n in todo[index + 1:]]
-            if clock.count == ESTIMATE_AFTER_LAYERS and groups_left:
-                say(estimate_line(clock, groups_left, world))
-            bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left", refresh=False)
+    needs_floor = world.is_main and measurement is None
+    if todo or needs_floor:  # a finished table costs no float32 reference
+        with measurement_precision(pipe) as dtype:
+            precise = evaluator_at_current_precision(evaluator)
+            if needs_floor:
+                floor = measure_noise_floor(precise, pipe.unet, noise_floor_probes(list(layers)))
+                measurement = {"dtype": dtype_name(dtype), "serving_dtype": dtype_name(serving_dtype),
+                               "noise_floor": floor}
+                save()  # a resumed run keeps this floor
+            if world.is_main:
+                floor = measurement["noise_floor"]
+                say(f"sensitivity: measured in {measurement['dtype']}; noise floor SQNR {floor['sqnr_db']:.1f} dB, "
+                    f"SSIM 1 - {1 - floor['ssim']:.1e}")
+            for name, row in measured_rows(precise, todo, layers, calibration, bits_config,
+                                           progress and world.is_main, say, world):
+                mine[name] = row
+                save()
     if todo:
         say(f"sensitivity: measured {len(todo)} layers in {time.monotonic() - started:.1f} s")
     if world.size == 1:
