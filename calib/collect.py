@@ -94,13 +94,14 @@ def _decode(node, tensors):
     return node["value"]
 
 
-def _to_device(value, device, dtype):
+def to_device(value, device, dtype):
+    """Tensors of a nested structure moved to `device`; floating tensors (not scalars) cast to `dtype`."""
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype if value.is_floating_point() and value.dim() > 0 else value.dtype)
     if isinstance(value, dict):
-        return {k: _to_device(v, device, dtype) for k, v in value.items()}
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device, dtype) for v in value)
+        return type(value)(to_device(v, device, dtype) for v in value)
     return value
 
 
@@ -118,7 +119,7 @@ class Reference:
 
     def calls_on(self, device, dtype):
         for args, kwargs, output in self.unet_calls:
-            yield _to_device(args, device, dtype), _to_device(kwargs, device, dtype), output
+            yield to_device(args, device, dtype), to_device(kwargs, device, dtype), output
 
     def save(self, path):
         tensors = {"images": self.images.contiguous()}

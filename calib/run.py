@@ -26,6 +26,7 @@ import torch
 from mixq.api import RANGES_FILENAME, build_quantized_layer, calibrate_ranges
 from mixq.calib.collect import REFERENCE_FILENAME, Reference, collect_reference
 from mixq.calib.config import Config
+from mixq.calib.distributed import current_world
 from mixq.calib.pipeline import load_pipeline
 from mixq.calib.planner import SIDES, build_plan, group_averages, sizes_for
 from mixq.calib.prompts import load_prompts
@@ -108,7 +109,8 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
     log(f"{config.name}: {len(all_layers)} Linear/Conv2d layers, {len(layers)} quantizable ({len(keep)} kept in floating point)")
 
     started = time.monotonic()
-    if "collect" in stages:
+    world = current_world()  # under torchrun: process 0 collects, all measure sensitivity, process 0 finishes
+    if "collect" in stages and world.is_main:
         prompts = load_prompts(cal.prompts, cal.num_prompts)
         log(f"collect: activation ranges over {len(prompts)} prompts")
         calibration = calibrate_ranges(pipe, prompts, batch_size=cal.batch_size, seed=config.sampling.seed,
@@ -118,6 +120,7 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
         log(f"collect: float reference for {len(sensitivity_prompts)} sensitivity prompts")
         collect_reference(pipe, sensitivity_prompts, config.sampling.seed, pipeline_kwargs, cal.batch_size).save(folder.reference)
         timings["collect"] = time.monotonic() - started
+    world.barrier()
 
     folder.require(folder.ranges, "collect")
     folder.require(folder.reference, "collect")
@@ -130,6 +133,8 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
         started = time.monotonic()
         measure_sensitivity(pipe, layers, calibration, evaluator, config.bits, folder.sensitivity, progress, log)
         timings["sensitivity"] = time.monotonic() - started
+    if not world.is_main:
+        return folder.root
 
     folder.require(folder.sensitivity, "sensitivity")
     table = load_table(folder.sensitivity)

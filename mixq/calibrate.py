@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from mixq.calib.config import load_config, validate
+    from mixq.calib.distributed import maybe_init
     from mixq.calib.run import STAGES, command_line, run
 
     try:
@@ -55,8 +56,9 @@ def main(argv=None) -> int:
             config.budget.a_bits = args.a_bits
         validate(config)
         stages = STAGES if args.stage == "all" else (args.stage,)
-        run(config, args.out or f"runs/{config.name}", stages=stages, progress=not args.no_progress,
-            command=command_line(argv))
+        with maybe_init():  # joins torchrun's process group when there is one
+            run(config, args.out or f"runs/{config.name}", stages=stages, progress=not args.no_progress,
+                command=command_line(argv))
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
