@@ -3,6 +3,8 @@ prompt, cached text conditioning, images or captured UNet calls."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from mixq.calib.config import ModelConfig
@@ -32,7 +34,7 @@ def check_model_source(model: ModelConfig):
             raise ModelLoadError(f"cannot load the pipeline {model.id!r}: {problem}")
 
 
-def load_pipeline(model: ModelConfig):
+def load_pipeline(model: ModelConfig, progress: bool = True):
     """The float pipeline a config names, on its device; LoRA fused, scheduler swapped."""
     check_model_source(model)
     dtype = getattr(torch, model.dtype)
@@ -42,7 +44,7 @@ def load_pipeline(model: ModelConfig):
 
         pipe = tiny_pipeline(OFFLINE_ARCHS[model.id], dtype=dtype, device=device)
     else:
-        pipe = from_pretrained(model.id, dtype, model.variant).to(device)
+        pipe = from_pretrained(model.id, dtype, model.variant, progress).to(device)
     if model.scheduler:
         import diffusers
 
@@ -59,18 +61,41 @@ def load_pipeline(model: ModelConfig):
     return pipe
 
 
-def from_pretrained(model_id: str, dtype: torch.dtype, variant: str | None = None):
+def from_pretrained(model_id: str, dtype: torch.dtype, variant: str | None = None, progress: bool = True):
     """AutoPipelineForText2Image.from_pretrained as current diffusers expects it (`dtype=`, low-memory
     loading through accelerate); any failure to find or fetch the model becomes one ModelLoadError."""
+    import warnings
+
     from diffusers import AutoPipelineForText2Image
 
     kwargs = {"dtype": dtype}
     if variant:
         kwargs["variant"] = variant
     try:
-        return AutoPipelineForText2Image.from_pretrained(model_id, **kwargs)
+        with warnings.catch_warnings(), loading_bars(progress):
+            # diffusers passes an argument huggingface_hub has deprecated; nothing the user can change.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+            return AutoPipelineForText2Image.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as err:  # missing files, Hub errors (OSError subclasses), bad variant
         raise ModelLoadError(load_failure_message(model_id, err)) from err
+
+
+@contextmanager
+def loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars, off when `show` is False."""
+    if show:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
 
 
 def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict:

@@ -260,7 +260,7 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
     folder = RunFolder(out)
     stages = tuple(stages)
     prompts = preflight(config, folder, stages)
-    pipe = load_pipeline(config.model)
+    pipe = load_pipeline(config.model, progress)
     s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate")
     folder.check_inputs(measurement_inputs(config, prompts, model_fingerprint(pipe.unet)))
     check_budget_against_layers(config, s.layers)
