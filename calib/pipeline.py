@@ -68,7 +68,7 @@ def from_pretrained(model_id: str, dtype: torch.dtype, variant: str | None = Non
 
     from diffusers import AutoPipelineForText2Image
 
-    kwargs = {"dtype": dtype}
+    kwargs = {dtype_keyword(): dtype}
     if variant:
         kwargs["variant"] = variant
     try:
@@ -78,6 +78,15 @@ def from_pretrained(model_id: str, dtype: torch.dtype, variant: str | None = Non
             return AutoPipelineForText2Image.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as err:  # missing files, Hub errors (OSError subclasses), bad variant
         raise ModelLoadError(load_failure_message(model_id, err)) from err
+
+
+def dtype_keyword() -> str:
+    """`dtype` on diffusers releases that deprecate `torch_dtype` (they warn on it), else `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 (present where dtype= exists)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
 
 
 @contextmanager

@@ -26,6 +26,10 @@ def _save(fig, path: Path):
 
 
 def plot_sensitivity(table: dict, path: Path):
+    _save(sensitivity_figure(table), path)
+
+
+def sensitivity_figure(table: dict):
     plt = _pyplot()
     names = list(table)
     fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True)
@@ -45,7 +49,7 @@ def plot_sensitivity(table: dict, path: Path):
     for ax in axes[1]:
         ax.set_xlabel("layer index (module order)")
     fig.suptitle("Per-layer sensitivity: one layer quantized, the rest in floating point")
-    _save(fig, path)
+    return fig
 
 
 def plot_bits(plan: dict, table: dict, path: Path):
