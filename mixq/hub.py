@@ -54,19 +54,20 @@ def local_folder_problem(path: str, required: str = MODEL_INDEX, made_by: str = 
 
 
 def load_failure_message(source: str, error: BaseException, what: str = "the pipeline",
-                         made_by: str = "pipe.save_pretrained(folder)") -> str:
+                         made_by: str = "pipe.save_pretrained(folder)", local_fix: str = "a local folder (--model PATH)",
+                         required: str = MODEL_INDEX) -> str:
     """One message naming `source`, why loading it failed (local folder, offline mode, Hub reachable
     or not, access) and the fix."""
-    local = local_folder_problem(source, made_by=made_by) if looks_like_local_path(source) else None
+    local = local_folder_problem(source, required, made_by) if looks_like_local_path(source) else None
     if local:
         return f"cannot load {what} {source!r}: {local}"
-    head = f"cannot load {what} {source!r}: it is not a local folder, so it is read from the Hugging Face Hub, and "
+    head = f"cannot load {what} {source!r}: it is not a local folder, and downloading it from the Hugging Face Hub failed: "
     if hub_offline():
-        return (head + "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache. Fix: pass a local "
-                "folder (--model PATH), or download it once with network access and HF_HUB_OFFLINE=0.")
+        return (head + f"offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache. Fix: pass {local_fix}, "
+                "or download it once with network access and HF_HUB_OFFLINE=0.")
     if not hub_reachable():
-        return (head + "the Hub could not be reached (no network connection to huggingface.co). Fix: pass a local "
-                "folder (--model PATH), or retry with network access.")
+        return (head + f"the Hub could not be reached (no network connection to huggingface.co). Fix: pass {local_fix}, "
+                "or retry with network access.")
     return (head + f"the Hub refused or lacks it ({type(error).__name__}: {first_line(error)}). Fix: check the "
             "id and revision; for a private or gated repo run `huggingface-cli login` (or set HF_TOKEN).")
 

@@ -65,7 +65,7 @@ def test_plan_meets_the_budget_in_both_groups(finished_run):
     layers = plan["layers"]
     assert layers["conv_in"] == {"w_bits": 16, "a_bits": 16}
     params = {n: row["params"] for n, row in table.items()}
-    chosen = min(sweeps["weight"], key=lambda e: e["image_mse"])
+    chosen = next(e for e in sweeps["weight"] if e.get("chosen"))
     for group in ("content", "quality"):
         members = [n for n in table if table[n]["group"] == group]
         avg = sum(params[n] * layers[n]["w_bits"] for n in members) / sum(params[n] for n in members)
@@ -147,7 +147,7 @@ def test_changed_measurement_settings_need_a_new_folder(finished_run, tmp_path, 
     _, out = finished_run
     other = write_config(tmp_path / "other.yaml", sampling={"num_inference_steps": 2})
     assert main(["--config", other, "--out", str(out), "--stage", "allocate"]) == 2
-    assert "different sampling settings" in capsys.readouterr().err
+    assert "sampling.num_inference_steps: 1 -> 2" in capsys.readouterr().err
 
 
 def test_missing_prompts_file_is_a_clear_error(tmp_path, capsys):

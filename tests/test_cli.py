@@ -190,3 +190,19 @@ def test_bad_overrides_name_the_flag(tmp_path, capsys, flags, expected):
     assert main([*flags, "--out", str(tmp_path / "run")]) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_load_quantized_with_a_hub_id_in_offline_mode_says_so(tmp_path):
+    code = ("import mixq\n"
+            "from mixq.offline import tiny_sdxl_pipeline\n"
+            "try:\n"
+            "    mixq.load_quantized(tiny_sdxl_pipeline(), 'someone/sdxl-turbo-w4a8')\n"
+            "except mixq.CheckpointError as err:\n"
+            "    print(err)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    message = result.stdout.strip()
+    assert message.startswith("cannot load the checkpoint 'someone/sdxl-turbo-w4a8'")
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in message and "a local checkpoint folder" in message
