@@ -98,6 +98,13 @@ def test_default_cli_prints_no_warnings(local_run):
     assert noise(result.stderr) == [], result.stderr
 
 
+def test_offline_default_prints_no_warnings(tmp_path):
+    """The shipped default config (offline tiny SDXL), its first stage on 2 prompts: no notices."""
+    result = run_cli(["--num-prompts", "2", "--stage", "collect", "--out", "run", "--no-progress"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert noise(result.stderr) == [], result.stderr
+
+
 def test_readme_your_own_model_flow_runs_and_is_quiet(local_run):
     """The README section's Python block, run as written after its calibration command."""
     workdir, result = local_run
