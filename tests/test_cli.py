@@ -53,12 +53,16 @@ def save_tiny_pipeline(folder: Path) -> Path:
     return folder
 
 
+def subprocess_env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_cli(args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
     """The CLI in its own process, as a user runs it (warnings and exit code as they see them)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "mixq.calibrate", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "mixq.calibrate", *args], cwd=cwd,
+                          env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def noise(stderr: str) -> list[str]:
@@ -114,9 +118,8 @@ def test_readme_your_own_model_flow_runs_and_is_quiet(local_run):
     commands = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
     assert "python -m mixq.calibrate --model ./my-pipeline --out runs/mine" in commands
     code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    flow = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=600)
+    flow = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
     assert flow.returncode == 0, flow.stderr[-3000:]
     assert noise(flow.stderr) == [], flow.stderr
     from mixq.checkpoint import MANIFEST_NAME
@@ -206,9 +209,8 @@ def test_load_quantized_with_a_hub_id_in_offline_mode_says_so(tmp_path):
             "    mixq.load_quantized(tiny_sdxl_pipeline(), 'someone/sdxl-turbo-w4a8')\n"
             "except mixq.CheckpointError as err:\n"
             "    print(err)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(HF_HUB_OFFLINE="1"),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     message = result.stdout.strip()
     assert message.startswith("cannot load the checkpoint 'someone/sdxl-turbo-w4a8'")
