@@ -38,7 +38,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def local_folder_problem(path: str, required: str = MODEL_INDEX, made_by: str = "pipe.save_pretrained(folder)") -> str | None:
+def local_folder_problem(path: str, required: str = MODEL_INDEX,
+                         made_by: str = "pipe.save_pretrained(folder)") -> str | None:
     """Why `path` is not a usable local folder (None when it is, or when it is not meant as one)."""
     folder = Path(path).expanduser()
     if folder.is_dir():
@@ -61,13 +62,14 @@ def load_failure_message(source: str, error: BaseException, what: str = "the pip
     local = local_folder_problem(source, required, made_by) if looks_like_local_path(source) else None
     if local:
         return f"cannot load {what} {source!r}: {local}"
-    head = f"cannot load {what} {source!r}: it is not a local folder, and downloading it from the Hugging Face Hub failed: "
+    head = (f"cannot load {what} {source!r}: it is not a local folder, and downloading it from the Hugging Face "
+            "Hub failed: ")
     if hub_offline():
-        return (head + f"offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache. Fix: pass {local_fix}, "
-                "or download it once with network access and HF_HUB_OFFLINE=0.")
+        return (head + "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache. "
+                f"Fix: pass {local_fix}, or download it once with network access and HF_HUB_OFFLINE=0.")
     if not hub_reachable():
-        return (head + f"the Hub could not be reached (no network connection to huggingface.co). Fix: pass {local_fix}, "
-                "or retry with network access.")
+        return (head + "the Hub could not be reached (no network connection to huggingface.co). "
+                f"Fix: pass {local_fix}, or retry with network access.")
     return (head + f"the Hub refused or lacks it ({type(error).__name__}: {first_line(error)}). Fix: check the "
             "id and revision; for a private or gated repo run `huggingface-cli login` (or set HF_TOKEN).")
 
