@@ -215,3 +215,18 @@ def test_load_quantized_with_a_hub_id_in_offline_mode_says_so(tmp_path):
     message = result.stdout.strip()
     assert message.startswith("cannot load the checkpoint 'someone/sdxl-turbo-w4a8'")
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in message and "a local checkpoint folder" in message
+
+
+@pytest.mark.parametrize("offline, reachable, expected", [
+    (True, True, "offline mode is on (HF_HUB_OFFLINE=1)"),
+    (False, False, "the Hub could not be reached"),
+    (False, True, "`huggingface-cli login`"),
+])
+def test_load_failure_message_names_the_cause_and_the_fix(monkeypatch, offline, reachable, expected):
+    import mixq.hub as hub
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: offline)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: reachable)
+    message = hub.load_failure_message("someone/private-model", OSError("401 Client Error"))
+    assert message.startswith("cannot load the pipeline 'someone/private-model'") and expected in message
+    assert "Fix:" in message
