@@ -129,8 +129,10 @@ def test_config_errors_name_the_field(tmp_path, capsys):
 def test_budget_below_the_smallest_candidate_is_refused(finished_run, capsys):
     config, out = finished_run
     assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--w-bits", "1.5"]) == 2
+    assert "is outside 2..8" in capsys.readouterr().err
+    assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--w-bits", "2.1"]) == 2
     err = capsys.readouterr().err
-    assert "infeasible" in err and "smallest candidate bit-widths already average" in err
+    assert "infeasible" in err and "smallest candidate bit-width the weights already average" in err
     assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--no-progress"]) == 0
 
 
