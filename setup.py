@@ -20,6 +20,7 @@ setup(
     install_requires=[
         "torch>=2.3",
         "diffusers>=0.30",
+        "accelerate",  # diffusers loads weights once, in place (low_cpu_mem_usage), only with it
         "transformers>=4.40",
         "triton>=3.0",
         "pulp>=2.8,<4",

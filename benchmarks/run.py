@@ -5,7 +5,9 @@
         --mixq-mode cuda-graph --prompts PATH/PartiPrompts.tsv --out benchmarks/results
 
 Run from the repository root. Results go to OUT/<device>-<date>/ (benchmark.json, fidelity.json,
-grid.png, latency-memory.png, run.json) and the report to OUT/<device>-<date>.md. --quick runs one
+grid.png, latency-memory.png, run.json) and the report to OUT/<device>-<date>.md. Existing results are
+never overwritten: a second run on the same day writes <device>-<date>-2, and so on (--overwrite
+replaces them; an explicit --name that exists is refused without it). --quick runs one
 round with no warm-up and two fidelity prompts: it checks that the suite works, quickly.
 Options after `--` go to pytest unchanged (e.g. -- -k "w8a8 or fp").
 """
@@ -33,7 +35,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
-    parser.add_argument("--name", default=None, help="results name (default: <device>-<date>)")
+    parser.add_argument("--name", default=None, help="results name (default: <device>-<date>, then -2, -3, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results of the same name")
     parser.add_argument("--quick", action="store_true", help="one round, no warm-up, two fidelity prompts")
     parser.add_argument("--prompts", default=None, help="fidelity prompts file (default: mixq's built-in set)")
     parser.add_argument("--num-prompts", type=int, default=None, help="fidelity prompts (default: tiny 4, sdxl-turbo 8)")
@@ -89,6 +92,23 @@ def shown(cmd: list[str]) -> str:
     return shlex.join(words)
 
 
+def results_taken(out: Path, name: str) -> bool:
+    return (out / name).exists() or (out / f"{name}.md").exists()
+
+
+def results_name(out: Path, base: str, explicit: bool, overwrite: bool) -> str:
+    """A name whose folder and report do not exist yet (committed results are never replaced
+    unless --overwrite)."""
+    if overwrite or not results_taken(out, base):
+        return base
+    if explicit:
+        raise ValueError(f"{out / base} already exists: pick another --name, or pass --overwrite to replace it")
+    suffix = 2
+    while results_taken(out, f"{base}-{suffix}"):
+        suffix += 1
+    return f"{base}-{suffix}"
+
+
 def run(argv=None) -> int:
     args = parse_args(argv)
     options = suite_options(args)
@@ -99,7 +119,12 @@ def run(argv=None) -> int:
         return 2
     from benchmarks.environment import device_slug
 
-    name = args.name or f"{device_slug(cfg.device)}-{datetime.date.today().isoformat()}"
+    base = args.name or f"{device_slug(cfg.device)}-{datetime.date.today().isoformat()}"
+    try:
+        name = results_name(args.out, base, explicit=args.name is not None, overwrite=args.overwrite)
+    except ValueError as err:
+        print(f"python -m benchmarks.run: {err}", file=sys.stderr)
+        return 2
     results = args.out / name
     results.mkdir(parents=True, exist_ok=True)
     steps = [pytest_command(options, results / BENCHMARK_FILE, args.pytest_extra)]

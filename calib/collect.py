@@ -73,7 +73,7 @@ def _to_cpu(value):
 def _encode(value, key: str, tensors: dict):
     """Nested call arguments -> a JSON-able structure whose tensors live in `tensors`."""
     if isinstance(value, torch.Tensor):
-        tensors[key] = value.contiguous()
+        tensors[key] = value.contiguous().clone()  # UNet calls share tensors; safetensors refuses shared storage
         return {"tensor": key}
     if isinstance(value, dict):
         return {"dict": {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}}

@@ -10,14 +10,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixq.errors import ConfigError  # noqa: F401 (also importable from here)
+import math
+
+from mixq.errors import BudgetError, ConfigError  # noqa: F401 (also importable from here)
 from mixq.io import read_yaml
 from mixq.quantizers import check_activation_bits, check_weight_bits
 
-
 DEFAULT_CONFIG = "tiny-sdxl"
+DTYPES = ("float32", "float16", "bfloat16")
 
-
+# Command-line flag -> the config field it overrides (a config file uses the field names).
+OVERRIDES = {
+    "model": "model.id",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "variant": "model.variant",
+    "steps": "sampling.num_inference_steps",
+    "guidance": "sampling.guidance_scale",
+    "size": "sampling.height and sampling.width",
+    "prompts": "calibration.prompts",
+    "num_prompts": "calibration.num_prompts",
+    "w_bits": "budget.w_bits",
+    "a_bits": "budget.a_bits",
+}
 
 
 @dataclass
@@ -124,6 +139,73 @@ def _check_type(value, annotation: str, path: str):
     return value
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '1024x768' (width x height) -> (768, 1024) as (height, width)."""
+    parts = str(text).lower().split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or any(n <= 0 for n in numbers):
+        raise ConfigError(f"--size {text!r}: give one number (square images, e.g. 512) or WIDTHxHEIGHT (e.g. 1024x768)")
+    width, height = numbers if len(numbers) == 2 else numbers * 2
+    return height, width
+
+
+def apply_overrides(config: Config, *, model=None, dtype=None, device=None, variant=None, steps=None, guidance=None,
+                    size=None, prompts=None, num_prompts=None, w_bits=None, a_bits=None) -> Config:
+    """The config with every given (not None) command-line value put in its field (see OVERRIDES)."""
+    fields = {
+        ("model", "id"): model, ("model", "dtype"): dtype, ("model", "device"): device, ("model", "variant"): variant,
+        ("sampling", "num_inference_steps"): steps, ("sampling", "guidance_scale"): guidance,
+        ("calibration", "prompts"): prompts, ("calibration", "num_prompts"): num_prompts,
+        ("budget", "w_bits"): None if w_bits is None else float(w_bits),
+        ("budget", "a_bits"): None if a_bits is None else float(a_bits),
+    }
+    if size is not None:
+        fields[("sampling", "height")], fields[("sampling", "width")] = parse_size(size)
+    for (section, name), value in fields.items():
+        if value is not None:
+            setattr(getattr(config, section), name, value)
+    return config
+
+
+def check_budget_range(config: Config):
+    """A budget outside [smallest, largest candidate bits] is refused: below, no plan exists; above,
+    every layer already gets the largest candidate, so the number would be a lie in the report."""
+    weight_bits = config.bits.weight_content + config.bits.weight_quality
+    for flag, value, candidates in (("--w-bits", config.budget.w_bits, weight_bits),
+                                    ("--a-bits", config.budget.a_bits, config.bits.activation)):
+        low, high = min(candidates), max(candidates)
+        if not math.isfinite(value) or not low <= value <= high:
+            raise BudgetError(
+                f"{flag} {value:g} (config field 'budget.{flag[2:].replace('-', '_')}') is outside {low:g}..{high:g}, "
+                f"the smallest and largest candidate bit-widths of this config ({sorted(set(candidates))}); "
+                f"give a budget in that range")
+
+
+def check_model_settings(config: Config):
+    model, sampling = config.model, config.sampling
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"config field 'model.dtype' (--dtype) is {model.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if model.device != "auto":
+        import torch
+
+        try:
+            torch.device(model.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"config field 'model.device' (--device) is {model.device!r}; use auto, cpu, cuda or "
+                              "cuda:N") from None
+    for name in ("height", "width"):
+        value = getattr(sampling, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise ConfigError(f"config field 'sampling.{name}' (--size) is {value}; image sizes must be positive "
+                              "multiples of 8 (the VAE downsamples by 8)")
+    if sampling.guidance_scale < 0:
+        raise ConfigError(f"config field 'sampling.guidance_scale' (--guidance) is {sampling.guidance_scale:g}; "
+                          "use 0 or more")
+
+
 def validate(config: Config) -> Config:
     for path, values, check in (("bits.weight_content", config.bits.weight_content, check_weight_bits),
                                 ("bits.weight_quality", config.bits.weight_quality, check_weight_bits),
@@ -141,6 +223,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("config fields 'calibration.num_prompts' and 'calibration.sensitivity_prompts' must be >= 1")
     if not config.budget.ratios or any(r <= 0 for r in config.budget.ratios):
         raise ConfigError("config field 'budget.ratios' must be a non-empty list of positive numbers")
+    check_model_settings(config)
+    check_budget_range(config)
     return config
 
 
@@ -153,8 +237,12 @@ def load_config(source=None) -> Config:
 
         shipped = config_path(str(source))
         if shipped is None:
-            raise FileNotFoundError(f"no config file {source!r} (shipped configs: {', '.join(shipped_configs())})")
+            raise ConfigError(f"no config file {source!r} (shipped configs: {', '.join(shipped_configs())})")
         path = shipped
-    data = read_yaml(path) or {}
+    return config_from_data(read_yaml(path) or {})
+
+
+def config_from_data(data: dict) -> Config:
+    """A checked Config from a parsed YAML mapping (a config file, or a run folder's config.yaml)."""
     return validate(_build(Config, data, ""))
 

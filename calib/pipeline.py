@@ -3,9 +3,13 @@ prompt, cached text conditioning, images or captured UNet calls."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from mixq.calib.config import ModelConfig
+from mixq.errors import ConfigError, ModelLoadError
+from mixq.hub import load_failure_message, local_folder_problem, looks_like_local_path
 
 OFFLINE_ARCHS = {"offline:tiny-sdxl": "sdxl", "offline:tiny-sd15": "sd15"}
 
@@ -16,31 +20,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_pipeline(model: ModelConfig):
+def check_model_source(model: ModelConfig):
+    """Refuse, before anything loads, a model id that cannot work: an unknown offline name, or a
+    local path that is missing or not a diffusers pipeline folder."""
+    if model.id.startswith("offline:"):
+        if model.id not in OFFLINE_ARCHS:
+            raise ConfigError(f"config field 'model.id' (--model) is {model.id!r}: unknown offline model; use one of "
+                              f"{sorted(OFFLINE_ARCHS)}, a local pipeline folder or a Hub id")
+        return
+    if looks_like_local_path(model.id):
+        problem = local_folder_problem(model.id)
+        if problem:
+            raise ModelLoadError(f"cannot load the pipeline {model.id!r}: {problem}")
+
+
+def load_pipeline(model: ModelConfig, progress: bool = True):
     """The float pipeline a config names, on its device; LoRA fused, scheduler swapped."""
-    dtype = getattr(torch, model.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"config field 'model.dtype': unknown torch dtype {model.dtype!r}")
+    check_model_source(model)
+    dtype = getattr(torch, model.dtype)
     device = resolve_device(model.device)
     if model.id.startswith("offline:"):
         from mixq.offline import tiny_pipeline
 
-        if model.id not in OFFLINE_ARCHS:
-            raise ValueError(f"config field 'model.id': unknown offline model {model.id!r}; use one of {sorted(OFFLINE_ARCHS)}")
         pipe = tiny_pipeline(OFFLINE_ARCHS[model.id], dtype=dtype, device=device)
     else:
-        from diffusers import AutoPipelineForText2Image
-
-        kwargs = {"torch_dtype": dtype}
-        if model.variant:
-            kwargs["variant"] = model.variant
-        pipe = AutoPipelineForText2Image.from_pretrained(model.id, **kwargs).to(device)
+        pipe = from_pretrained(model.id, dtype, model.variant, progress).to(device)
     if model.scheduler:
         import diffusers
 
         scheduler_cls = getattr(diffusers, model.scheduler, None)
         if scheduler_cls is None:
-            raise ValueError(f"config field 'model.scheduler': diffusers has no scheduler {model.scheduler!r}")
+            raise ConfigError(f"config field 'model.scheduler': diffusers has no scheduler {model.scheduler!r}")
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     if model.lora:
         # Quantization needs the LoRA folded into the base weights (mixq refuses unfused adapters).
@@ -49,6 +59,52 @@ def load_pipeline(model: ModelConfig):
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def from_pretrained(model_id: str, dtype: torch.dtype, variant: str | None = None, progress: bool = True):
+    """AutoPipelineForText2Image.from_pretrained as current diffusers expects it (`dtype=`, low-memory
+    loading through accelerate); any failure to find or fetch the model becomes one ModelLoadError."""
+    import warnings
+
+    from diffusers import AutoPipelineForText2Image
+
+    kwargs = {dtype_keyword(): dtype}
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        with warnings.catch_warnings(), loading_bars(progress):
+            # diffusers passes an argument huggingface_hub has deprecated; nothing the user can change.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+            return AutoPipelineForText2Image.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as err:  # missing files, Hub errors (OSError subclasses), bad variant
+        raise ModelLoadError(load_failure_message(model_id, err)) from err
+
+
+def dtype_keyword() -> str:
+    """`dtype` on diffusers releases that deprecate `torch_dtype` (they warn on it), else `torch_dtype`."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 (present where dtype= exists)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+@contextmanager
+def loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars, off when `show` is False."""
+    if show:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
 
 
 def encode_prompts(pipe, prompts: list[str], guidance_scale: float) -> dict:

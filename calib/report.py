@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import platform
 from pathlib import Path
 
 from mixq.io import atomic_path, write_text_atomic
@@ -27,6 +26,10 @@ def _save(fig, path: Path):
 
 
 def plot_sensitivity(table: dict, path: Path):
+    _save(sensitivity_figure(table), path)
+
+
+def sensitivity_figure(table: dict):
     plt = _pyplot()
     names = list(table)
     fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True)
@@ -39,12 +42,14 @@ def plot_sensitivity(table: dict, path: Path):
                 ax.plot(index, [table[names[i]][side].get(b, float("nan")) for i in index], ".", label=f"{b}-bit", ms=4)
             metric = "UNet SQNR (dB)" if group == "quality" else "image SSIM"
             ax.set_title(f"{side}s, {group} group: {metric}", fontsize=10)
+            # SSIMs near 1 would otherwise be labelled as offsets ("1e-5+9.999e-1").
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("layer index (module order)")
     fig.suptitle("Per-layer sensitivity: one layer quantized, the rest in floating point")
-    _save(fig, path)
+    return fig
 
 
 def plot_bits(plan: dict, table: dict, path: Path):
@@ -87,8 +92,34 @@ def _fmt(value, digits=2):
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_report(path: Path, *, config, command: str, averages: dict, sweeps: dict, comparison: list[dict],
-                 table: dict, timings: dict, versions: dict, plots: dict):
+def sweep_rows(sweep: list[dict]) -> list[list[str]]:
+    """One row per ratio of the sweep: skipped ratios say why, a joint allocation says it is one."""
+    rows = []
+    for e in sweep:
+        if "skipped" in e:
+            rows.append([_fmt(e["ratio"]), "-", "-", "-", "-", f"skipped: {e['skipped']}"])
+            continue
+        k = "none (joint)" if e.get("ratio") is None else _fmt(e["ratio"])
+        chosen = "yes" if e.get("chosen") else ""
+        if e.get("joint"):
+            chosen = f"{chosen} ({e['joint']})".strip()
+        rows.append([k, _fmt(e.get("avg_content", float("nan"))), _fmt(e.get("avg_quality", float("nan"))),
+                     _fmt(e["avg_all"]), f"{e['image_mse']:.3e}", chosen])
+    return rows
+
+
+def most_sensitive(table: dict, group: str, count: int = 5) -> str:
+    """The layers hurt most by their lowest weight bit-width; for SSIM the loss 1 - SSIM is shown
+    (the SSIMs themselves all print as 1 at 3 significant digits)."""
+    members = sorted((min(row["weight"].items())[1], n) for n, row in table.items() if row["group"] == group)
+    if group == "quality":
+        return ", ".join(f"`{n}` {s:.3g} dB" for s, n in members[:count])
+    return ", ".join(f"`{n}` 1-SSIM {1 - s:.2e}" for s, n in members[:count])
+
+
+def write_report(path: Path, *, config, budget: dict, command: str, averages: dict, sweeps: dict,
+                 comparison: list[dict], table: dict, timings: dict, versions: dict, plots: dict):
+    """report.md for the plan beside it: `budget` and `averages` are the plan's."""
     c = config
     lines = [
         f"# mixq calibration report: {c.name}",
@@ -105,7 +136,7 @@ def write_report(path: Path, *, config, command: str, averages: dict, sweeps: di
         "## Plan",
         "",
         _table(["side", "budget", "content avg", "quality avg", "all avg"], [
-            [side, f"{(c.budget.w_bits if side == 'weight' else c.budget.a_bits):g}",
+            [side, f"{float(budget['w_bits'] if side == 'weight' else budget['a_bits']):g}",
              _fmt(averages[side].get("content", float("nan"))), _fmt(averages[side].get("quality", float("nan"))),
              _fmt(averages[side]["all"])]
             for side in ("weight", "activation")
@@ -133,18 +164,11 @@ def write_report(path: Path, *, config, command: str, averages: dict, sweeps: di
               "Each ratio k sets content avg = k x quality avg within the budget; the plan with the lowest image "
               "MSE against the float images is chosen (the other side in floating point while sweeping).", ""]
     for side, sweep in sweeps.items():
-        best = min(sweep, key=lambda e: e["image_mse"])
-        lines += [f"**{side}s**", "", _table(["k", "content avg", "quality avg", "all avg", "image MSE", "chosen"], [
-            [_fmt(e["ratio"]), _fmt(e.get("avg_content", float("nan"))), _fmt(e.get("avg_quality", float("nan"))),
-             _fmt(e["avg_all"]), f"{e['image_mse']:.3e}", "yes" if e is best else ""]
-            for e in sweep
-        ]), ""]
+        lines += [f"**{side}s** (budget {float(budget['w_bits'] if side == 'weight' else budget['a_bits']):g})", "",
+                  _table(["k", "content avg", "quality avg", "all avg", "image MSE", "chosen"], sweep_rows(sweep)), ""]
     lines += ["## Sensitivity", "", f"![sensitivity]({plots['sensitivity']})", "", f"![bits]({plots['bits']})", ""]
     lines += ["Most sensitive layers to low-bit weights (lowest score at the smallest candidate):", ""]
     for group in ("quality", "content"):
-        members = [(min(row["weight"].items())[1], n) for n, row in table.items() if row["group"] == group]
-        members.sort()
-        lines += [f"- {group} ({'SQNR dB' if group == 'quality' else 'SSIM'}): "
-                  + ", ".join(f"`{n}` {s:.3g}" for s, n in members[:5])]
-    lines += ["", f"Python {platform.python_version()} on {platform.machine()}.", ""]
+        lines += [f"- {group} ({'UNet SQNR' if group == 'quality' else 'image SSIM'}): {most_sensitive(table, group)}"]
+    lines += [""]
     write_text_atomic(path, "\n".join(lines))

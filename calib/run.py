@@ -1,16 +1,14 @@
 """The calibration pipeline over one run folder: collect -> sensitivity -> allocate -> report.
 
-Every stage reads and writes plain files in the folder, so any stage can be rerun alone (a new
-budget on old sensitivities) and an interrupted run resumes: finished stages are reused, and the
-sensitivity table continues from its last finished layer.
+Every stage reads and writes plain files in the folder (see mixq.calib.runfolder for the layout and
+the record that keeps it consistent), so any stage can be rerun alone (a new budget on old
+sensitivities) and an interrupted run resumes: finished stages are reused, and the sensitivity
+table continues from its last finished layer.
 
-    config.yaml                     the resolved config the folder was made with
-    activation_ranges.safetensors   per-layer activation ranges (+ BOS rows)
-    reference.safetensors           float images and UNet calls for the sensitivity prompts
-    sensitivity.yaml                layer -> group, metric, scores per bit (weights, activations)
-    allocation.yaml                 the budget-split sweep
-    plan.yaml                       layer -> {w_bits, a_bits}: mixq.quantize(pipe, plan=...)
-    report.md, *.png                the report
+Order of work, so that bad input costs nothing: `preflight` checks the config, the budget, the
+prompts, the model path and the folder's recorded inputs before the model loads; then the model
+loads and its fingerprint and the exact budget floor are checked; only then is anything written.
+Each stage is one function `<stage>_stage(session)`; `run` decides which of them run.
 """
 
 from __future__ import annotations
@@ -19,20 +17,25 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from mixq.api import RANGES_FILENAME, build_quantized_layer, calibrate_ranges
-from mixq.calib.collect import REFERENCE_FILENAME, Reference, collect_reference
-from mixq.calib.config import Config
+from mixq.api import build_quantized_layer, calibrate_ranges
+from mixq.calib.collect import Reference, collect_reference
+from mixq.calib.config import Config, validate
 from mixq.calib.distributed import current_world
-from mixq.calib.pipeline import load_pipeline
-from mixq.calib.planner import SIDES, build_plan, group_averages, sizes_for
+from mixq.calib.pipeline import check_model_source, load_pipeline
+from mixq.calib.planner import SIDES, build_plan, check_budget_feasible, group_averages, sizes_for
 from mixq.calib.prompts import load_prompts
 from mixq.calib.report import plot_bits, plot_group_averages, plot_sensitivity, write_report
-from mixq.calib.sensitivity import Evaluator, load_table, measure_sensitivity, swapped_layers
+from mixq.calib.runfolder import (MEASUREMENT_SECTIONS, RunFolder, digest, file_digest, measurement_inputs,
+                                  model_fingerprint)
+from mixq.calib.sensitivity import Evaluator, candidate_bits, load_table, measure_sensitivity, swapped_layers
 from mixq.calibration import Calibration
+from mixq.errors import CalibrationFileError, PromptFileError, RunFolderError
 from mixq.io import read_yaml, write_yaml_atomic
 from mixq.layers import quantizable_layers, resolve_keep_fp
 from mixq.metrics import batch_psnr, batch_ssim
@@ -40,39 +43,251 @@ from mixq.plan import architecture_fingerprint
 from mixq.quantizers import FLOAT_BITS
 
 STAGES = ("collect", "sensitivity", "allocate", "report")
-# Config sections a finished stage depends on; changing them needs a new run folder.
-MEASUREMENT_SECTIONS = ("model", "sampling", "calibration", "keep_fp", "bits")
+DERIVED_STAGES = ("allocate", "report")  # cheap views of the measurements, kept in step with them
+
+__all__ = ["STAGES", "MEASUREMENT_SECTIONS", "RunFolder", "run", "preflight", "command_line"]
 
 
-class RunFolder:
-    def __init__(self, root):
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.ranges = self.root / RANGES_FILENAME
-        self.reference = self.root / REFERENCE_FILENAME
-        self.sensitivity = self.root / "sensitivity.yaml"
-        self.allocation = self.root / "allocation.yaml"
-        self.plan = self.root / "plan.yaml"
-        self.report = self.root / "report.md"
+@dataclass
+class Session:
+    """What the stages share: the config, the folder, the loaded pipeline and its layers."""
 
-    def require(self, path: Path, stage: str):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `python -m mixq.calibrate --stage {stage} --out {self.root}` "
-                                    "first (or without --stage to run everything)")
+    config: Config
+    folder: RunFolder
+    pipe: object
+    prompts: list[str] | None
+    progress: bool = True
+    log: object = print
+    command: str = "python -m mixq.calibrate"
+    timings: dict = field(default_factory=dict)
+
+    @cached_property
+    def all_layers(self) -> dict:
+        return quantizable_layers(self.pipe.unet)
+
+    @cached_property
+    def keep(self) -> set[str]:
+        return resolve_keep_fp(self.config.keep_fp, self.all_layers)
+
+    @cached_property
+    def layers(self) -> dict:
+        return {n: info for n, info in self.all_layers.items() if n not in self.keep}
+
+    @cached_property
+    def calibration(self) -> Calibration:
+        self.folder.require(self.folder.ranges, "collect")
+        calibration = Calibration.load(self.folder.ranges)
+        if calibration.meta.get("model") not in (None, architecture_fingerprint(self.pipe.unet)):
+            raise CalibrationFileError(f"{self.folder.ranges} was calibrated on another model; use a new --out folder")
+        return calibration
+
+    @cached_property
+    def evaluator(self) -> Evaluator:
+        self.folder.require(self.folder.reference, "collect")
+        return Evaluator(self.pipe, Reference.load(self.folder.reference), self.config.sampling.seed,
+                         self.config.pipeline_kwargs(), self.config.calibration.batch_size)
+
+    def table(self) -> dict:
+        """The finished sensitivity table, in module order."""
+        self.folder.require(self.folder.sensitivity, "sensitivity")
+        table = load_table(self.folder.sensitivity)
+        unfinished = [n for n in self.layers if n not in table]
+        if unfinished:
+            raise RunFolderError(f"{self.folder.sensitivity} misses {len(unfinished)} layers: rerun "
+                                 f"`python -m mixq.calibrate --out {self.folder.root} --stage sensitivity` to finish it")
+        return {n: table[n] for n in self.layers}
 
 
-def check_same_measurements(folder: RunFolder, config: Config):
-    """A run folder holds measurements of one model and setting; refuse to mix in another."""
-    if not folder.config.exists():
-        return
-    stored = read_yaml(folder.config) or {}
-    current = config.to_dict()
-    changed = [s for s in MEASUREMENT_SECTIONS if stored.get(s) != current.get(s)]
-    if changed:
-        raise ValueError(
-            f"{folder.root} was calibrated with different {', '.join(changed)} settings; use a new --out folder "
-            "(only the budget may change between runs of one folder)"
-        )
+# --- before anything loads ----------------------------------------------------------------------
+
+
+def prompts_for(config: Config) -> list[str]:
+    """The calibration prompts, read now so that a missing or malformed file is reported before the
+    model loads (minutes on a full-size model)."""
+    cal = config.calibration
+    try:
+        return load_prompts(cal.prompts, cal.num_prompts)
+    except PromptFileError:
+        raise
+    except (OSError, ValueError, TypeError) as err:  # the loader's plain errors (missing file, empty set)
+        raise PromptFileError(f"--prompts / config field 'calibration.prompts': {err}") from None
+
+
+def preflight(config: Config, folder: RunFolder, stages) -> list[str] | None:
+    """Every check that needs no model, in the order a user would fix them. Returns the prompts when
+    the collect stage will need them. Raises a MixqError; writes nothing."""
+    validate(config)
+    check_model_source(config.model)
+    needs_prompts = "collect" in stages and (len(stages) == 1 or not folder.collected())
+    prompts = prompts_for(config) if needs_prompts else None
+    folder.check_inputs(measurement_inputs(config, prompts))
+    first = min(STAGES.index(s) for s in stages)
+    for path, stage in ((folder.ranges, "collect"), (folder.reference, "collect"), (folder.sensitivity, "sensitivity"),
+                        (folder.plan, "allocate")):
+        if STAGES.index(stage) < first:
+            folder.require(path, stage)
+    if folder.sensitivity.exists():
+        check_budget_against_table(config, load_table(folder.sensitivity))
+    return prompts
+
+
+def check_budget_against_table(config: Config, table: dict):
+    for side, key in SIDES.items():
+        target = config.budget.w_bits if side == "weight" else config.budget.a_bits
+        candidates = {n: [int(b) for b in row[side]] for n, row in table.items()}
+        if candidates:
+            check_budget_feasible(side, target, candidates, sizes_for(side, table))
+
+
+def check_budget_against_layers(config: Config, layers: dict):
+    """The weight budget's exact floor from the layer sizes (the table does not exist yet)."""
+    bits = config.bits
+    candidates = {n: candidate_bits(info.group, bits.weight_content, bits.weight_quality, bits.activation)["weight"]
+                  for n, info in layers.items()}
+    if candidates:
+        check_budget_feasible("weight", config.budget.w_bits, candidates, {n: float(i.params) for n, i in layers.items()})
+
+
+# --- the stages ---------------------------------------------------------------------------------
+
+
+def collect_stage(s: Session):
+    cal, folder = s.config.calibration, s.folder
+    prompts = s.prompts if s.prompts is not None else prompts_for(s.config)
+    s.log(f"collect: activation ranges over {len(prompts)} prompts")
+    calibration = calibrate_ranges(s.pipe, prompts, batch_size=cal.batch_size, seed=s.config.sampling.seed,
+                                   progress=s.progress, layers=s.all_layers, **s.config.pipeline_kwargs())
+    calibration.save(folder.ranges)
+    sensitivity_prompts = prompts[:cal.sensitivity_prompts]
+    s.log(f"collect: float reference for {len(sensitivity_prompts)} sensitivity prompts")
+    collect_reference(s.pipe, sensitivity_prompts, s.config.sampling.seed, s.config.pipeline_kwargs(),
+                      cal.batch_size).save(folder.reference)
+    s.__dict__.pop("calibration", None)  # reload what was just written
+    s.__dict__.pop("evaluator", None)
+    record_measurement_inputs(s, prompts)
+
+
+def sensitivity_stage(s: Session):
+    measure_sensitivity(s.pipe, s.layers, s.calibration, s.evaluator, s.config.bits, s.folder.sensitivity,
+                        s.progress, s.log)
+
+
+def allocate_stage(s: Session):
+    table = s.table()
+    plan, sweeps = build_plan(table, s.config.budget, s.evaluator, s.pipe, s.layers, s.calibration, sorted(s.keep),
+                              s.log)
+    plan = {n: plan[n] for n in s.all_layers}  # module order
+    budget = s.config.to_dict()["budget"]
+    write_yaml_atomic(s.folder.allocation, {"budget": budget, "sweeps": sweeps})
+    s.folder.write_plan({"model": architecture_fingerprint(s.pipe.unet), "budget": budget,
+                         "averages": rounded(plan_averages(plan, table)), "layers": plan})
+    s.folder.write_config(s.config.to_dict())
+    s.log(f"allocate: wrote {s.folder.plan} (also {s.folder.history_path(budget).relative_to(s.folder.root)})")
+
+
+def report_stage(s: Session):
+    folder, table = s.folder, s.table()
+    folder.require(folder.plan, "allocate")
+    plan_file = read_yaml(folder.plan)
+    plan, budget = plan_file["layers"], plan_file["budget"]
+    sweeps = (read_yaml(folder.allocation) or {}).get("sweeps", {}) if folder.allocation.exists() else {}
+    comparison = compare_with_uniform(s.evaluator, s.pipe, s.all_layers, s.keep, plan, table, s.calibration,
+                                      float(budget["w_bits"]), s.log)
+    averages = plan_averages(plan, table)
+    plots = {"sensitivity": "sensitivity.png", "bits": "bits.png", "groups": "group_bits.png"}
+    plot_sensitivity(table, folder.root / plots["sensitivity"])
+    plot_bits(plan, table, folder.root / plots["bits"])
+    plot_group_averages(averages, {"weight": budget["w_bits"], "activation": budget["a_bits"]},
+                        folder.root / plots["groups"])
+    write_report(folder.report, config=s.config, budget=budget, command=s.command, averages=averages, sweeps=sweeps,
+                 comparison=comparison, table=table, timings=s.timings, versions=versions(s.pipe.unet.device),
+                 plots=plots)
+    s.log(f"report: wrote {folder.report}")
+
+
+STAGE_FUNCTIONS = {"collect": collect_stage, "sensitivity": sensitivity_stage, "allocate": allocate_stage,
+                   "report": report_stage}
+
+
+def record_measurement_inputs(s: Session, prompts):
+    """After collect: the folder now holds measurements of these inputs (and the config that made them)."""
+    s.folder.record_inputs(measurement_inputs(s.config, prompts, model_fingerprint(s.pipe.unet)))
+    s.folder.write_config(s.config.to_dict())
+
+
+def stage_digest(s: Session, stage: str) -> str | None:
+    """What a derived stage's output depends on; None while its input files do not exist."""
+    folder = s.folder
+    if stage == "allocate":
+        if not folder.sensitivity.exists():
+            return None
+        return digest("allocate", file_digest(folder.sensitivity), s.config.to_dict()["budget"])
+    if stage == "report":
+        if not (folder.plan.exists() and folder.sensitivity.exists()):
+            return None
+        allocation = file_digest(folder.allocation) if folder.allocation.exists() else ""
+        return digest("report", file_digest(folder.plan), allocation, file_digest(folder.sensitivity))
+    return None
+
+
+def stage_outputs(folder: RunFolder) -> dict:
+    return {"allocate": folder.plan, "report": folder.report}
+
+
+def should_run(s: Session, stage: str, requested, forced: bool) -> bool:
+    """Requested stages run (a single --stage always does); with every stage requested, collect is
+    skipped when its files exist (the recorded inputs match, preflight checked), and a derived stage
+    when its inputs are unchanged. After any stage, derived stages whose inputs changed run too,
+    so the plan and report never describe something else."""
+    if stage in DERIVED_STAGES:
+        current = stage_digest(s, stage)
+        if current is None:
+            return stage in requested and forced  # will fail with "run ... first"
+        if stage in requested and forced:
+            return True
+        return not s.folder.stage_is_current(stage, current, stage_outputs(s.folder)[stage])
+    if stage not in requested:
+        return False
+    if stage == "collect" and not forced and s.folder.collected():
+        s.log("collect: skipped, activation ranges and reference already in the folder")
+        return False
+    if stage == "sensitivity" and not forced and set(s.layers) <= set(load_table(s.folder.sensitivity)):
+        s.log(f"sensitivity: skipped, all {len(s.layers)} layers already measured")
+        return False
+    return True
+
+
+def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, command: str | None = None) -> Path:
+    folder = RunFolder(out)
+    stages = tuple(stages)
+    prompts = preflight(config, folder, stages)
+    pipe = load_pipeline(config.model, progress)
+    s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate")
+    folder.check_inputs(measurement_inputs(config, prompts, model_fingerprint(pipe.unet)))
+    check_budget_against_layers(config, s.layers)
+    log(f"{config.name}: {len(s.all_layers)} Linear/Conv2d layers, {len(s.layers)} quantizable "
+        f"({len(s.keep)} kept in floating point)")
+
+    forced = len(stages) == 1
+    # Under torchrun: process 0 collects while the others wait, every process measures its share of
+    # the sensitivity table, and process 0 alone allocates and reports.
+    world = current_world()
+    for stage in STAGES:
+        runs_here = world.is_main or stage == "sensitivity"
+        if runs_here and should_run(s, stage, stages, forced):
+            started = time.monotonic()
+            STAGE_FUNCTIONS[stage](s)
+            s.timings[stage] = time.monotonic() - started
+            current = stage_digest(s, stage)
+            if stage in DERIVED_STAGES and current is not None:
+                folder.mark_stage(stage, current)
+        if stage == "collect":
+            world.barrier()
+        if stage == "sensitivity" and not world.is_main:
+            return folder.root
+    if folder.measured() and not folder.config.exists():
+        folder.write_config(config.to_dict())
+    return folder.root
 
 
 def versions(device) -> dict:
@@ -92,86 +307,8 @@ def versions(device) -> dict:
     return info
 
 
-def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, command: str | None = None) -> Path:
-    folder = RunFolder(out)
-    folder.root.mkdir(parents=True, exist_ok=True)
-    check_same_measurements(folder, config)
-    write_yaml_atomic(folder.config, config.to_dict())
-    timings = {}
-
-    pipe = load_pipeline(config.model)
-    unet = pipe.unet
-    all_layers = quantizable_layers(unet)
-    keep = resolve_keep_fp(config.keep_fp, all_layers)
-    layers = {n: info for n, info in all_layers.items() if n not in keep}
-    pipeline_kwargs = config.pipeline_kwargs()
-    cal = config.calibration
-    log(f"{config.name}: {len(all_layers)} Linear/Conv2d layers, {len(layers)} quantizable ({len(keep)} kept in floating point)")
-
-    started = time.monotonic()
-    world = current_world()  # under torchrun: process 0 collects, all measure sensitivity, process 0 finishes
-    if "collect" in stages and world.is_main:
-        prompts = load_prompts(cal.prompts, cal.num_prompts)
-        log(f"collect: activation ranges over {len(prompts)} prompts")
-        calibration = calibrate_ranges(pipe, prompts, batch_size=cal.batch_size, seed=config.sampling.seed,
-                                       progress=progress, layers=all_layers, **pipeline_kwargs)
-        calibration.save(folder.ranges)
-        sensitivity_prompts = prompts[:cal.sensitivity_prompts]
-        log(f"collect: float reference for {len(sensitivity_prompts)} sensitivity prompts")
-        collect_reference(pipe, sensitivity_prompts, config.sampling.seed, pipeline_kwargs, cal.batch_size).save(folder.reference)
-        timings["collect"] = time.monotonic() - started
-    world.barrier()
-
-    folder.require(folder.ranges, "collect")
-    folder.require(folder.reference, "collect")
-    calibration = Calibration.load(folder.ranges)
-    if calibration.meta.get("model") not in (None, architecture_fingerprint(unet)):
-        raise ValueError(f"{folder.ranges} was calibrated on another model; use a new --out folder")
-    evaluator = Evaluator(pipe, Reference.load(folder.reference), config.sampling.seed, pipeline_kwargs, cal.batch_size)
-
-    if "sensitivity" in stages:
-        started = time.monotonic()
-        measure_sensitivity(pipe, layers, calibration, evaluator, config.bits, folder.sensitivity, progress, log)
-        timings["sensitivity"] = time.monotonic() - started
-    if not world.is_main:
-        return folder.root
-
-    folder.require(folder.sensitivity, "sensitivity")
-    table = load_table(folder.sensitivity)
-    unfinished = [n for n in layers if n not in table]
-    if unfinished:
-        raise RuntimeError(f"{folder.sensitivity} misses {len(unfinished)} layers: rerun `--stage sensitivity` to finish it")
-    table = {n: table[n] for n in layers}  # module order
-
-    if "allocate" in stages:
-        started = time.monotonic()
-        plan, sweeps = build_plan(table, config.budget, evaluator, pipe, layers, calibration, sorted(keep), log)
-        plan = {n: plan[n] for n in all_layers}  # module order
-        write_yaml_atomic(folder.allocation, {"budget": config.to_dict()["budget"], "sweeps": sweeps})
-        write_yaml_atomic(folder.plan, {"model": architecture_fingerprint(unet), "budget": config.to_dict()["budget"],
-                                        "layers": plan})
-        timings["allocate"] = time.monotonic() - started
-        log(f"allocate: wrote {folder.plan}")
-
-    if "report" in stages:
-        started = time.monotonic()
-        folder.require(folder.plan, "allocate")
-        plan_file = read_yaml(folder.plan)
-        sweeps = (read_yaml(folder.allocation) or {}).get("sweeps", {})
-        comparison = compare_with_uniform(evaluator, pipe, all_layers, keep, plan_file["layers"], table, calibration,
-                                          config, log)
-        averages = plan_averages(plan_file["layers"], table)
-        plots = {"sensitivity": "sensitivity.png", "bits": "bits.png", "groups": "group_bits.png"}
-        plot_sensitivity(table, folder.root / plots["sensitivity"])
-        plot_bits(plan_file["layers"], table, folder.root / plots["bits"])
-        plot_group_averages(averages, {"weight": config.budget.w_bits, "activation": config.budget.a_bits},
-                            folder.root / plots["groups"])
-        timings["report"] = time.monotonic() - started
-        write_report(folder.report, config=config, command=command or "python -m mixq.calibrate", averages=averages,
-                     sweeps=sweeps, comparison=comparison, table=table, timings=timings,
-                     versions=versions(unet.device), plots=plots)
-        log(f"report: wrote {folder.report}")
-    return folder.root
+def rounded(averages: dict, digits: int = 4) -> dict:
+    return {side: {g: round(float(v), digits) for g, v in groups.items()} for side, groups in averages.items()}
 
 
 def plan_averages(plan: dict, table: dict) -> dict:
@@ -196,18 +333,15 @@ def evaluate_real(evaluator: Evaluator, pipe, layers, bits: dict, calibration) -
     return {"unet_sqnr": sqnr, "image_psnr": batch_psnr(reference, images), "image_ssim": batch_ssim(reference, images)}
 
 
-def compare_with_uniform(evaluator, pipe, layers, keep, plan: dict, table: dict, calibration, config, log) -> list[dict]:
+def compare_with_uniform(evaluator, pipe, layers, keep, plan: dict, table: dict, calibration, target: float,
+                         log) -> list[dict]:
     """The plan against uniform weight bits at the budget (same activation bits as the plan)."""
-    sizes_w = sizes_for("weight", table)
-    total = sum(sizes_w.values())
+    averages = plan_averages(plan, table)
+    w_avg, a_avg = averages["weight"]["all"], averages["activation"]["all"]
     plan_bits = {n: (plan[n]["w_bits"], plan[n]["a_bits"]) for n in layers}
-    w_avg = sum(sizes_w[n] * plan[n]["w_bits"] for n in table) / total
     a_plan = {n: plan[n]["a_bits"] for n in table}
-    sizes_a = sizes_for("activation", table)
-    a_avg = sum(sizes_a[n] * a_plan[n] for n in table) / sum(sizes_a.values())
     rows = [{"name": "mixed plan (plan.yaml)", "w_avg": w_avg, "a_avg": a_avg,
              **evaluate_real(evaluator, pipe, layers, plan_bits, calibration)}]
-    target = config.budget.w_bits
     uniform_bits = sorted({b for b in (int(target), int(-(-target // 1))) if b in (2, 4, 8)})
     for w in uniform_bits:
         bits = {n: (FLOAT_BITS, FLOAT_BITS) if n in keep else (w, a_plan[n]) for n in layers}

@@ -4,6 +4,10 @@
     mixq.summary(pipe, print_table=True)
 """
 
+from mixq.quiet import silence_torchvision_fallback_notice
+
+silence_torchvision_fallback_notice()  # before diffusers/transformers load (see mixq/quiet.py)
+
 from mixq._version import __version__
 from mixq.api import calibrate_ranges, quantize, summary
 from mixq.calibration import Calibration, NonFiniteActivationError

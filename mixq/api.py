@@ -290,7 +290,8 @@ def _bytes(module) -> int:
 
 
 def format_summary(rows: list[dict], info: dict | None = None) -> str:
-    header = f"{'layer':<60} {'kind':<7} {'group':<8} {'W':>3} {'A':>3} {'params':>10} {'bytes':>10}  notes"
+    width = max([60] + [len(r["name"]) for r in rows])  # long names must not push their row's columns
+    header = f"{'layer':<{width}} {'kind':<7} {'group':<8} {'W':>3} {'A':>3} {'params':>10} {'bytes':>10}  notes"
     lines = [header, "-" * len(header)]
     for r in rows:
         notes = []
@@ -300,7 +301,7 @@ def format_summary(rows: list[dict], info: dict | None = None) -> str:
             notes.append(f"BOS {r['bos']}")
         if r.get("note"):
             notes.append(r["note"])
-        lines.append(f"{r['name']:<60} {r['kind']:<7} {r['group']:<8} {r['w_bits']:>3} {r['a_bits']:>3} "
+        lines.append(f"{r['name']:<{width}} {r['kind']:<7} {r['group']:<8} {r['w_bits']:>3} {r['a_bits']:>3} "
                      f"{r['params']:>10,} {r['bytes']:>10,}  {', '.join(notes)}")
     total_params = sum(r["params"] for r in rows)
     w_avg = sum(r["params"] * r["w_bits"] for r in rows) / max(total_params, 1)

@@ -1,10 +1,18 @@
 """`python -m mixq.calibrate`: calibrate a pipeline, measure per-layer sensitivity, solve a mixed-
-precision bit plan under a budget, and write a report.
+precision bit plan under a budget, and write a report into a run folder.
 
-    python -m mixq.calibrate                                   # offline tiny default
-    python -m mixq.calibrate --config sdxl-turbo --prompts captions_val2017.json --out runs/turbo
-    python -m mixq.calibrate --out runs/turbo --stage allocate --w-bits 3.5   # new budget, seconds
+examples:
+  python -m mixq.calibrate                                               # offline tiny default, no downloads
+  python -m mixq.calibrate --out runs/tiny-sdxl --stage allocate --w-bits 3.5   # re-budget a run, seconds
+  python -m mixq.calibrate --model ./my-pipeline --out runs/mine         # a local folder (pipe.save_pretrained)
+  python -m mixq.calibrate --config sdxl-turbo --prompts captions_val2017.json --out runs/turbo
+  python -m mixq.calibrate --config sdxl-turbo --model ./sdxl-turbo --dtype float32 --device cpu --size 512
+  python -m mixq.calibrate --config lcm-lora-sdxl --out runs/lcm-sdxl    # LCM-LoRA fused, 4 steps
+  python -m mixq.calibrate --config lcm-lora-sd15 --out runs/lcm-sd15
 
+Without --config, a run folder given with --out that already holds a config.yaml is continued with
+that config (only the budget may change); otherwise the offline tiny-sdxl config is used. --model and
+the other model/sampling flags override the config (the field each one sets is in its help).
 Then: mixq.quantize(pipe, plan="runs/turbo/plan.yaml", calibration="runs/turbo").
 """
 
@@ -12,54 +20,74 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
+from pathlib import Path
 
-from mixq.calib.config import ConfigError
+from mixq.errors import MixqError
 
 
 def parse_args(argv):
+    from mixq.calib.config import OVERRIDES
     from mixq.calib.run import STAGES
+
+    def sets(flag):
+        return f" (sets {OVERRIDES[flag]})"
 
     parser = argparse.ArgumentParser(prog="python -m mixq.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="a config YAML, or a shipped config name (tiny-sdxl, sdxl-turbo, lcm-lora-sdxl, "
-                             "lcm-lora-sd15); default: tiny-sdxl, offline")
-    parser.add_argument("--prompts", help="prompts file: COCO captions JSON/CSV, PartiPrompts TSV, JSON list or text")
-    parser.add_argument("--num-prompts", type=int, help="number of calibration prompts (first N)")
-    parser.add_argument("--w-bits", type=float, help="weight budget: size-weighted average bits")
-    parser.add_argument("--a-bits", type=float, help="activation budget: size-weighted average bits")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+                             "lcm-lora-sd15); default: the --out folder's config.yaml, else tiny-sdxl (offline)")
+    parser.add_argument("--model", help="a Hugging Face Hub id or a local pipeline folder in diffusers layout" + sets("model"))
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="model dtype" + sets("dtype"))
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N" + sets("device"))
+    parser.add_argument("--variant", help="weights variant to load, e.g. fp16" + sets("variant"))
+    parser.add_argument("--steps", type=int, help="inference steps" + sets("steps"))
+    parser.add_argument("--guidance", type=float, help="guidance scale" + sets("guidance"))
+    parser.add_argument("--size", help="image size: 512, or WIDTHxHEIGHT such as 1024x768" + sets("size"))
+    parser.add_argument("--prompts", help="prompts file: COCO captions JSON/CSV, PartiPrompts TSV, JSON list or text"
+                        + sets("prompts"))
+    parser.add_argument("--num-prompts", type=int, help="number of calibration prompts (first N)" + sets("num_prompts"))
+    parser.add_argument("--w-bits", type=float, help="weight budget: size-weighted average bits" + sets("w_bits"))
+    parser.add_argument("--a-bits", type=float, help="activation budget: size-weighted average bits" + sets("a_bits"))
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<config name or model folder name>)")
     parser.add_argument("--stage", choices=("all",) + STAGES, default="all",
-                        help="run one stage alone; earlier stages' files must exist in --out")
+                        help="run this stage even if up to date (earlier stages' files must exist in --out); "
+                             "allocate and report then follow when their inputs changed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
+
+
+def resolve_config(args):
+    """(config, run folder) from the flags: --config, else the folder's own config.yaml, else the
+    offline default; then the command-line overrides."""
+    from mixq.calib.config import apply_overrides, config_from_data, load_config
+    from mixq.calib.runfolder import RunFolder
+
+    inferred = RunFolder(args.out).stored_config() if args.config is None and args.out else None
+    if inferred is not None:
+        config = config_from_data(inferred)
+    else:
+        config = load_config(args.config)
+        if args.model and args.config is None:
+            config.name = Path(args.model.rstrip("/")).name or config.name  # name the run after the model
+    apply_overrides(config, model=args.model, dtype=args.dtype, device=args.device, variant=args.variant,
+                    steps=args.steps, guidance=args.guidance, size=args.size, prompts=args.prompts,
+                    num_prompts=args.num_prompts, w_bits=args.w_bits, a_bits=args.a_bits)
+    return config, args.out or f"runs/{config.name}"
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from mixq.calib.config import load_config, validate
     from mixq.calib.distributed import maybe_init
     from mixq.calib.run import STAGES, command_line, run
 
     try:
-        config = load_config(args.config)
-        if args.prompts is not None:
-            config.calibration.prompts = args.prompts
-        if args.num_prompts is not None:
-            config.calibration.num_prompts = args.num_prompts
-        if args.w_bits is not None:
-            config.budget.w_bits = args.w_bits
-        if args.a_bits is not None:
-            config.budget.a_bits = args.a_bits
-        validate(config)
+        config, out = resolve_config(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
         with maybe_init():  # joins torchrun's process group when there is one
-            run(config, args.out or f"runs/{config.name}", stages=stages, progress=not args.no_progress,
-                command=command_line(argv))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+            run(config, out, stages=stages, progress=not args.no_progress, command=command_line(argv))
+    except (MixqError, FileNotFoundError) as err:  # bad input: the message says what and how to fix it
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

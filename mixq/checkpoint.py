@@ -374,13 +374,15 @@ def download_checkpoint(repo_id: str, *, revision=None, subfolder=None, token=No
     """Only the two checkpoint files are fetched (a repo may hold the whole pipeline beside them)."""
     from huggingface_hub import snapshot_download
 
+    from mixq.hub import load_failure_message
+
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         root = snapshot_download(repo_id, revision=revision, token=token,
                                  allow_patterns=[prefix + MANIFEST_NAME, prefix + WEIGHTS_PATTERN])
     except Exception as err:  # network, authentication, missing repo or revision: all end here for the user
-        raise CheckpointError(f"{repo_id!r} is not a local folder, and downloading it from the Hugging Face Hub "
-                              f"failed: {err}") from err
+        raise CheckpointError(load_failure_message(repo_id, err, what="the checkpoint", local_fix="a local checkpoint "
+                                                   "folder (mixq.save_quantized writes one)")) from err
     return Path(root) / prefix if prefix else Path(root)
 
 

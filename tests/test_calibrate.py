@@ -65,7 +65,7 @@ def test_plan_meets_the_budget_in_both_groups(finished_run):
     layers = plan["layers"]
     assert layers["conv_in"] == {"w_bits": 16, "a_bits": 16}
     params = {n: row["params"] for n, row in table.items()}
-    chosen = min(sweeps["weight"], key=lambda e: e["image_mse"])
+    chosen = next(e for e in sweeps["weight"] if e.get("chosen"))
     for group in ("content", "quality"):
         members = [n for n in table if table[n]["group"] == group]
         avg = sum(params[n] * layers[n]["w_bits"] for n in members) / sum(params[n] for n in members)
@@ -129,8 +129,10 @@ def test_config_errors_name_the_field(tmp_path, capsys):
 def test_budget_below_the_smallest_candidate_is_refused(finished_run, capsys):
     config, out = finished_run
     assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--w-bits", "1.5"]) == 2
+    assert "is outside 2..8" in capsys.readouterr().err
+    assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--w-bits", "2.1"]) == 2
     err = capsys.readouterr().err
-    assert "infeasible" in err and "smallest candidate bit-widths already average" in err
+    assert "infeasible" in err and "smallest candidate bit-width the weights already average" in err
     assert main(["--config", config, "--out", str(out), "--stage", "allocate", "--no-progress"]) == 0
 
 
@@ -147,7 +149,7 @@ def test_changed_measurement_settings_need_a_new_folder(finished_run, tmp_path, 
     _, out = finished_run
     other = write_config(tmp_path / "other.yaml", sampling={"num_inference_steps": 2})
     assert main(["--config", other, "--out", str(out), "--stage", "allocate"]) == 2
-    assert "different sampling settings" in capsys.readouterr().err
+    assert "sampling.num_inference_steps: 1 -> 2" in capsys.readouterr().err
 
 
 def test_missing_prompts_file_is_a_clear_error(tmp_path, capsys):
