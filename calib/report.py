@@ -118,8 +118,10 @@ def most_sensitive(table: dict, group: str, count: int = 5) -> str:
 
 
 def write_report(path: Path, *, config, budget: dict, command: str, averages: dict, sweeps: dict,
-                 comparison: list[dict], table: dict, timings: dict, versions: dict, plots: dict):
-    """report.md for the plan beside it: `budget` and `averages` are the plan's."""
+                 comparison: list[dict], table: dict, timings: dict, versions: dict, plots: dict,
+                 noise_floor: str = ""):
+    """report.md for the plan beside it: `budget` and `averages` are the plan's; `noise_floor` is the
+    sensitivity measurement's floor, said next to the scores."""
     c = config
     lines = [
         f"# mixq calibration report: {c.name}",
@@ -166,7 +168,8 @@ def write_report(path: Path, *, config, budget: dict, command: str, averages: di
     for side, sweep in sweeps.items():
         lines += [f"**{side}s** (budget {float(budget['w_bits'] if side == 'weight' else budget['a_bits']):g})", "",
                   _table(["k", "content avg", "quality avg", "all avg", "image MSE", "chosen"], sweep_rows(sweep)), ""]
-    lines += ["## Sensitivity", "", f"![sensitivity]({plots['sensitivity']})", "", f"![bits]({plots['bits']})", ""]
+    lines += ["## Sensitivity", ""] + ([noise_floor, ""] if noise_floor else [])
+    lines += [f"![sensitivity]({plots['sensitivity']})", "", f"![bits]({plots['bits']})", ""]
     lines += ["Most sensitive layers to low-bit weights (lowest score at the smallest candidate):", ""]
     for group in ("quality", "content"):
         lines += [f"- {group} ({'UNet SQNR' if group == 'quality' else 'image SSIM'}): {most_sensitive(table, group)}"]

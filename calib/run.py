@@ -33,7 +33,8 @@ from mixq.calib.prompts import load_prompts
 from mixq.calib.report import plot_bits, plot_group_averages, plot_sensitivity, write_report
 from mixq.calib.runfolder import (MEASUREMENT_SECTIONS, RunFolder, digest, file_digest, measurement_inputs,
                                   model_fingerprint)
-from mixq.calib.sensitivity import Evaluator, candidate_bits, load_table, measure_sensitivity, swapped_layers
+from mixq.calib.sensitivity import (Evaluator, candidate_bits, load_measurement, load_table, measure_sensitivity,
+                                    noise_floor_line, swapped_layers)
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError, PromptFileError, RunFolderError
 from mixq.io import read_yaml, write_yaml_atomic
@@ -201,7 +202,7 @@ def report_stage(s: Session):
                         folder.root / plots["groups"])
     write_report(folder.report, config=s.config, budget=budget, command=s.command, averages=averages, sweeps=sweeps,
                  comparison=comparison, table=table, timings=s.timings, versions=versions(s.pipe.unet.device),
-                 plots=plots)
+                 plots=plots, noise_floor=noise_floor_line(load_measurement(folder.sensitivity)))
     s.log(f"report: wrote {folder.report}")
 
 
