@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mixq.io import read_yaml, write_yaml_atomic
+from mixq.io import TEMP_SUFFIX, read_yaml, write_yaml_atomic
 
 SHARD_FOLDER = "sensitivity-shards"
 # Process 0 collects the float references while the others wait; on a CPU that takes long.
@@ -140,6 +140,9 @@ def remove_shards(table_path, shards_of_ranks):
 
 
 def remove_all_shards(table_path):
+    """After the merge: every shard, and the half-written temporaries of killed processes."""
     folder = shard_folder(table_path)
     if folder.is_dir():
+        for stale in folder.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
         remove_shards(table_path, [int(p.stem[len("rank"):]) for p in folder.glob("rank*.yaml")])
