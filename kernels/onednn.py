@@ -6,9 +6,11 @@ scale/bias epilogue fused). Their weights are reordered into oneDNN's blocked la
 the first time the layer is prepared or run, and kept beside the packed buffer (see PackedWeights).
 
 4-bit and 2-bit weights stay packed in memory (resident bytes follow the bits). Each call unpacks
-one layer into a per-thread scratch buffer that is reused from layer to layer, and multiplies with
-torch._int_mm on a transposed view of it (no copy); convolutions gather int8 codes (never floats)
-into columns first. Their epilogue is the reference's, so these layers agree bit for bit with it.
+one layer into a per-thread scratch buffer that is reused from layer to layer, one contiguous run per
+lane (lane-major K order, the activations' columns permuted to match: dot products are unchanged),
+and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions gather int8 codes
+(never floats) into columns first. Their epilogue is the reference's, so these layers agree bit for
+bit with it.
 
 Activations reach oneDNN as unsigned codes: mixq's signed code q in [-2^(b-1), 2^(b-1) - 1] plus
 128, with zero point x_zero + 128, so (u - u_zero) == (q - x_zero) and the integer accumulation is
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import platform
 import threading
-import warnings
 import weakref
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from mixq.quantizers import activation_qrange, values_per_byte
 
 from . import reference
+from .fallback import warn_once
 
 UNSIGNED_OFFSET = 128  # signed int8 code q <-> unsigned code q + 128
 ONEDNN_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -42,14 +44,9 @@ class CpuBackendFallbackWarning(UserWarning):
     """A call ran on the exact torch reference because the oneDNN CPU backend cannot run it here."""
 
 
-_warned: set[str] = set()
-
-
 def warn_fallback(reason: str):
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"mixq: the oneDNN CPU backend is not available ({reason}); running the exact torch "
-                      "reference instead (slower)", CpuBackendFallbackWarning, stacklevel=4)
+    warn_once(CpuBackendFallbackWarning, reason, f"mixq: the oneDNN CPU backend cannot run this call ({reason}); "
+              "running the exact torch reference instead (slower)")
 
 
 _availability: list = []
@@ -175,24 +172,36 @@ def scratch_bytes(nbytes: int) -> torch.Tensor:
     return buffer[:nbytes]
 
 
-def unpack_into_scratch(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """pack_weight's inverse, written into the scratch buffer: an int8 [N, k] view (rows padded)."""
+def unpack_lane_major(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_weight's codes as signed int8 [N, per_byte * width], written into the scratch buffer in
+    lane-major K order: column lane * width + j holds weight k = j * per_byte + lane (pack_weight puts
+    k in byte k // per_byte, lane k % per_byte). Each lane is one contiguous run per row, where the
+    natural order would interleave single bytes; the activations are permuted to match (lane_major),
+    which leaves every dot product, and so the int32 accumulation, unchanged."""
     per_byte = values_per_byte(bits)
     n, width = packed.shape
-    lanes = scratch_bytes(n * width * per_byte).view(n, width, per_byte)
+    lanes = scratch_bytes(n * per_byte * width).view(n, per_byte, width)
     mask = (1 << bits) - 1
     for lane in range(per_byte):
-        torch.bitwise_right_shift(packed, lane * bits, out=lanes[:, :, lane])
+        torch.bitwise_right_shift(packed, lane * bits, out=lanes[:, lane])
         if lane < per_byte - 1:  # the top lane has nothing above it
-            lanes[:, :, lane].bitwise_and_(mask)
+            lanes[:, lane].bitwise_and_(mask)
     # Offset-binary -> signed: uint8 subtraction wraps to the two's-complement byte.
     lanes.sub_(2 ** (bits - 1))
-    return lanes.view(torch.int8).view(n, width * per_byte)[:, :k]
+    return lanes.view(torch.int8).view(n, per_byte * width)
 
 
-def int8_columns(q_x: torch.Tensor, x_zero, kernel_size, stride, padding) -> tuple[torch.Tensor, int, int]:
+def lane_major(q: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """int8 codes [M, K], K a multiple of per_byte, with K reordered as unpack_lane_major orders it."""
+    m, k = q.shape
+    return q.view(m, k // per_byte, per_byte).transpose(1, 2).reshape(m, k)
+
+
+def int8_columns(q_x: torch.Tensor, x_zero, kernel_size, stride, padding,
+                 per_byte: int = 1) -> tuple[torch.Tensor, int, int]:
     """int8 codes [B, C, H, W] -> [B * Ho * Wo, kh * kw * C] in (row, col, channel) order, borders
-    holding the code of the real zero; integer copies only."""
+    holding the code of the real zero; integer copies only. With per_byte > 1 (C a multiple of it) the
+    columns come in unpack_lane_major's order, in the same single gather."""
     b, c, h, w = q_x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     padded = torch.empty(b, h + 2 * ph, w + 2 * pw, c, dtype=torch.int8)
@@ -200,7 +209,9 @@ def int8_columns(q_x: torch.Tensor, x_zero, kernel_size, stride, padding) -> tup
     padded[:, ph:ph + h, pw:pw + w].copy_(q_x.permute(0, 2, 3, 1))
     windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, Ho, Wo, C, kh, kw]
     ho, wo = windows.shape[1], windows.shape[2]
-    cols = windows.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)
+    # [B, Ho, Wo, C / per_byte, lane, kh, kw] -> [B, Ho, Wo, lane, kh, kw, C / per_byte]
+    windows = windows.unflatten(3, (c // per_byte, per_byte)).permute(0, 1, 2, 4, 5, 6, 3)
+    cols = windows.reshape(b * ho * wo, kh * kw * c)
     return cols, ho, wo
 
 
@@ -223,8 +234,12 @@ def onednn_bias(bias, out_dtype):
 
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
     if w_bits != 8:
+        per_byte = values_per_byte(w_bits)
+        if x.shape[-1] % per_byte:
+            warn_fallback(f"{w_bits}-bit linear layers with {x.shape[-1]} inputs (not a multiple of {per_byte})")
+            return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
         q_x = reference.quantize_input(x, x_scale, x_zero, a_bits)
-        acc = int_matmul_transposed(q_x, unpack_into_scratch(qweight, w_bits, x.shape[-1]))
+        acc = int_matmul_transposed(lane_major(q_x, per_byte), unpack_lane_major(qweight, w_bits))
         return reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
     codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits)
@@ -238,10 +253,14 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
                 out_dtype):
     b, c = x.shape[:2]
     if w_bits != 8:
+        per_byte = values_per_byte(w_bits)
+        if c % per_byte:
+            warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
+            return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
+                                              kernel_size, stride, padding)
         q_x = reference.quantize_input(x, x_scale, x_zero, a_bits)
-        cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding)
-        k = cols.shape[1]
-        acc = int_matmul_transposed(cols, unpack_into_scratch(qweight, w_bits, k))
+        cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding, per_byte)
+        acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))
         y = reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32

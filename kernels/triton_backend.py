@@ -10,13 +10,13 @@ TritonFallbackWarning once per reason, so that a result is never silently wrong 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from mixq.quantizers import packed_width
 
 from . import reference, triton_conv, triton_gemm
+from .fallback import warn_once
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_BITS = (2, 4, 8)
@@ -35,14 +35,9 @@ class TritonFallbackWarning(UserWarning):
     """A call ran on the torch reference because the Triton kernels do not support it."""
 
 
-_warned: set[str] = set()
-
-
 def warn_fallback(reason: str):
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"mixq: the Triton kernels do not support {reason}; running the exact torch reference "
-                      "instead (slower)", TritonFallbackWarning, stacklevel=4)
+    warn_once(TritonFallbackWarning, reason, f"mixq: the Triton kernels do not support {reason}; running the exact "
+              "torch reference instead (slower)")
 
 
 def unsupported_reason(x: torch.Tensor, w_bits: int, a_bits: int, out_elements: int) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from mixq import kernels
-from mixq.kernels import onednn, reference
+from mixq.kernels import fallback, onednn, reference
 from mixq.kernels.onednn import CpuBackendFallbackWarning
 from mixq.modules import QConv2d, QLinear, conv_weight_as_matrix
 from mixq.quantizers import activation_qparams, pack_weight, quantize_weight, unpack_weight, weight_row_sums
@@ -67,18 +68,22 @@ def assert_matches(y, expected, w_bits):
 
 
 @pytest.mark.parametrize("w_bits,a_bits", BITS)
-@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (7, 37, 24), (33, 130, 70)])  # K not a multiple of 4 / 64
+# K not a multiple of 4 / 64 (low-bit weights then fall back to the reference), and multiples of 4.
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (7, 37, 24), (33, 130, 70), (1, 8, 3), (33, 136, 70)])
 def test_linear_accumulates_exactly(w_bits, a_bits, m, k, n):
     x = activations((m, k), torch.float32)
     layer = integer_layer(torch.randn(n, k), x, w_bits, a_bits, torch.float32, unit_scales=True)
-    assert torch.equal(onednn.quantized_linear(x, **layer), reference.quantized_linear(x, **layer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CpuBackendFallbackWarning)
+        y = onednn.quantized_linear(x, **layer)
+    assert torch.equal(y, reference.quantized_linear(x, **layer))
 
 
 @pytest.mark.parametrize("w_bits,a_bits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float16,))
 def test_linear_matches_reference(w_bits, a_bits, dtype):
-    x = activations((19, 45), dtype)
-    layer = integer_layer(torch.randn(40, 45), x, w_bits, a_bits, dtype)
+    x = activations((19, 44), dtype)
+    layer = integer_layer(torch.randn(40, 44), x, w_bits, a_bits, dtype)
     assert_matches(onednn.quantized_linear(x, **layer), reference.quantized_linear(x, **layer), w_bits)
 
 
@@ -98,11 +103,15 @@ def conv_layer(c, n, kernel, x, w_bits, a_bits, dtype, unit_scales=False):
 
 @pytest.mark.parametrize("w_bits,a_bits", BITS)
 @pytest.mark.parametrize("kernel,stride,padding", CONV_GEOMETRIES)
-def test_conv_accumulates_exactly(w_bits, a_bits, kernel, stride, padding):
-    x = activations((2, 5, 7, 6), torch.float32)  # C * kh * kw = 45: not a multiple of 4
-    layer = conv_layer(5, 12, kernel, x, w_bits, a_bits, torch.float32, unit_scales=True)
+@pytest.mark.parametrize("channels", [5, 12])  # 5: low-bit weights fall back to the reference (odd width)
+def test_conv_accumulates_exactly(w_bits, a_bits, kernel, stride, padding, channels):
+    x = activations((2, channels, 7, 6), torch.float32)
+    layer = conv_layer(channels, 12, kernel, x, w_bits, a_bits, torch.float32, unit_scales=True)
     geometry = dict(kernel_size=kernel, stride=stride, padding=padding)
-    assert torch.equal(onednn.quantized_conv2d(x, **layer, **geometry), reference.quantized_conv2d(x, **layer, **geometry))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CpuBackendFallbackWarning)
+        y = onednn.quantized_conv2d(x, **layer, **geometry)
+    assert torch.equal(y, reference.quantized_conv2d(x, **layer, **geometry))
 
 
 @pytest.mark.parametrize("w_bits,a_bits", BITS)
@@ -147,7 +156,7 @@ def test_auto_selects_onednn_on_x86(monkeypatch):
 def test_falls_back_to_reference_with_a_warning(choice, monkeypatch):
     monkeypatch.setenv("MIXQ_BACKEND", choice)
     monkeypatch.setattr(onednn, "_availability", ["not an x86 CPU (riscv64)"])
-    monkeypatch.setattr(onednn, "_warned", set())
+    monkeypatch.setattr(fallback, "_warned", set())
     x = activations((4, 8), torch.float32)
     layer = integer_layer(torch.randn(6, 8), x, 8, 8, torch.float32)
     with pytest.warns(CpuBackendFallbackWarning, match="riscv64"):
@@ -201,12 +210,28 @@ def test_low_bit_weights_stay_packed(w_bits):
     assert layer.qweight_0.numel() == 16 * 64 * w_bits // 8
 
 
-@pytest.mark.parametrize("bits,k", [(4, 7), (4, 64), (2, 5), (2, 130)])
-def test_scratch_unpacking_matches_unpack_weight(bits, k):
+@pytest.mark.parametrize("bits,k", [(4, 8), (4, 64), (2, 8), (2, 132)])
+def test_lane_major_unpacking_keeps_every_dot_product(bits, k):
     qmax = 2 ** (bits - 1) - 1
-    q = torch.randint(-qmax, qmax + 1, (9, k), dtype=torch.int8)
+    q = torch.randint(-qmax - 1, qmax + 1, (9, k), dtype=torch.int8)
     packed = pack_weight(q, bits)
-    assert torch.equal(onednn.unpack_into_scratch(packed, bits, k), unpack_weight(packed, bits, k))
+    per_byte = 8 // bits
+    unpacked = onednn.unpack_lane_major(packed, bits)
+    # The same codes, K reordered the way lane_major reorders the activations.
+    assert torch.equal(unpacked, onednn.lane_major(q, per_byte))
+    x = torch.randint(-128, 128, (5, k), dtype=torch.int8)
+    assert torch.equal(onednn.int_matmul_transposed(onednn.lane_major(x, per_byte), unpacked),
+                       reference.int_matmul(x, q))
+
+
+@pytest.mark.parametrize("bits,k", [(4, 7), (2, 130)])
+def test_low_bit_odd_widths_run_on_the_reference_with_a_warning(bits, k, monkeypatch):
+    monkeypatch.setattr(fallback, "_warned", set())
+    x = activations((3, k), torch.float32)
+    layer = integer_layer(torch.randn(6, k), x, bits, 8, torch.float32)
+    with pytest.warns(CpuBackendFallbackWarning, match=f"{k} inputs"):
+        y = onednn.quantized_linear(x, **layer)
+    assert torch.equal(y, reference.quantized_linear(x, **layer))
 
 
 # --- torch.compile -------------------------------------------------------------------------------

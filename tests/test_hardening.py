@@ -219,6 +219,16 @@ def test_quantized_linear_propagates_nan_like_float(w_bits, a_bits):
     assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
 
 
+def test_huge_finite_inputs_are_not_mistaken_for_non_finite():
+    # Their fp32 sum overflows to Inf: the quick all-finite check must defer to the exact one.
+    _, q = float_and_quantized_linear(8, 8)
+    x = torch.zeros(2, 16)
+    x[0, :4] = 3e38
+    x[1, 0] = NAN
+    y = q(x)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
 @pytest.mark.parametrize("w_bits", [8, 16])
 def test_quantized_conv_propagates_nan_where_float_does(w_bits):
     torch.manual_seed(0)

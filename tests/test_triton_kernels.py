@@ -18,7 +18,7 @@ from tests.conftest import capture_unet_call, unet_output  # noqa: E402
 
 import mixq  # noqa: E402
 from mixq import kernels  # noqa: E402
-from mixq.kernels import autotune, reference, triton_backend, triton_conv, triton_gemm, triton_quantize  # noqa: E402
+from mixq.kernels import autotune, fallback, reference, triton_backend, triton_conv, triton_gemm, triton_quantize  # noqa: E402
 from mixq.kernels.autotune import Config  # noqa: E402
 from mixq.kernels.triton_backend import TritonFallbackWarning  # noqa: E402
 from mixq.modules import conv_weight_as_matrix  # noqa: E402
@@ -305,7 +305,7 @@ def test_tiny_unet_through_triton_matches_torch_backend(tiny_sdxl, monkeypatch):
 
     monkeypatch.setattr(triton_gemm, "linear", counted("linear", triton_gemm.linear))
     monkeypatch.setattr(triton_conv, "conv2d", counted("conv2d", triton_conv.conv2d))
-    monkeypatch.setattr(triton_backend, "_warned", set())
+    monkeypatch.setattr(fallback, "_warned", set())
     monkeypatch.setenv("MIXQ_BACKEND", "triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error", TritonFallbackWarning)
@@ -320,7 +320,7 @@ def test_tiny_unet_through_triton_matches_torch_backend(tiny_sdxl, monkeypatch):
 
 def test_unsupported_conv_falls_back_with_one_warning(monkeypatch, recwarn):
     monkeypatch.setenv("MIXQ_BACKEND", "triton")
-    monkeypatch.setattr(triton_backend, "_warned", set())
+    monkeypatch.setattr(fallback, "_warned", set())
     g = torch.Generator().manual_seed(2)
     x = activations((1, 3, 9, 9), torch.float32, "cpu", g)
     layer = quantized_layer(torch.randn(4, 75, generator=g), x, 8, 8, True, torch.float32)
@@ -341,7 +341,7 @@ def test_unsupported_conv_falls_back_with_one_warning(monkeypatch, recwarn):
 ], ids=["float64", "cpu-compiled"])
 def test_unsupported_linear_falls_back(dtype, interpreted, reason, monkeypatch):
     monkeypatch.setenv("MIXQ_BACKEND", "triton")
-    monkeypatch.setattr(triton_backend, "_warned", set())
+    monkeypatch.setattr(fallback, "_warned", set())
     monkeypatch.setattr(triton_gemm, "INTERPRETED", interpreted)
     g = torch.Generator().manual_seed(3)
     x = activations((5, 16), dtype, "cpu", g)
