@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ and calib/ live at the top level of the repository but are installed as
     # subpackages: other distributions own the top-level names `kernels` and `calib`.
-    packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs"],
+    packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
     package_dir={"mixq": "mixq", "mixq.kernels": "kernels", "mixq.calib": "calib", "mixq.configs": "configs"},
     package_data={"mixq.configs": ["*.yaml"]},
     install_requires=[

@@ -54,6 +54,29 @@ def ordering(row: dict, side: str) -> bool:
     return all(a < b for a, b in zip(scores, scores[1:]))
 
 
+def summarize(rows: dict, floor: dict | None) -> dict:
+    """Ordering counts over all rows; for the quality group (SQNR in dB), the W8 - W4 gaps and how far
+    W8 sits below the noise floor."""
+    quality = [r for r in rows.values() if r.get("group") == "quality" and {4, 8} <= set(map(int, r["weight"]))]
+    gaps = [weight_score(r, 8) - weight_score(r, 4) for r in quality]
+    summary = {
+        "rows": len(rows),
+        "weight_ordered": sum(ordering(r, "weight") for r in rows.values()),
+        "activation_ordered": sum(ordering(r, "activation") for r in rows.values()),
+        "quality_rows": len(quality),
+        "quality_w8_w4_gap_db_min": min(gaps, default=None),
+        "quality_w8_w4_gap_db_median": sorted(gaps)[len(gaps) // 2] if gaps else None,
+        "quality_w8_w4_gap_at_least_3db": sum(g >= 3 for g in gaps),
+    }
+    if floor and quality:
+        summary["quality_w8_below_floor_db_min"] = min(floor["sqnr_db"] - weight_score(r, 8) for r in quality)
+    return summary
+
+
+def weight_score(row: dict, bits: int) -> float:
+    return {int(b): v for b, v in row["weight"].items()}[bits]
+
+
 def timed(fn):
     started = time.perf_counter()
     value = fn()
@@ -180,12 +203,7 @@ def main(argv=None):
         latent = torch.randn(1, 4, args.size // 8, args.size // 8)
         with torch.no_grad():
             _, result["real_vae_decode_fp32_s"] = timed(lambda: vae.decode(latent))
-    rows = result["rows"]
-    result["summary"] = {
-        "weight_ordered": sum(ordering(r, "weight") for r in rows.values()),
-        "activation_ordered": sum(ordering(r, "activation") for r in rows.values()),
-        "rows": len(rows),
-    }
+    result["summary"] = summarize(result["rows"], result.get("floor"))
     save()
     print(json.dumps(result["summary"]))
 

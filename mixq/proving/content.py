@@ -1,0 +1,200 @@
+"""A deterministic content checker for the shapes grammar (GenEval-style): does an image show what its
+prompt asked for?
+
+Pixels are assigned to the nearest named colour (or the background, or nothing when far from all);
+each colour's largest connected region is an object. Its shape comes from how much of its bounding
+box it fills (square 1, circle pi/4, triangle 1/2), its size from the box's side, its position from
+its centroid. A verdict holds one boolean per attribute (count, colour, shape, size, position or
+relation); `accuracy` turns many verdicts into per-attribute and overall rates.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .scenes import BACKGROUND, COLORS, POSITIONS, SIZES, Scene, parse_caption
+
+PALETTE_NAMES = ("background", *COLORS)
+PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
+MAX_COLOR_DISTANCE = 90.0  # RGB distance beyond which a pixel belongs to no named colour
+MIN_AREA_FRACTION = 0.008  # regions smaller than this share of the image are noise, not objects
+FILL_SQUARE_CIRCLE = (1.0 + np.pi / 4) / 2  # midpoints between the shapes' bounding-box fills
+FILL_CIRCLE_TRIANGLE = (np.pi / 4 + 0.5) / 2
+SIZE_THRESHOLD = SIZES["small"] + SIZES["large"]  # box side (fraction of the image) between the two sizes
+ATTRIBUTES = ("count", "color", "shape", "size", "position")
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    color: str
+    area: int
+    centroid: tuple[float, float]  # fractions of (width, height)
+    box_side: float  # the bounding box's longer side, fraction of the image side
+    fill: float  # area / bounding-box area
+
+    @property
+    def shape(self) -> str:
+        if self.fill >= FILL_SQUARE_CIRCLE:
+            return "square"
+        return "circle" if self.fill >= FILL_CIRCLE_TRIANGLE else "triangle"
+
+    @property
+    def size(self) -> str:
+        return "large" if self.box_side >= SIZE_THRESHOLD else "small"
+
+    @property
+    def position(self) -> str:
+        x, y = self.centroid
+        return min(POSITIONS, key=lambda name: (POSITIONS[name][0] - x) ** 2 + (POSITIONS[name][1] - y) ** 2)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    count: bool
+    color: bool
+    shape: bool
+    size: bool
+    position: bool  # the named position of one object, or the relation between two
+
+    @property
+    def correct(self) -> bool:
+        return all(asdict(self).values())
+
+
+def as_rgb_uint8(image) -> np.ndarray:
+    """[H, W, 3] uint8 from a uint8 array, a float array in [0, 1], a PIL image or a [3, H, W] tensor."""
+    if hasattr(image, "detach"):  # a torch tensor, channels first
+        image = image.detach().cpu().float().permute(1, 2, 0).numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(image.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    return image
+
+
+def palette_labels(image: np.ndarray) -> np.ndarray:
+    """Per pixel, the index into PALETTE_NAMES of the nearest colour, or -1 when none is near."""
+    distances = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - PALETTE[None, None], axis=-1)
+    labels = distances.argmin(axis=-1)
+    labels[distances.min(axis=-1) > MAX_COLOR_DISTANCE] = -1
+    return labels
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray | None:
+    """The largest 4-connected region of a boolean mask, as a boolean mask (None if empty)."""
+    seen = np.zeros_like(mask)
+    best, best_size = None, 0
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        region, queue = [], deque([start])
+        seen[start] = True
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(region) > best_size:
+            best, best_size = region, len(region)
+    if best is None:
+        return None
+    out = np.zeros_like(mask)
+    ys, xs = zip(*best)
+    out[list(ys), list(xs)] = True
+    return out
+
+
+def find_objects(image) -> list[DetectedObject]:
+    """One object per named colour whose largest region is big enough, largest first."""
+    image = as_rgb_uint8(image)
+    height, width = image.shape[:2]
+    labels = palette_labels(image)
+    found = []
+    for index, name in enumerate(PALETTE_NAMES[1:], start=1):
+        region = largest_region(labels == index)
+        if region is None or region.sum() < MIN_AREA_FRACTION * height * width:
+            continue
+        ys, xs = np.nonzero(region)
+        box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        found.append(DetectedObject(
+            color=name, area=int(region.sum()),
+            centroid=((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height),
+            box_side=max(box_w / width, box_h / height), fill=float(region.sum() / (box_w * box_h))))
+    return sorted(found, key=lambda obj: -obj.area)
+
+
+def relation_between(first: DetectedObject, second: DetectedObject) -> str:
+    dx, dy = first.centroid[0] - second.centroid[0], first.centroid[1] - second.centroid[1]
+    if abs(dy) >= abs(dx):
+        return "above" if dy < 0 else "below"
+    return "to the left of" if dx < 0 else "to the right of"
+
+
+def check(image, prompt: Scene | str) -> Verdict:
+    """The verdict on one image against its prompt (a Scene, or a caption of the grammar)."""
+    scene = parse_caption(prompt) if isinstance(prompt, str) else prompt
+    detected = {obj.color: obj for obj in find_objects(image)}
+    matched = [detected.get(obj.color) for obj in scene.objects]
+    present = all(m is not None for m in matched)
+    if len(scene.objects) == 1:
+        where = present and matched[0].position == scene.position
+    else:
+        where = present and relation_between(*matched) == scene.relation
+    return Verdict(
+        count=len(detected) == len(scene.objects),
+        color=present,
+        shape=present and all(m.shape == obj.shape for m, obj in zip(matched, scene.objects)),
+        size=present and all(m.size == obj.size for m, obj in zip(matched, scene.objects)),
+        position=bool(where),
+    )
+
+
+def accuracy(verdicts: list[Verdict]) -> dict[str, float]:
+    """Share of verdicts right on each attribute, and on all of them ("overall")."""
+    if not verdicts:
+        raise ValueError("no verdicts to summarise")
+    rates = {name: float(np.mean([getattr(v, name) for v in verdicts])) for name in ATTRIBUTES}
+    rates["overall"] = float(np.mean([v.correct for v in verdicts]))
+    return rates
+
+
+# --- no-reference quality ------------------------------------------------------------------------
+
+
+def background_noise(image) -> float:
+    """RMS distance (0-255 RGB units) of the background pixels from the background colour: speckle and
+    blotches that a clean image of flat shapes does not have. Pixels within 2 of an object's border
+    are left out (anti-aliasing mixes colours there)."""
+    image = as_rgb_uint8(image).astype(np.float32)
+    background = eroded(palette_labels(image) == 0, 2)
+    if not background.any():
+        return float("nan")
+    return float(np.sqrt(((image[background] - PALETTE[0]) ** 2).sum(axis=-1).mean()))
+
+
+def eroded(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels of the mask whose whole (2 radius + 1)-square neighbourhood is in it."""
+    padded = np.pad(mask, radius, constant_values=True)
+    height, width = mask.shape
+    out = np.ones_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out &= padded[dy:dy + height, dx:dx + width]
+    return out
+
+
+def edge_sharpness(image) -> float:
+    """Mean of the strongest 2 % of horizontal and vertical colour steps (0-255 units): high for crisp
+    shape borders, low for blurred ones."""
+    image = as_rgb_uint8(image).astype(np.float32)
+    steps = np.concatenate([np.linalg.norm(np.diff(image, axis=0), axis=-1).ravel(),
+                            np.linalg.norm(np.diff(image, axis=1), axis=-1).ravel()])
+    top = max(1, int(0.02 * steps.size))
+    return float(np.sort(steps)[-top:].mean())
