@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 import numpy as np
 import pytest
@@ -119,3 +120,30 @@ def test_accuracy_counts_each_attribute():
     assert len(COLORS) >= 6
     with pytest.raises(ValueError):
         accuracy([])
+
+
+def test_grammar_tokenizer_makes_each_word_one_token_and_survives_a_pipeline_round_trip(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from mixq.offline import tiny_sdxl_pipeline
+    from mixq.proving.tokenizer import grammar_clip_tokenizer, grammar_words
+
+    tokenizer = grammar_clip_tokenizer()
+    assert all(len(tokenizer.tokenize(word)) == 1 for word in grammar_words())
+    text = scenes("evaluation", 1, seed=0)[0][1]
+    ids = tokenizer(text, padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
+    words = re.findall(r"[a-z]+|,", text)  # CLIP splits punctuation off words
+    assert ids[1:len(words) + 1] == [tokenizer.convert_tokens_to_ids(w + "</w>") for w in words]
+    assert len(tokenizer.tokenize("a dog")) > 2  # outside the grammar, text still tokenizes (bytes)
+
+    pipe = tiny_sdxl_pipeline(tokenizer=tokenizer)
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionXLPipeline.from_pretrained(tmp_path)
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+    kwargs = dict(prompt=text, num_inference_steps=2, guidance_scale=0.0, height=64, width=64, output_type="np",
+                  generator=torch.Generator().manual_seed(0))
+    image = loaded(**kwargs).images[0]
+    assert image.shape == (64, 64, 3)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert np.allclose(image, pipe(**kwargs).images[0], atol=1e-5)
