@@ -66,7 +66,7 @@ def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None) -> torch.T
     host sync: a row-wise flag for Linear (any non-finite feature poisons the row), the input's non-finite
     map pushed through the convolution's window for Conv2d (`conv` = (kernel_size, stride, padding)).
     Where float would give +-Inf this gives NaN: non-finite either way."""
-    if not x.is_cuda and not torch.compiler.is_compiling() and bool(x.sum(dtype=torch.float32).isfinite()):
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(x.sum(dtype=torch.float32).isfinite()):
         # CPU, eager: one reduction settles the common case, where a host sync costs nothing. A sum of
         # finite values is never NaN; one that overflows to Inf only sends the call to the exact map below.
         return y

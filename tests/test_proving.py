@@ -114,7 +114,8 @@ def test_blank_and_blurred_images_are_judged_by_what_they_show():
 
 def test_accuracy_counts_each_attribute():
     scene = Scene((Shape("square", "orange", "small"),), position="at the top")
-    good, moved = check(render(scene), scene), check(render(scene), dataclasses.replace(scene, position="at the bottom"))
+    image = render(scene)
+    good, moved = check(image, scene), check(image, dataclasses.replace(scene, position="at the bottom"))
     rates = accuracy([good, moved])
     assert rates["position"] == 0.5 and rates["color"] == 1.0 and rates["overall"] == 0.5
     assert len(COLORS) >= 6

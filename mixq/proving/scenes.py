@@ -75,7 +75,8 @@ class Scene:
             if self.relation not in RELATIONS:
                 raise ValueError(f"a two-object scene needs a relation from {tuple(RELATIONS)}, got {self.relation!r}")
             if self.objects[0].color == self.objects[1].color:
-                raise ValueError("the two objects of a scene must differ in colour (the checker tells them apart by it)")
+                raise ValueError("the two objects of a scene must differ in colour (the checker tells them apart "
+                                 "by it)")
         if len(self.objects) not in (1, 2):
             raise ValueError(f"scenes hold one or two objects, got {len(self.objects)}")
 
@@ -157,10 +158,11 @@ def place(scene: Scene, rng: random.Random) -> list[tuple[float, float]]:
         x, y = POSITIONS[scene.position]
         return [(x + dx, y + dy)]
     ux, uy = RELATIONS[scene.relation]
-    # Far enough apart that two large objects never touch, close enough that both stay inside.
-    half = SIZES[scene.objects[0].size] + SIZES[scene.objects[1].size] + 0.06
-    half = max(half / 2 + 0.01, 0.2)
-    return [(0.5 + dx + ux * half, 0.5 + dy + uy * half), (0.5 + dx - ux * half, 0.5 + dy - uy * half)]
+    # Each centre sits `offset` from the middle: the objects are at least 0.08 apart (two large ones)
+    # and 0.4 between centres, and both stay inside the image whatever the jitter.
+    gap = 0.08
+    offset = max((SIZES[scene.objects[0].size] + SIZES[scene.objects[1].size] + gap) / 2, 0.2)
+    return [(0.5 + dx + ux * offset, 0.5 + dy + uy * offset), (0.5 + dx - ux * offset, 0.5 + dy - uy * offset)]
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -191,34 +193,34 @@ def render(scene: Scene, seed: int = 0, size: int = 64, supersample: int = 4) ->
 
 # --- captions back to scenes -----------------------------------------------------------------------
 
-_OBJECT = rf"({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+def _object_group(name: str) -> str:
+    return (f"(?P<{name}_size>{'|'.join(SIZES)}) (?P<{name}_color>{'|'.join(COLORS)}) "
+            f"(?P<{name}_shape>{'|'.join(SHAPES)})")
 
 
 def _pattern(template: str) -> re.Pattern:
-    fields = {"a": _OBJECT, "b": _OBJECT, "where": f"({'|'.join(POSITIONS)})", "rel": f"({'|'.join(RELATIONS)})"}
+    """A template as a regex with named groups (a_size, a_color, ..., where, rel)."""
+    fields = {"a": _object_group("a"), "b": _object_group("b"), "where": f"(?P<where>{'|'.join(POSITIONS)})",
+              "rel": f"(?P<rel>{'|'.join(RELATIONS)})"}
     parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
     regex = "".join(re.escape(part) if i % 2 == 0 else fields[part] for i, part in enumerate(parts))
     return re.compile(regex + r"\.?")
 
 
-_ONE_OBJECT_PATTERNS = [(_pattern(t), "{where}" in t and t.index("{where}") < t.index("{a}")) for t in ONE_OBJECT_TEMPLATES]
-_TWO_OBJECT_PATTERNS = [_pattern(t) for t in TWO_OBJECT_TEMPLATES]
+_PATTERNS = [_pattern(t) for t in ONE_OBJECT_TEMPLATES + TWO_OBJECT_TEMPLATES]
 
 
 def parse_caption(text: str) -> Scene:
     """The scene a caption of this grammar describes (any paraphrase; case and spacing are free)."""
     normal = " ".join(text.lower().split())
-    for pattern, where_first in _ONE_OBJECT_PATTERNS:
+    for pattern in _PATTERNS:
         match = pattern.fullmatch(normal)
         if match:
-            groups = match.groups()
-            where, obj = (groups[0], groups[1:]) if where_first else (groups[3], groups[:3])
-            return Scene((Shape(obj[2], obj[1], obj[0]),), position=where)
-    for pattern in _TWO_OBJECT_PATTERNS:
-        match = pattern.fullmatch(normal)
-        if match:
-            g = match.groups()
-            return Scene((Shape(g[2], g[1], g[0]), Shape(g[6], g[5], g[4])), relation=g[3])
+            g = match.groupdict()
+            first = Shape(g["a_shape"], g["a_color"], g["a_size"])
+            if "where" in g:
+                return Scene((first,), position=g["where"])
+            return Scene((first, Shape(g["b_shape"], g["b_color"], g["b_size"])), relation=g["rel"])
     raise ValueError(f"{text!r} is not a caption of the shapes grammar: expected e.g. {caption(EXAMPLE)!r} or "
                      f"{caption(EXAMPLE_PAIR)!r}")
 
