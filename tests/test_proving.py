@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 
@@ -148,3 +149,28 @@ def test_grammar_tokenizer_makes_each_word_one_token_and_survives_a_pipeline_rou
     assert image.shape == (64, 64, 3)
     kwargs["generator"] = torch.Generator().manual_seed(0)
     assert np.allclose(image, pipe(**kwargs).images[0], atol=1e-5)
+
+
+def test_training_runs_resumes_and_saves_a_loadable_pipeline(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from mixq.proving import train
+
+    args = ["--out", str(tmp_path), "--vae-steps", "2", "--pool", "16", "--batch", "2", "--base-width", "16",
+            "--text-width", "32", "--save-every", "1", "--eval-prompts", "2", "--quiet"]
+    stages = []
+    original = train.run_stage
+    monkeypatch.setattr(train, "run_stage", lambda name, *a: (stages.append(name), original(name, *a))[1])
+    assert train.main(args + ["--unet-steps", "2"]) == 0
+    state = torch.load(tmp_path / "train-state.pt", weights_only=False)
+    assert (state["stage"], state["step"]) == ("unet", 2) and "vae" in state["done"]
+    # A longer run in the same folder continues: the VAE is not trained again, the UNet from step 2.
+    assert train.main(args + ["--unet-steps", "3"]) == 0
+    assert stages == ["vae", "unet", "unet"]
+    assert torch.load(tmp_path / "train-state.pt", weights_only=False)["step"] == 3
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())["evaluation"]
+    assert set(evaluation) >= {"color", "shape", "overall"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.scheduler.config.prediction_type == "sample"
+    assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((tmp_path / "evaluation.json").read_text())
+                                                           ["vae_scaling_factor"])
