@@ -168,8 +168,9 @@ def test_training_runs_resumes_and_saves_a_loadable_pipeline(tmp_path, monkeypat
     assert train.main(args + ["--unet-steps", "3"]) == 0
     assert stages == ["vae", "unet", "unet"]
     assert torch.load(tmp_path / "train-state.pt", weights_only=False)["step"] == 3
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())["evaluation"]
-    assert set(evaluation) >= {"color", "shape", "overall"}
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert set(result["evaluation"]) >= {"color", "shape", "overall"}
+    assert 0.0 <= result["vae_reconstruction"]["overall"] <= 1.0
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.scheduler.config.prediction_type == "sample"
     assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((tmp_path / "evaluation.json").read_text())

@@ -201,6 +201,20 @@ def evaluate(pipe, count: int, seed: int, batch: int = 50) -> dict:
     return accuracy(verdicts)
 
 
+@torch.no_grad()
+def reconstruction_accuracy(vae, count: int, seed: int) -> dict:
+    """Content accuracy of the VAE's reconstructions of held-out scenes: what the pipeline can reach at
+    best, whatever its UNet."""
+    from .content import accuracy, check
+    from .scenes import render, scenes
+
+    pairs = scenes("evaluation", count, seed)
+    images = torch.from_numpy(np.stack([render(scene, seed=seed) for scene, _ in pairs])).permute(0, 3, 1, 2)
+    decoded = vae.decode(vae.encode(images.float() / 127.5 - 1).latent_dist.mean).sample
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return accuracy([check(image, scene) for image, (scene, _) in zip(decoded, pairs)])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixq.proving.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,10 +259,11 @@ def main(argv=None) -> int:
     pipe.save_pretrained(args.out / "pipeline", safe_serialization=True)
     result = {"train_seconds_this_run": round(time.perf_counter() - started, 1), "vae_scaling_factor": scale,
               "args": {k: str(v) for k, v in vars(args).items()}}
+    result["vae_reconstruction"] = reconstruction_accuracy(pipe.vae, args.eval_prompts, args.seed)
     with torch.no_grad():
         result["evaluation"] = evaluate(pipe, args.eval_prompts, args.seed)
     (args.out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["evaluation"]))
+    print(json.dumps({"vae_reconstruction": result["vae_reconstruction"], "pipeline": result["evaluation"]}))
     return 0
 
 
