@@ -120,24 +120,35 @@ def _byte_unicode_alphabet() -> list[str]:
     return [chr(c) for c in codes]
 
 
+CLIP_SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                       "unk_token": "<|endoftext|>"}
+
+
+def write_clip_tokenizer_files(folder: Path, merges: list[tuple[str, str]] = ()) -> Path:
+    """vocab.json, merges.txt and tokenizer_config.json of a byte-level CLIP tokenizer: every byte is
+    a token (plus its end-of-word form), then one token per merge's result, in merge order; CLIP's
+    special tokens, padding and 77-token length."""
+    alphabet = _byte_unicode_alphabet()
+    vocab = {tok: i for i, tok in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer", **CLIP_SPECIAL_TOKENS}))
+    return folder
+
+
 def byte_level_clip_tokenizer():
     """A working CLIPTokenizer without downloads: every byte is a token (plus its end-of-word
     form), no merges. Same special tokens, padding and 77-token length as CLIP."""
     from transformers import CLIPTokenizer
 
-    alphabet = _byte_unicode_alphabet()
-    vocab = {tok: i for i, tok in enumerate(alphabet + [c + "</w>" for c in alphabet])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>"}
     with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        (folder / "vocab.json").write_text(json.dumps(vocab))
-        (folder / "merges.txt").write_text("#version: 0.2\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer", **special}))
-        return CLIPTokenizer.from_pretrained(str(folder))
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(Path(folder))))
 
 
 def load_tokenizer(tokenizer=None):

@@ -7,16 +7,12 @@ token per grammar word, built by merges that join each word's characters left to
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from mixq.offline import _byte_unicode_alphabet
+from mixq.offline import write_clip_tokenizer_files
 
 from .scenes import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, ONE_OBJECT_TEMPLATES, TWO_OBJECT_TEMPLATES
-
-SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-           "unk_token": "<|endoftext|>"}
 
 
 def grammar_words() -> list[str]:
@@ -36,25 +32,12 @@ def word_merges(word: str) -> list[tuple[str, str]]:
     return merges
 
 
-def tokenizer_files(folder: Path, words: list[str]) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json of a tokenizer for `words` into `folder`;
-    earlier words' merges rank first."""
-    alphabet = _byte_unicode_alphabet()
-    vocab = {tok: i for i, tok in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+def grammar_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Every word's merges, once each; earlier words' merges rank first."""
     merges = []
     for word in words:
-        for left, right in word_merges(word):
-            if (left, right) not in merges:
-                merges.append((left, right))
-            vocab.setdefault(left + right, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer", **SPECIAL}))
-    return folder
+        merges += [merge for merge in word_merges(word) if merge not in merges]
+    return merges
 
 
 def grammar_clip_tokenizer():
@@ -66,7 +49,8 @@ def grammar_clip_tokenizer():
     words = sorted(grammar_words(), key=lambda w: (-len(w), w))
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(len(words)):
-            tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_files(Path(folder), words)))
+            files = write_clip_tokenizer_files(Path(folder), grammar_merges(words))
+            tokenizer = CLIPTokenizer.from_pretrained(str(files))
             split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
             if not split:
                 return tokenizer
