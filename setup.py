@@ -16,7 +16,8 @@ setup(
     # subpackages: other distributions own the top-level names `kernels` and `calib`.
     packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
     package_dir={"mixq": "mixq", "mixq.kernels": "kernels", "mixq.calib": "calib", "mixq.configs": "configs"},
-    package_data={"mixq.configs": ["*.yaml"]},
+    # The proving-ground pipeline ships as data: diffusers save_pretrained layout, fp16 safetensors.
+    package_data={"mixq.configs": ["*.yaml"], "mixq.proving": ["pipeline/*", "pipeline/*/*"]},
     install_requires=[
         "torch>=2.3",
         "diffusers>=0.30",

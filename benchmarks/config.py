@@ -1,7 +1,12 @@
 """The benchmark settings: one option table shared by the pytest suites, fidelity and the runner.
 
-Two model configs:
-  tiny        the offline tiny SDXL pipeline (mixq.offline), CPU-sized: checks that the suite works.
+Three model configs:
+  proving     the default: the proving-ground pipeline shipped in mixq (mixq.proving; SDXL architecture
+              at small widths, trained on flat coloured shapes), 64x64, 4 steps, CPU. Its images have
+              checkable content, so fidelity also reports each variant's content accuracy on held-out
+              prompts.
+  tiny        the offline tiny SDXL pipeline (mixq.offline), random weights, CPU-sized: checks that the
+              suite works, fastest.
   sdxl-turbo  the full SDXL-Turbo architecture from a real unet/config.json (--unet-config) with
               random weights (weight values do not change speed or memory), 512x512, batch 1, fp16,
               CUDA. The text encoders and VAE are SDXL 1.0's (built-in configs, or the ones in
@@ -16,11 +21,13 @@ from pathlib import Path
 import torch
 
 MODES = ("eager", "compile", "cuda-graph")
+CONFIGS = ("proving", "tiny", "sdxl-turbo")
 
 # (flags, argparse/pytest keyword arguments). Defaults are None where they depend on the config.
 OPTIONS = (
-    (("--mixq-config",), dict(default="tiny", choices=("tiny", "sdxl-turbo"),
-                              help="model: tiny (CPU-sized, offline) or sdxl-turbo (full architecture, CUDA)")),
+    (("--mixq-config",), dict(default="proving", choices=CONFIGS,
+                              help="model: proving (trained, shipped, offline), tiny (random weights, offline) or "
+                                   "sdxl-turbo (full architecture, CUDA)")),
     (("--unet-config",), dict(default=None, help="a diffusers unet/config.json (file or folder); needed by sdxl-turbo")),
     (("--mixq-components",), dict(default=None, help="sdxl-turbo: a diffusers SDXL model folder whose text_encoder/, "
                                                      "text_encoder_2/ and vae/ config.json replace the built-in "
@@ -31,11 +38,14 @@ OPTIONS = (
     (("--mixq-mode",), dict(default="eager", choices=MODES,
                             help="how every variant's UNet runs: eager, torch.compile, or captured in a CUDA graph")),
     (("--mixq-device",), dict(default=None, help="torch device (default: cuda for sdxl-turbo, cpu for tiny)")),
-    (("--mixq-resolution",), dict(default=None, type=int, help="image side in pixels (default: 512 / tiny 32)")),
-    (("--mixq-steps",), dict(default=1, type=int, help="denoising steps per image (guidance 0, as SDXL-Turbo)")),
+    (("--mixq-resolution",), dict(default=None, type=int, help="image side in pixels (default: 512 / proving 64 / tiny 32)")),
+    (("--mixq-steps",), dict(default=None, type=int, help="denoising steps per image, guidance 0 as SDXL-Turbo "
+                                                         "(default: proving 4, others 1)")),
     (("--mixq-rounds",), dict(default=None, type=int, help="timed rounds per benchmark (default: cuda 20, cpu 3)")),
     (("--mixq-warmup",), dict(default=None, type=int, help="untimed warm-up calls per benchmark (default: cuda 5, cpu 1)")),
-    (("--mixq-calibration-prompts",), dict(default=4, type=int, help="built-in prompts used to calibrate activation ranges")),
+    (("--mixq-calibration-prompts",), dict(default=None, type=int, help="prompts used to calibrate activation ranges: "
+                                                                      "the built-in set, or for proving the grammar's "
+                                                                      "calibration split (default: 4, proving 16)")),
 )
 
 
@@ -85,6 +95,11 @@ class BenchConfig:
         return {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}[self.dtype]
 
     @property
+    def calibration_source(self) -> str | None:
+        """Where calibration prompts come from (None: mixq's built-in set)."""
+        return "proving:calibration" if self.name == "proving" else None
+
+    @property
     def is_cuda(self) -> bool:
         return torch.device(self.device).type == "cuda"
 
@@ -99,7 +114,7 @@ class BenchConfig:
 
 def bench_config(values: dict) -> BenchConfig:
     """Resolve per-config defaults from {dest: value} (parsed options; None = default)."""
-    name = values.get("mixq_config") or "tiny"
+    name = values.get("mixq_config") or "proving"
     full = name == "sdxl-turbo"
     device = values.get("mixq_device") or ("cuda" if full else "cpu")
     cuda = torch.device(device).type == "cuda"
@@ -119,12 +134,12 @@ def bench_config(values: dict) -> BenchConfig:
         name=name,
         device=device,
         dtype="float16" if cuda else "float32",
-        resolution=resolved("mixq_resolution", 512 if full else 32),
-        steps=resolved("mixq_steps", 1),
+        resolution=resolved("mixq_resolution", 512 if full else 64 if name == "proving" else 32),
+        steps=resolved("mixq_steps", 4 if name == "proving" else 1),
         mode=mode,
         rounds=resolved("mixq_rounds", 20 if cuda else 3),
         warmup=resolved("mixq_warmup", 5 if cuda else 1),
-        calibration_prompts=resolved("mixq_calibration_prompts", 4),
+        calibration_prompts=resolved("mixq_calibration_prompts", 16 if name == "proving" else 4),
         unet_config=_path_or_none(values.get("unet_config")),
         components=_path_or_none(values.get("mixq_components")),
         tokenizer=_path_or_none(values.get("mixq_tokenizer")),

@@ -32,7 +32,8 @@ from benchmarks.variants import VARIANTS, VariantSet, VariantUnavailable, genera
 FIDELITY_FILE = "fidelity.json"
 GRID_FILE = "grid.png"
 GRID_ROWS = 4  # prompts shown in the grid
-DEFAULT_NUM_PROMPTS = {"tiny": 4, "sdxl-turbo": 8}
+CONTENT_GRID_FILE = "content_grid.png"
+DEFAULT_NUM_PROMPTS = {"proving": 50, "tiny": 4, "sdxl-turbo": 8}
 
 
 def parse_args(argv=None):
@@ -52,7 +53,13 @@ def main(argv=None):
     cfg = with_eager_mode(bench_config(vars(args)))
     from mixq.calib.prompts import load_prompts
 
-    prompts = load_prompts(args.prompts, args.num_prompts or DEFAULT_NUM_PROMPTS[cfg.name])
+    count = args.num_prompts or DEFAULT_NUM_PROMPTS[cfg.name]
+    if cfg.name == "proving" and args.prompts is None:
+        from mixq.proving import evaluation_prompts
+
+        prompts = [text for _, text in evaluation_prompts(count)]  # held out from training and calibration
+    else:
+        prompts = load_prompts(args.prompts, count)
     results = evaluate(cfg, prompts, args.seed, args.clip_model, args.out)
     results["command"] = " ".join(["python -m benchmarks.fidelity", *(sys.argv[1:] if argv is None else argv)])
     from mixq.io import write_text_atomic
@@ -94,6 +101,9 @@ def evaluate(cfg, prompts: list[str], seed: int, clip_model, out: Path) -> dict:
 
     with atomic_path(out / GRID_FILE) as tmp:
         labelled_grid(grid_rows, labels).save(tmp, format="PNG")
+    content = content_verdicts(prompts, dict(zip(["fp", *rows], columns)), labels, out) if cfg.name == "proving" else {}
+    for name, rates in content.get("accuracy", {}).items():
+        rows.setdefault(name, {"label": cfg.fp_label})["content"] = rates
     return {
         "config": cfg.as_dict(),
         "environment": environment(cfg.device),
@@ -105,7 +115,32 @@ def evaluate(cfg, prompts: list[str], seed: int, clip_model, out: Path) -> dict:
         "optional_metrics": {name: reason or "computed" for name, reason in optional_metric_reasons(clip_model).items()},
         "grid": GRID_FILE,
         "grid_columns": labels,
+        **({"content_grid": content["grid"]} if content.get("grid") else {}),
+        **({"content_skipped": content["skipped"]} if content.get("skipped") else {}),
     }
+
+
+def content_verdicts(prompts: list[str], columns: dict[str, list], labels: list[str], out: Path) -> dict:
+    """The proving ground's content check of every column (variant name -> images in [0, 1]): accuracy
+    per variant, and a grid of the first GRID_ROWS prompts titled with each image's verdict."""
+    from mixq.proving import accuracy, parse_caption, save_grid
+    from mixq.proving.evaluate import verdicts_for
+
+    try:
+        scenes = [parse_caption(p) for p in prompts]
+    except ValueError as err:
+        return {"skipped": f"content not checked: a prompt is outside the shapes grammar ({err})"}
+    images = {label: np.stack([np.round(np.clip(i, 0, 1) * 255).astype(np.uint8) for i in column])
+              for label, column in zip(labels, columns.values())}
+    verdicts = {label: verdicts_for(found, scenes) for label, found in images.items()}
+    shown = min(GRID_ROWS, len(prompts))
+    from mixq.io import atomic_path
+
+    with atomic_path(out / CONTENT_GRID_FILE) as tmp:
+        save_grid(tmp, prompts[:shown], {k: v[:shown] for k, v in images.items()},
+                  {k: v[:shown] for k, v in verdicts.items()})
+    return {"accuracy": {name: accuracy(verdicts[label]) for name, label in zip(columns, labels)},
+            "grid": CONTENT_GRID_FILE}
 
 
 def variant_scores(label, reference_images, images, reference_outputs, outputs, prompts, scorers) -> dict:

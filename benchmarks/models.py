@@ -15,7 +15,11 @@ BENCH_SEED = 42  # the reference's seed
 
 def float_pipeline(cfg: BenchConfig):
     """The fp pipeline of the config (fp16 on CUDA, fp32 on CPU), progress bars off."""
-    if cfg.name == "tiny":
+    if cfg.name == "proving":
+        from mixq.proving import load_pipeline
+
+        pipe = load_pipeline(cfg.torch_dtype, cfg.device)
+    elif cfg.name == "tiny":
         from mixq.offline import tiny_sdxl_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=0, dtype=cfg.torch_dtype, device=cfg.device, tokenizer=cfg.tokenizer)

@@ -115,14 +115,19 @@ def memory_table(rows: list[dict]) -> str:
 
 def fidelity_table(fidelity: dict) -> str:
     optional = fidelity.get("optional_metrics", {})
+    content = any("content" in v for v in fidelity["variants"].values())
     body = []
-    for name, v in fidelity["variants"].items():
-        if name == BASELINE:
+    for name, v in sorted(fidelity["variants"].items(), key=lambda item: item[0] != BASELINE):  # reference first
+        if name == BASELINE and not content:
             continue
-        body.append([v["label"], fmt(v.get("psnr_db")), fmt(v.get("ssim"), 4), fmt(v.get("unet_sqnr_db")),
-                     fmt(v.get("lpips"), 4) if "lpips" in v else "skipped",
-                     fmt(v.get("clip_score")) if "clip_score" in v else "skipped"])
-    table = markdown_table(["variant", "PSNR dB", "SSIM", "UNet SQNR dB", "LPIPS", "CLIP score"], body)
+        row = [v["label"], fmt(v.get("psnr_db")), fmt(v.get("ssim"), 4), fmt(v.get("unet_sqnr_db")),
+               fmt(v.get("lpips"), 4) if "lpips" in v else "skipped",
+               fmt(v.get("clip_score")) if "clip_score" in v else "skipped"]
+        if name == BASELINE:
+            row[1:6] = ["reference"] * 5
+        body.append(row + ([f"{v['content']['overall']:.1%}" if "content" in v else "n/a"] if content else []))
+    headers = ["variant", "PSNR dB", "SSIM", "UNet SQNR dB", "LPIPS", "CLIP score"]
+    table = markdown_table(headers + (["content accuracy"] if content else []), body)
     notes = [f"- {metric}: {reason}" for metric, reason in optional.items() if reason != "computed"]
     if "clip_score" in fidelity["variants"].get(BASELINE, {}):
         notes.append(f"- CLIP score of the {fidelity['reference']} reference: {fmt(fidelity['variants'][BASELINE]['clip_score'])}")
@@ -183,7 +188,9 @@ def pipeline_weight_mib(row: dict) -> float:
 
 def setup_table(cfg: dict, env: dict, bench: dict) -> str:
     cuda = env.get("cuda") is not None
-    if cfg.get("name") == "tiny":
+    if cfg.get("name") == "proving":
+        model = "proving-ground pipeline shipped in mixq (SDXL architecture, small widths, trained on flat shapes)"
+    elif cfg.get("name") == "tiny":
         model = "tiny SDXL-structured pipeline (mixq.offline), random weights"
     else:
         components = f"from {Path(cfg['components']).name}/" if cfg.get("components") else "SDXL 1.0's (built in)"
@@ -232,7 +239,7 @@ def render(results: dict, folder: str) -> str:
     out = [f"# mixq benchmarks: {env.get('device', '?')}, {cfg.get('name', '?')} config, "
            f"{bench.get('datetime', '?')[:10]}", ""]
     if cpu:
-        tiny = " on a tiny model" if cfg.get("name") == "tiny" else ""
+        tiny = " on a tiny model" if cfg.get("name") in ("tiny", "proving") else ""
         out += [f"> **CPU numbers from this machine{tiny}: functional, not representative of GPU speed.** "
                 "Quantized layers run on mixq's exact integer torch backend (reference matmuls written for "
                 "exactness, not speed), so they are slower than floating point here; the latencies show "
@@ -259,6 +266,12 @@ def render(results: dict, folder: str) -> str:
                 "images; SQNR of the first UNet step's output on the reference's inputs.", "",
                 fidelity_table(fidelity), "", f"![image grid]({folder}/{fidelity['grid']})", "",
                 f"Grid columns: {' | '.join(fidelity['grid_columns'])}.", ""]
+        if fidelity.get("content_grid"):
+            out += ["Content accuracy: the share of prompts whose image the proving ground's checker finds "
+                    "right on every attribute (count, colour, shape, size, position). Each image's verdict:", "",
+                    f"![content grid]({folder}/{fidelity['content_grid']})", ""]
+        if fidelity.get("content_skipped"):
+            out += [f"_{fidelity['content_skipped']}_", ""]
     else:
         out += ["_not run_", ""]
     notes = outcome_notes(mixq, fidelity)

@@ -1,6 +1,7 @@
 """Run everything and write the report: the UNet and pipeline suites, fidelity, then the report.
 
-    python -m benchmarks.run --config tiny --out benchmarks/results
+    python -m benchmarks.run --out benchmarks/results                  # proving (offline default)
+    python -m benchmarks.run --config tiny --quick --out /tmp/bench      # random-weight tiny, seconds
     python -m benchmarks.run --config sdxl-turbo --unet-config PATH/unet/config.json \\
         --mixq-mode cuda-graph --prompts PATH/PartiPrompts.tsv --out benchmarks/results
 
@@ -22,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.config import add_options, bench_config, option_dest, options_as_argv
+from benchmarks.config import CONFIGS, add_options, bench_config, option_dest, options_as_argv
 from benchmarks.report import BENCHMARK_FILE, RUN_FILE, write_report
 
 SUITES = ("test_bench_unet.py", "test_bench_pipeline.py")
@@ -38,13 +39,15 @@ def parse_args(argv=None):
     parser.add_argument("--name", default=None, help="results name (default: <device>-<date>, then -2, -3, ...)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results of the same name")
     parser.add_argument("--quick", action="store_true", help="one round, no warm-up, two fidelity prompts")
-    parser.add_argument("--prompts", default=None, help="fidelity prompts file (default: mixq's built-in set)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="fidelity prompts (default: tiny 4, sdxl-turbo 8)")
+    parser.add_argument("--prompts", default=None, help="fidelity prompts file (default: mixq's built-in set; "
+                                                            "proving: held-out evaluation prompts)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="fidelity prompts (default: proving 50, tiny 4, "
+                                                                          "sdxl-turbo 8)")
     parser.add_argument("--clip-model", default=None, help="local CLIP model folder for CLIP score")
     parser.add_argument("--skip-fidelity", action="store_true", help="latency and memory only")
     add_options(parser.add_argument)
     # --config is the short spelling of --mixq-config here; pytest reserves --config* for itself.
-    parser.add_argument("--config", dest=option_dest("--mixq-config"), choices=("tiny", "sdxl-turbo"),
+    parser.add_argument("--config", dest=option_dest("--mixq-config"), choices=CONFIGS,
                         default=argparse.SUPPRESS, help="same as --mixq-config")
     if argv is None:
         argv = sys.argv[1:]

@@ -10,7 +10,8 @@
 Every variant is a pipeline sharing the reference pipeline's text encoders, VAE, tokenizers and
 scheduler, with its own UNet. The reference pipeline itself is never modified: it is the source
 of every UNet copy, the calibration run and the fidelity reference. The mixq variants share one
-activation-range calibration (the built-in prompts, the suite's generation settings).
+activation-range calibration (the built-in prompts, or the proving grammar's calibration split; the
+suite's generation settings).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class VariantSet:
             import mixq
 
             self._calibration = mixq.calibrate_ranges(
-                self.reference, None, self.cfg.calibration_prompts, progress=False, **self.cfg.generation_kwargs()
+                self.reference, self.cfg.calibration_source, self.cfg.calibration_prompts, progress=False,
+                **self.cfg.generation_kwargs()
             )
         return self._calibration
 

@@ -16,7 +16,7 @@ from mixq.errors import BudgetError, ConfigError  # noqa: F401 (also importable 
 from mixq.io import read_yaml
 from mixq.quantizers import check_activation_bits, check_weight_bits
 
-DEFAULT_CONFIG = "tiny-sdxl"
+DEFAULT_CONFIG = "proving"
 DTYPES = ("float32", "float16", "bfloat16")
 
 # Command-line flag -> the config field it overrides (a config file uses the field names).
@@ -37,7 +37,7 @@ OVERRIDES = {
 
 @dataclass
 class ModelConfig:
-    id: str = "offline:tiny-sdxl"  # a Hub id / local folder, or offline:tiny-sdxl / offline:tiny-sd15
+    id: str = "offline:tiny-sdxl"  # a Hub id / local folder, or offline:proving / offline:tiny-sdxl / offline:tiny-sd15
     dtype: str = "float32"
     variant: str | None = None
     lora: str | None = None  # a LoRA to load and fuse before quantization (LCM-LoRA)
@@ -77,6 +77,14 @@ class BudgetConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """The report's content check (proving-ground models: prompts of the shapes grammar)."""
+
+    content_prompts: int = 0  # held-out evaluation prompts per configuration; 0: no content check
+    grid_prompts: int = 8  # of those, shown in the report's image grid
+
+
+@dataclass
 class Config:
     name: str = "tiny-sdxl"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -85,6 +93,7 @@ class Config:
     keep_fp: list[str] = field(default_factory=lambda: ["conv_in", "conv_out"])
     bits: BitsConfig = field(default_factory=BitsConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def pipeline_kwargs(self) -> dict:
         s = self.sampling
@@ -221,6 +230,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("config field 'sampling.num_inference_steps' must be at least 1")
     if config.calibration.num_prompts < 1 or config.calibration.sensitivity_prompts < 1:
         raise ConfigError("config fields 'calibration.num_prompts' and 'calibration.sensitivity_prompts' must be >= 1")
+    if config.evaluation.content_prompts < 0 or config.evaluation.grid_prompts < 0:
+        raise ConfigError("config fields 'evaluation.content_prompts' and 'evaluation.grid_prompts' must be >= 0")
     if not config.budget.ratios or any(r <= 0 for r in config.budget.ratios):
         raise ConfigError("config field 'budget.ratios' must be a non-empty list of positive numbers")
     check_model_settings(config)
@@ -229,7 +240,7 @@ def validate(config: Config) -> Config:
 
 
 def load_config(source=None) -> Config:
-    """None -> the offline default (tiny-sdxl); a name ('sdxl-turbo') -> the shipped config; else a path."""
+    """None -> the offline default (proving); a name ('sdxl-turbo') -> the shipped config; else a path."""
     source = DEFAULT_CONFIG if source is None else source
     path = Path(source)
     if not path.is_file():

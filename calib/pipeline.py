@@ -10,8 +10,10 @@ import torch
 from mixq.calib.config import ModelConfig
 from mixq.errors import ConfigError, ModelLoadError
 from mixq.hub import load_failure_message, local_folder_problem, looks_like_local_path
+from mixq.proving.model import MODEL_ID as PROVING_MODEL  # the trained pipeline shipped in mixq.proving
 
 OFFLINE_ARCHS = {"offline:tiny-sdxl": "sdxl", "offline:tiny-sd15": "sd15"}
+OFFLINE_MODELS = sorted([*OFFLINE_ARCHS, PROVING_MODEL])
 
 
 def resolve_device(device: str) -> str:
@@ -24,9 +26,9 @@ def check_model_source(model: ModelConfig):
     """Refuse, before anything loads, a model id that cannot work: an unknown offline name, or a
     local path that is missing or not a diffusers pipeline folder."""
     if model.id.startswith("offline:"):
-        if model.id not in OFFLINE_ARCHS:
+        if model.id not in OFFLINE_MODELS:
             raise ConfigError(f"config field 'model.id' (--model) is {model.id!r}: unknown offline model; use one of "
-                              f"{sorted(OFFLINE_ARCHS)}, a local pipeline folder or a Hub id")
+                              f"{OFFLINE_MODELS}, a local pipeline folder or a Hub id")
         return
     if looks_like_local_path(model.id):
         problem = local_folder_problem(model.id)
@@ -39,7 +41,11 @@ def load_pipeline(model: ModelConfig, progress: bool = True):
     check_model_source(model)
     dtype = getattr(torch, model.dtype)
     device = resolve_device(model.device)
-    if model.id.startswith("offline:"):
+    if model.id == PROVING_MODEL:
+        from mixq.proving.model import pipeline_folder
+
+        pipe = from_pretrained(str(pipeline_folder()), dtype, None, progress).to(device)
+    elif model.id.startswith("offline:"):
         from mixq.offline import tiny_pipeline
 
         pipe = tiny_pipeline(OFFLINE_ARCHS[model.id], dtype=dtype, device=device)

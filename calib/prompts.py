@@ -10,6 +10,9 @@ Formats (chosen by extension, or by content for .json):
 COCO captions: https://cocodataset.org/#download ("2017 Train/Val annotations", file
 annotations/captions_val2017.json) or the MS-COCO 30k list used by few-step diffusion papers
 (`metadata.csv` of the BK-SDM repository, data/mscoco_val2014_30k).
+
+Named sets: `proving:calibration` (or `proving:train`) draws captions of that split of the proving
+ground's shapes grammar (mixq.proving.scenes); its evaluation split is kept for evaluation only.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def load_prompts(source=None, num_prompts: int | None = None, seed: int | None =
     """
     if source is None:
         prompts = list(DEFAULT_PROMPTS)
+    elif isinstance(source, str) and source.startswith(PROVING_PREFIX):
+        prompts = proving_prompts(source, num_prompts)
     elif isinstance(source, (list, tuple)):
         prompts = list(source)
         for i, p in enumerate(prompts):
@@ -88,6 +93,23 @@ def load_prompts(source=None, num_prompts: int | None = None, seed: int | None =
         else:
             prompts = prompts[:num_prompts]
     return prompts
+
+
+PROVING_PREFIX = "proving:"
+PROVING_SPLITS = ("calibration", "train")
+PROVING_DEFAULT_COUNT = 64
+
+
+def proving_prompts(source: str, num_prompts: int | None) -> list[str]:
+    """Captions of one split of the proving-ground grammar, deterministic (seed 0)."""
+    split = source[len(PROVING_PREFIX):]
+    if split not in PROVING_SPLITS:
+        raise PromptFileError(f"unknown prompt set {source!r}: use one of "
+                              f"{', '.join(PROVING_PREFIX + s for s in PROVING_SPLITS)} (the evaluation split is held out)")
+    from mixq.proving.scenes import scenes
+
+    count = num_prompts if isinstance(num_prompts, int) and num_prompts > 0 else PROVING_DEFAULT_COUNT
+    return [text for _, text in scenes(split, count, seed=0)]
 
 
 def read_prompt_file(path: Path, all_captions: bool = False) -> list[str]:

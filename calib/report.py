@@ -117,9 +117,29 @@ def most_sensitive(table: dict, group: str, count: int = 5) -> str:
     return ", ".join(f"`{n}` 1-SSIM {1 - s:.2e}" for s, n in members[:count])
 
 
+def content_section(rows: list[dict], grid: str | None) -> list[str]:
+    """The content table (and grid) of a proving-ground model's report."""
+    from mixq.calib.content import plan_against_uniform
+
+    lines = ["## Content on held-out prompts (real integer kernels)", "",
+             "The content checker's verdicts on the images of held-out evaluation prompts of the shapes grammar "
+             "(never used in training or calibration), same seeds for every configuration; PSNR/SSIM against the "
+             "float images; edge sharpness (higher is crisper) and background noise (RMS, lower is cleaner) need "
+             "no reference.", "",
+             _table(["configuration", "avg W bits", "avg A bits", "content", "count", "colour", "shape", "size",
+                     "position", "PSNR (dB)", "SSIM", "sharpness", "bg noise"], [
+                 [r["name"], _fmt(r["w_avg"]), _fmt(r["a_avg"]),
+                  *[f"{r['content'][k]:.1%}" for k in ("overall", "count", "color", "shape", "size", "position")],
+                  _fmt(r["psnr"]), _fmt(r["ssim"], 4), _fmt(r["edge_sharpness"]), _fmt(r["background_noise"])]
+                 for r in rows]), "", plan_against_uniform(rows), ""]
+    if grid:
+        lines += [f"![content grid]({grid})", ""]
+    return lines
+
+
 def write_report(path: Path, *, config, budget: dict, command: str, averages: dict, sweeps: dict,
                  comparison: list[dict], table: dict, timings: dict, versions: dict, plots: dict,
-                 noise_floor: str = ""):
+                 noise_floor: str = "", content: list[dict] | None = None):
     """report.md for the plan beside it: `budget` and `averages` are the plan's; `noise_floor` is the
     sensitivity measurement's floor, said next to the scores."""
     c = config
@@ -162,6 +182,8 @@ def write_report(path: Path, *, config, budget: dict, command: str, averages: di
     ]
     verdicts = [r for r in comparison if r.get("verdict")]
     lines += [r["verdict"] for r in verdicts] + [""]
+    if content:
+        lines += content_section(content, plots.get("content_grid"))
     lines += ["## Budget split sweep", "",
               "Each ratio k sets content avg = k x quality avg within the budget; the plan with the lowest image "
               "MSE against the float images is chosen (the other side in floating point while sweeping).", ""]

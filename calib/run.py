@@ -200,10 +200,32 @@ def report_stage(s: Session):
     plot_bits(plan, table, folder.root / plots["bits"])
     plot_group_averages(averages, {"weight": budget["w_bits"], "activation": budget["a_bits"]},
                         folder.root / plots["groups"])
+    content = content_stage(s, plan, table, plots)
     write_report(folder.report, config=s.config, budget=budget, command=s.command, averages=averages, sweeps=sweeps,
                  comparison=comparison, table=table, timings=s.timings, versions=versions(s.pipe.unet.device),
-                 plots=plots, noise_floor=noise_floor_line(load_measurement(folder.sensitivity)))
+                 plots=plots, noise_floor=noise_floor_line(load_measurement(folder.sensitivity)), content=content)
     s.log(f"report: wrote {folder.report}")
+
+
+def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict] | None:
+    """The content check of the report (config section `evaluation`): rows for the table, content.yaml
+    and the image grid; None when the config asks for none."""
+    evaluation = s.config.evaluation
+    if not evaluation.content_prompts:
+        return None
+    from mixq.calib.content import GRID_COLUMNS, content_comparison
+    from mixq.proving.evaluate import save_grid
+
+    rows, grid = content_comparison(s.pipe, s.all_layers, s.calibration, table, plan, evaluation.content_prompts,
+                                    s.config.sampling.seed, s.config.pipeline_kwargs(), s.log)
+    write_yaml_atomic(s.folder.root / "content.yaml", {"prompts": evaluation.content_prompts, "rows": rows})
+    shown = min(evaluation.grid_prompts, evaluation.content_prompts)
+    if shown:
+        plots["content_grid"] = "content_grid.png"
+        save_grid(s.folder.root / plots["content_grid"], grid["prompts"][:shown],
+                  {name: grid["images"][name][:shown] for name in GRID_COLUMNS},
+                  {name: grid["verdicts"][name][:shown] for name in GRID_COLUMNS})
+    return rows
 
 
 STAGE_FUNCTIONS = {"collect": collect_stage, "sensitivity": sensitivity_stage, "allocate": allocate_stage,
@@ -227,7 +249,8 @@ def stage_digest(s: Session, stage: str) -> str | None:
         if not (folder.plan.exists() and folder.sensitivity.exists()):
             return None
         allocation = file_digest(folder.allocation) if folder.allocation.exists() else ""
-        return digest("report", file_digest(folder.plan), allocation, file_digest(folder.sensitivity))
+        return digest("report", file_digest(folder.plan), allocation, file_digest(folder.sensitivity),
+                      s.config.to_dict()["evaluation"])
     return None
 
 

@@ -145,8 +145,9 @@ def load_calibration(calibration, unet) -> Calibration:
 
 
 def build_quantized_layer(module: nn.Module, info: LayerInfo, w_bits: int, a_bits: int, calibration: Calibration,
-                          simulate: bool = False) -> nn.Module:
-    """The replacement for one float layer (a fake-quant twin when `simulate`)."""
+                          simulate: bool = False, bos_aware: bool = True) -> nn.Module:
+    """The replacement for one float layer (a fake-quant twin when `simulate`). `bos_aware=False` is the
+    ablation without MixDQ's BOS handling: the token-0 row is quantized with the rest, its range included."""
     lows, highs, bos_mode, bos_input = (0.0,), (0.0,), "none", None
     if a_bits != FLOAT_BITS:
         r = calibration.ranges(info.name)
@@ -155,7 +156,9 @@ def build_quantized_layer(module: nn.Module, info: LayerInfo, w_bits: int, a_bit
         if len(lows) != expected_parts:
             raise CalibrationFileError(f"activation ranges of {info.name!r} have {len(lows)} part(s), the layer needs "
                              f"{expected_parts}: they come from another model; recalibrate")
-        if info.bos and r.bos_input is not None:
+        if info.bos and r.bos_input is not None and not bos_aware:
+            lows, highs = ranges_including_row(lows, highs, r.bos_input)
+        elif info.bos and r.bos_input is not None:
             if r.bos_input.numel() != module.weight.shape[1]:
                 raise CalibrationFileError(f"the token-0 input row of {info.name!r} has {r.bos_input.numel()} values, the "
                                            f"layer takes {module.weight.shape[1]}: the ranges come from another model; "
@@ -168,6 +171,11 @@ def build_quantized_layer(module: nn.Module, info: LayerInfo, w_bits: int, a_bit
     if simulate:
         return FakeQuantConv2d(module, w_bits, a_bits, lows, highs, split_at=info.split_at)
     return QConv2d.from_float(module, w_bits, a_bits, lows, highs, split_at=info.split_at)
+
+
+def ranges_including_row(lows, highs, row: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Activation ranges widened to cover one more input row (a one-part layer's)."""
+    return (min(lows[0], float(row.min())),), (max(highs[0], float(row.max())),)
 
 
 def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts: int | None = None, keep_fp=None,

@@ -2,8 +2,9 @@
 precision bit plan under a budget, and write a report into a run folder.
 
 examples:
-  python -m mixq.calibrate                                               # offline tiny default, no downloads
-  python -m mixq.calibrate --out runs/tiny-sdxl --stage allocate --w-bits 3.5   # re-budget a run, seconds
+  python -m mixq.calibrate                                               # offline default, no downloads
+  python -m mixq.calibrate --out runs/proving --stage allocate --w-bits 3.5     # re-budget a run, seconds
+  python -m mixq.calibrate --config tiny-sdxl                            # random-weight tiny SDXL, a minute
   python -m mixq.calibrate --model ./my-pipeline --out runs/mine         # a local folder (pipe.save_pretrained)
   python -m mixq.calibrate --config sdxl-turbo --prompts captions_val2017.json --out runs/turbo
   python -m mixq.calibrate --config sdxl-turbo --model ./sdxl-turbo --dtype float32 --device cpu --size 512
@@ -11,7 +12,9 @@ examples:
   python -m mixq.calibrate --config lcm-lora-sd15 --out runs/lcm-sd15
 
 Without --config, a run folder given with --out that already holds a config.yaml is continued with
-that config (only the budget may change); otherwise the offline tiny-sdxl config is used. --model and
+that config (only the budget may change); otherwise the offline default config `proving` is used: the
+proving-ground pipeline shipped in mixq (trained on flat coloured shapes, so the report can check what
+the images show). --model and
 the other model/sampling flags override the config (the field each one sets is in its help).
 Then: mixq.quantize(pipe, plan="runs/turbo/plan.yaml", calibration="runs/turbo").
 """
@@ -35,8 +38,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m mixq.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
-                        help="a config YAML, or a shipped config name (tiny-sdxl, sdxl-turbo, lcm-lora-sdxl, "
-                             "lcm-lora-sd15); default: the --out folder's config.yaml, else tiny-sdxl (offline)")
+                        help="a config YAML, or a shipped config name (proving, tiny-sdxl, sdxl-turbo, lcm-lora-sdxl, "
+                             "lcm-lora-sd15); default: the --out folder's config.yaml, else proving (offline)")
     parser.add_argument("--model", help="a Hugging Face Hub id or a local pipeline folder in diffusers layout" + sets("model"))
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="model dtype" + sets("dtype"))
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N" + sets("device"))

@@ -26,7 +26,7 @@ FAST_CONFIG = {
 def write_config(path, **overrides):
     config = copy.deepcopy(FAST_CONFIG)
     for section, values in overrides.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
@@ -122,7 +122,7 @@ def test_config_errors_name_the_field(tmp_path, capsys):
         load_config(write_config(tmp_path / "b.yaml", bits={"weight_content": [3, 4]}))
     with pytest.raises(ConfigError, match="'budget.w_bits' must be float"):
         load_config(write_config(tmp_path / "c.yaml", budget={"w_bits": "four"}))
-    assert load_config(None).name == "tiny-sdxl"
+    assert load_config(None).name == "proving"
     assert load_config("sdxl-turbo").model.id == "stabilityai/sdxl-turbo"
 
 
@@ -193,3 +193,34 @@ def test_killed_process_resumes_without_remeasuring(tmp_path):
     assert f"measured {len(final) - len(done_before)} layers" in rerun.stdout
     assert all(final[name] == row for name, row in done_before.items())
     assert (out / "plan.yaml").exists()
+
+
+def test_proving_default_reports_content_of_every_configuration(tmp_path):
+    """The offline default's model and prompt set, shrunk (most layers kept float, few prompts): the
+    report gains the content table (float, uniform W8A8/W4A8, W2A8 content-only, the plan, the plan
+    without BOS handling), content.yaml and the verdict grid."""
+    from mixq.calib.content import PLAN_NAME
+
+    default = load_config(None)
+    assert default.model.id == "offline:proving" and default.evaluation.content_prompts >= 200
+    config = write_config(tmp_path / "proving.yaml", name="proving-test", model={"id": "offline:proving"},
+                          sampling={"num_inference_steps": 4, "guidance_scale": 0.0, "height": 64, "width": 64,
+                                    "seed": 1},
+                          calibration={"prompts": "proving:calibration", "num_prompts": 4, "sensitivity_prompts": 2,
+                                       "batch_size": 4},
+                          keep_fp=["conv_in", "conv_out", "down_blocks.*", "up_blocks.*"],
+                          evaluation={"content_prompts": 6, "grid_prompts": 2})
+    out = tmp_path / "run"
+    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
+    content = yaml.safe_load((out / "content.yaml").read_text())
+    names = [row["name"] for row in content["rows"]]
+    assert names == ["float", "uniform W8A8", "uniform W4A8", "W2A8 content group only", PLAN_NAME,
+                     PLAN_NAME + " without BOS handling"]
+    rows = {row["name"]: row for row in content["rows"]}
+    assert rows["float"]["ssim"] == 1.0 and rows["uniform W4A8"]["psnr"] < rows["uniform W8A8"]["psnr"]
+    assert rows["uniform W4A8"]["w_avg"] == 4.0 and 4.0 < rows["W2A8 content group only"]["w_avg"] < 16.0
+    assert all(0.0 <= row["content"]["overall"] <= 1.0 for row in rows.values())
+    report = (out / "report.md").read_text()
+    assert "## Content on held-out prompts" in report and "![content grid](content_grid.png)" in report
+    assert "uniform W4A8 (4.00 bits): " in report
+    assert (out / "content_grid.png").stat().st_size > 0

@@ -175,3 +175,102 @@ def test_training_runs_resumes_and_saves_a_loadable_pipeline(tmp_path, monkeypat
     assert pipe.scheduler.config.prediction_type == "sample"
     assert pipe.vae.config.scaling_factor == pytest.approx(json.loads((tmp_path / "evaluation.json").read_text())
                                                            ["vae_scaling_factor"])
+
+
+def box_blurred(image: np.ndarray, times: int) -> np.ndarray:
+    blurred = image.astype(np.float32)
+    for _ in range(times):  # a 3x3 box blur
+        padded = np.pad(blurred, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        blurred = sum(padded[dy:dy + 64, dx:dx + 64] for dy in range(3) for dx in range(3)) / 9
+    return np.round(blurred).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_soft_shapes_are_classified_by_their_outline(size):
+    """A small triangle whose corners a generator rounded off is still a triangle (its bounding-box
+    fill alone would say circle), and circles and squares are not mistaken for each other."""
+    for shape in ("circle", "square", "triangle"):
+        scene = Scene((Shape(shape, "green", size),), position="in the center")
+        for times in (0, 1, 2):
+            (found,) = find_objects(box_blurred(render(scene), times))
+            assert found.shape == shape, (shape, size, times)
+
+
+def stored_dtypes(folder) -> set[str]:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    return dtypes
+
+
+def test_shipped_pipeline_loads_through_diffusers_and_draws_what_is_asked():
+    """The package data is a diffusers save_pretrained folder of fp16 safetensors within 20 MB, loaded
+    by StableDiffusionXLPipeline.from_pretrained, and its float images pass the checker on held-out
+    prompts (the README's 200-prompt figure is the full measurement)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from mixq.proving import PIPELINE_FOLDER, evaluation_prompts, generate, load_pipeline, score_images
+
+    files = [p for p in PIPELINE_FOLDER.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert {p.parent.name for p in files if p.suffix == ".safetensors"} == {"unet", "vae", "text_encoder",
+                                                                             "text_encoder_2"}
+    assert stored_dtypes(PIPELINE_FOLDER) == {"F16"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(PIPELINE_FOLDER)
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2.config.projection_dim
+    pipe = load_pipeline()
+    assert pipe.unet.dtype == torch.float32
+    pairs = evaluation_prompts(40)
+    scores = score_images(generate(pipe, [text for _, text in pairs], seed=0), [scene for scene, _ in pairs])
+    assert scores["content"]["overall"] >= 0.8, scores
+
+
+def test_shipping_replaces_the_package_folder_whole(tmp_path):
+    from mixq.offline import tiny_sdxl_pipeline
+    from mixq.proving.model import ship
+
+    folder = tmp_path / "pipeline"
+    (folder / "stale").mkdir(parents=True)
+    ship(tiny_sdxl_pipeline(seed=0), folder)
+    assert not (folder / "stale").exists() and (folder / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # no staging or old copy left
+    assert stored_dtypes(folder) == {"F16"}
+
+
+def test_missing_shipped_pipeline_says_how_to_make_it(tmp_path, monkeypatch):
+    from mixq.errors import ModelLoadError
+    from mixq.proving import model
+
+    monkeypatch.setattr(model, "PIPELINE_FOLDER", tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="python -m mixq.proving.train .* --ship"):
+        model.load_pipeline()
+
+
+def test_proving_prompt_sets_keep_evaluation_held_out():
+    from mixq.calib.prompts import load_prompts
+    from mixq.errors import PromptFileError
+    from mixq.proving import evaluation_prompts
+
+    calibration = load_prompts("proving:calibration", 64)
+    assert len(set(calibration)) == 64
+    held_out = {scene.key() for scene, _ in evaluation_prompts(500)}
+    assert not held_out & {parse_caption(text).key() for text in calibration}
+    with pytest.raises(PromptFileError, match="proving:calibration.*held out"):
+        load_prompts("proving:evaluation", 8)
+
+
+def test_demo_reports_content_accuracy_of_quantized_pipelines(capsys):
+    from mixq.__main__ import main as demo
+
+    demo(["--num-prompts", "4", "--eval-prompts", "6"])
+    lines = capsys.readouterr().out.splitlines()
+    accuracy_of = {}
+    for line in lines:
+        match = re.match(r"(float|W8A8|W4A8): content (\d+\.\d)%", line)
+        if match:
+            accuracy_of[match.group(1)] = float(match.group(2))
+    assert set(accuracy_of) == {"float", "W8A8", "W4A8"} and all(0 <= v <= 100 for v in accuracy_of.values())
+    assert any("W4A8" in line and "image PSNR" in line and "fp16 weights" in line for line in lines)

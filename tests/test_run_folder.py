@@ -234,7 +234,7 @@ def test_help_examples_run_as_printed(tmp_path, monkeypatch, capsys):
         if "--model" in words:
             save_tiny_pipeline(Path(words[words.index("--model") + 1]))
         assert main([*words, "--no-progress"]) == 0, (example, capsys.readouterr().err)
-    rebudgeted = yaml.safe_load(Path("runs/tiny-sdxl/plan.yaml").read_text())
+    rebudgeted = yaml.safe_load(Path("runs/proving/plan.yaml").read_text())
     assert rebudgeted["budget"]["w_bits"] == 3.5
     from mixq.configs import shipped_configs
 
@@ -272,13 +272,13 @@ def test_sensitivity_plot_has_no_offset_notation(finished):
 def test_demo_table_follows_both_results_aligned_and_names_its_metric(capsys):
     from mixq.__main__ import main as demo
 
-    demo(["--table", "--num-prompts", "2"])
+    demo(["--model", "tiny-sdxl", "--table", "--num-prompts", "2"])
     lines = capsys.readouterr().out.splitlines()
     w8 = next(i for i, line in enumerate(lines) if line.startswith("W8A8:"))
     w4 = next(i for i, line in enumerate(lines) if line.startswith("W4A8:"))
     header = next(i for i, line in enumerate(lines) if line.startswith("layer "))
     assert w8 < w4 < header and "W4A8 per-layer table" in lines[header - 1]
-    assert any("latent SQNR" in line and "different metric" in line for line in lines[:w8])
+    assert any("latent SQNR" in line and "against floating point" in line for line in lines[:w8])
     rows = [line for line in lines[header + 2:] if line and not line.startswith("-")][:-1]
     kind_column = lines[header].index(" kind ")
     assert len(rows) > 300 and all(row[kind_column] == " " and row[kind_column + 1] in "lc" for row in rows)

@@ -2,9 +2,10 @@
 prompt asked for?
 
 Pixels are assigned to the nearest named colour (or the background, or nothing when far from all);
-each colour's largest connected region is an object. Its shape comes from how much of its bounding
-box it fills (square 1, circle pi/4, triangle 1/2), its size from the box's side, its position from
-its centroid. A verdict holds one boolean per attribute (count, colour, shape, size, position or
+each colour's largest connected region is an object. Its shape is the one whose ideal outline, fitted
+to the region's bounding box, overlaps the region best (intersection over union: robust to the
+rounded corners of a small, slightly soft triangle, which a fill-ratio rule reads as a circle), its
+size comes from the box's side, its position from its centroid. A verdict holds one boolean per attribute (count, colour, shape, size, position or
 relation); `accuracy` turns many verdicts into per-attribute and overall rates.
 """
 
@@ -15,14 +16,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .scenes import BACKGROUND, COLORS, POSITIONS, SIZES, Scene, parse_caption
+from .scenes import BACKGROUND, COLORS, POSITIONS, SHAPES, SIZES, Scene, parse_caption, shape_mask
 
 PALETTE_NAMES = ("background", *COLORS)
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
 MAX_COLOR_DISTANCE = 90.0  # RGB distance beyond which a pixel belongs to no named colour
 MIN_AREA_FRACTION = 0.008  # regions smaller than this share of the image are noise, not objects
-FILL_SQUARE_CIRCLE = (1.0 + np.pi / 4) / 2  # midpoints between the shapes' bounding-box fills
-FILL_CIRCLE_TRIANGLE = (np.pi / 4 + 0.5) / 2
 SIZE_THRESHOLD = SIZES["small"] + SIZES["large"]  # box side (fraction of the image) between the two sizes
 ATTRIBUTES = ("count", "color", "shape", "size", "position")
 
@@ -34,12 +33,7 @@ class DetectedObject:
     centroid: tuple[float, float]  # fractions of (width, height)
     box_side: float  # the bounding box's longer side, fraction of the image side
     fill: float  # area / bounding-box area
-
-    @property
-    def shape(self) -> str:
-        if self.fill >= FILL_SQUARE_CIRCLE:
-            return "square"
-        return "circle" if self.fill >= FILL_CIRCLE_TRIANGLE else "triangle"
+    shape: str  # best_fitting_shape of the region
 
     @property
     def size(self) -> str:
@@ -111,6 +105,24 @@ def largest_region(mask: np.ndarray) -> np.ndarray | None:
     return out
 
 
+def shape_overlaps(crop: np.ndarray) -> dict[str, float]:
+    """IoU of a region (cropped to its bounding box) with each shape's ideal mask drawn in that box, as
+    the renderer draws it (a square box of the longer side, centred on the crop)."""
+    height, width = crop.shape
+    ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    half = max(height, width) / 2
+    overlaps = {}
+    for shape in SHAPES:
+        ideal = shape_mask(shape, width / 2, height / 2, half, xs, ys)
+        overlaps[shape] = float((ideal & crop).sum() / (ideal | crop).sum())
+    return overlaps
+
+
+def best_fitting_shape(crop: np.ndarray) -> str:
+    overlaps = shape_overlaps(crop)
+    return max(overlaps, key=overlaps.get)
+
+
 def find_objects(image) -> list[DetectedObject]:
     """One object per named colour whose largest region is big enough, largest first."""
     image = as_rgb_uint8(image)
@@ -123,10 +135,12 @@ def find_objects(image) -> list[DetectedObject]:
             continue
         ys, xs = np.nonzero(region)
         box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        crop = region[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
         found.append(DetectedObject(
             color=name, area=int(region.sum()),
             centroid=((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height),
-            box_side=max(box_w / width, box_h / height), fill=float(region.sum() / (box_w * box_h))))
+            box_side=max(box_w / width, box_h / height), fill=float(region.sum() / (box_w * box_h)),
+            shape=best_fitting_shape(crop)))
     return sorted(found, key=lambda obj: -obj.area)
 
 

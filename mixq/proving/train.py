@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_SIZE = 64
-SAMPLER_STEPS = 4
+from .model import IMAGE_SIZE, SAMPLER_STEPS
+
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # original size, crop, target size
 
 
@@ -186,19 +186,12 @@ def latent_scaling_factor(vae, images) -> float:
 # --- evaluation ------------------------------------------------------------------------------------------
 
 
-def evaluate(pipe, count: int, seed: int, batch: int = 50) -> dict:
-    from .content import accuracy, check
-    from .scenes import scenes
+def evaluate(pipe, count: int, seed: int) -> dict:
+    from .evaluate import evaluation_prompts, generate, score_images
 
-    pairs = scenes("evaluation", count, seed)
-    verdicts = []
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        images = pipe([text for _, text in chunk], num_inference_steps=SAMPLER_STEPS, guidance_scale=0.0,
-                      height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="np",
-                      generator=torch.Generator().manual_seed(seed + i)).images
-        verdicts += [check(image, scene) for image, (scene, _) in zip(images, chunk)]
-    return accuracy(verdicts)
+    pairs = evaluation_prompts(count)
+    images = generate(pipe, [text for _, text in pairs], seed)
+    return score_images(images, [scene for scene, _ in pairs])["content"]
 
 
 @torch.no_grad()
@@ -206,9 +199,10 @@ def reconstruction_accuracy(vae, count: int, seed: int) -> dict:
     """Content accuracy of the VAE's reconstructions of held-out scenes: what the pipeline can reach at
     best, whatever its UNet."""
     from .content import accuracy, check
-    from .scenes import render, scenes
+    from .evaluate import evaluation_prompts
+    from .scenes import render
 
-    pairs = scenes("evaluation", count, seed)
+    pairs = evaluation_prompts(count)
     images = torch.from_numpy(np.stack([render(scene, seed=seed) for scene, _ in pairs])).permute(0, 3, 1, 2)
     decoded = vae.decode(vae.encode(images.float() / 127.5 - 1).latent_dist.mean).sample
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -231,6 +225,9 @@ def main(argv=None) -> int:
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--eval-prompts", type=int, default=200)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--ship", action="store_true",
+                        help="also save the finished pipeline in fp16 as mixq's package data (mixq/proving/pipeline) "
+                             "and evaluate that copy")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -262,8 +259,14 @@ def main(argv=None) -> int:
     result["vae_reconstruction"] = reconstruction_accuracy(pipe.vae, args.eval_prompts, args.seed)
     with torch.no_grad():
         result["evaluation"] = evaluate(pipe, args.eval_prompts, args.seed)
+    if args.ship:
+        from .model import load_pipeline, ship
+
+        ship(pipe, record={**result, "args": {k: v for k, v in result["args"].items() if k != "out"}})
+        with torch.no_grad():
+            result["evaluation_shipped"] = evaluate(load_pipeline(), args.eval_prompts, args.seed)
     (args.out / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"vae_reconstruction": result["vae_reconstruction"], "pipeline": result["evaluation"]}))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("vae_rec", "evaluation"))}))
     return 0
 
 
