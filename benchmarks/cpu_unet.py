@@ -33,24 +33,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.environment import environment
+from mixq.machine import cpu_features
 
-INT8_FLAGS = ("amx_int8", "amx_tile", "amx_bf16", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512f", "avx2")
 TEXT_TOKENS = 77
-
-
-# --- the machine ---------------------------------------------------------------------------------
-
-
-def cpu_features() -> dict:
-    """The CPU's int8/bf16 matrix features, from /proc/cpuinfo (Linux); empty elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return {}
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return {flag: flag in flags for flag in INT8_FLAGS}
-    return {}
 
 
 # --- resident memory (Linux) ---------------------------------------------------------------------

@@ -6,9 +6,10 @@ import os
 import platform
 import re
 from importlib import metadata
-from pathlib import Path
 
 import torch
+
+from mixq.machine import cpu_model
 
 LIBRARIES = ("torch", "triton", "diffusers", "transformers", "torchao", "mixq", "pytest-benchmark")
 
@@ -18,16 +19,6 @@ def library_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name where the OS tells it (Linux), else the architecture."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def device_name(device) -> str:

@@ -319,7 +319,9 @@ def versions(device) -> dict:
 
     import mixq
 
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+    from mixq.machine import describe_cpu
+
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {describe_cpu()}",
             "mixq": mixq.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "python": platform.python_version()}
     try:

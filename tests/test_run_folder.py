@@ -226,7 +226,8 @@ def test_help_examples_run_as_printed(tmp_path, monkeypatch, capsys):
     examples = help_examples(capsys)
     assert len(examples) >= 6
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", write_small_config(tmp_path / "small-default.yaml"))
+    small_default = write_small_config(tmp_path / "small-default.yaml", name="proving")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG", small_default)
     offline = [e for e in examples if "--config" not in e]
     assert any("--model" in e for e in offline) and any("--stage allocate" in e for e in offline)
     for example in offline:
