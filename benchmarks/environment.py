@@ -9,7 +9,7 @@ from importlib import metadata
 
 import torch
 
-from mixq.machine import cpu_model
+from mixq.machine import describe_cpu
 
 LIBRARIES = ("torch", "triton", "diffusers", "transformers", "torchao", "mixq", "pytest-benchmark")
 
@@ -25,7 +25,7 @@ def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU: {describe_cpu()}, {torch.get_num_threads()} torch threads"
 
 
 def device_slug(device) -> str:

@@ -239,11 +239,13 @@ def render(results: dict, folder: str) -> str:
     out = [f"# mixq benchmarks: {env.get('device', '?')}, {cfg.get('name', '?')} config, "
            f"{bench.get('datetime', '?')[:10]}", ""]
     if cpu:
-        tiny = " on a tiny model" if cfg.get("name") in ("tiny", "proving") else ""
+        tiny = " on a small model" if cfg.get("name") in ("tiny", "proving") else ""
+        backend = env.get("mixq_kernel_backend", "?")
         out += [f"> **CPU numbers from this machine{tiny}: functional, not representative of GPU speed.** "
-                "Quantized layers run on mixq's exact integer torch backend (reference matmuls written for "
-                "exactness, not speed), so they are slower than floating point here; the latencies show "
-                "that the suite works end to end. Peak memory is measured on CUDA only.", ""]
+                f"Quantized layers run on mixq's `{backend}` CPU backend; at small widths each layer's "
+                "activation quantization and epilogue cost more than its tiny GEMM saves, so quantized "
+                "variants can be slower than floating point here (the full-size UNet on CPU: "
+                "`python -m benchmarks.cpu_unet`). Peak memory is measured on CUDA only.", ""]
         load, cores = env.get("load_average_1min"), env.get("cpu_count")
         if load is not None and cores and load > cores:  # the run itself keeps about `cores` busy
             out += [f"> Other processes were busy on this machine during the run (load average {load} on "

@@ -153,7 +153,8 @@ def write_report(path: Path, *, config, budget: dict, command: str, averages: di
         f"- calibration: {c.calibration.num_prompts} prompts for ranges, {c.calibration.sensitivity_prompts} for "
         f"sensitivity and plan selection ({c.calibration.prompts or 'built-in prompt set'})",
         f"- machine: {versions.get('device', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "device"),
-        "- stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
+        "- stage times: " + (", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+                             or "none before the report in this command (earlier stages' files reused)"),
         "",
         "## Plan",
         "",
