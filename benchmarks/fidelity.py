@@ -134,11 +134,8 @@ def content_verdicts(prompts: list[str], columns: dict[str, list], labels: list[
               for label, column in zip(labels, columns.values())}
     verdicts = {label: verdicts_for(found, scenes) for label, found in images.items()}
     shown = min(GRID_ROWS, len(prompts))
-    from mixq.io import atomic_path
-
-    with atomic_path(out / CONTENT_GRID_FILE) as tmp:
-        save_grid(tmp, prompts[:shown], {k: v[:shown] for k, v in images.items()},
-                  {k: v[:shown] for k, v in verdicts.items()})
+    save_grid(out / CONTENT_GRID_FILE, prompts[:shown], {k: v[:shown] for k, v in images.items()},
+              {k: v[:shown] for k, v in verdicts.items()})
     return {"accuracy": {name: accuracy(verdicts[label]) for name, label in zip(columns, labels)},
             "grid": CONTENT_GRID_FILE}
 

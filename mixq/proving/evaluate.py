@@ -64,7 +64,7 @@ def score_images(images: np.ndarray, scenes_: list[Scene], reference: np.ndarray
 
 def save_grid(path, prompts: list[str], columns: dict[str, np.ndarray], verdicts: dict[str, list]):
     """A PNG with one row per prompt and one column per configuration; each image is titled with its
-    verdict (OK, or the attributes it got wrong)."""
+    verdict (OK, or the attributes it got wrong). Written atomically, like every report file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +86,10 @@ def save_grid(path, prompts: list[str], columns: dict[str, np.ndarray], verdicts
                 ax.text(0.5, 1.25, name, transform=ax.transAxes, ha="center", fontsize=9, weight="bold")
         axes[r][0].set_ylabel(_wrap(prompt), rotation=0, ha="right", va="center", fontsize=7, labelpad=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80, format="png")
+    from mixq.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
 
 
