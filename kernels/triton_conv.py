@@ -37,7 +37,7 @@ from .triton_gemm import (
     run_gemm,
     split_range,
     unmasked_loop,
-    weight_lane,
+    unpacked_lanes,
 )
 
 
@@ -65,7 +65,7 @@ def _conv2d_kernel(
 
     PER_BYTE: tl.constexpr = 8 // W_BITS
     LANE_K: tl.constexpr = BLOCK_K // PER_BYTE
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)  # transposed: weights first, as in the GEMM
     for kt in range(first, last):
         tap = kt // c_tiles
         c0 = (kt - tap * c_tiles) * BLOCK_K
@@ -73,15 +73,15 @@ def _conv2d_kernel(
         if EVEN_K:
             k0 = tap * C + c0
             packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
-            for lane in tl.static_range(PER_BYTE):
-                a = tl.load(tap_ptrs + (lane * LANE_K + tl.arange(0, LANE_K))[None, :])
-                acc = tl.dot(a, tl.trans(weight_lane(packed, lane, W_BITS)), acc)
+            a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :])
+            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t)
         else:
             offs_c = c0 + tl.arange(0, BLOCK_K)
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=(offs_c < C)[None, :], other=0)
             # Channels past C would read the next tap's weights: gather_weights zeroes them.
             w = gather_weights(w_ptr, w_rows, stride_wn, tap * C + c0, tap * C + C, W_BITS, BLOCK_K)
-            acc = tl.dot(a, tl.trans(w), acc)
+            acc_t = tl.dot(w, tl.trans(a), acc_t)
+    acc = tl.trans(acc_t)
     if EVEN_K:
         acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
 

@@ -9,9 +9,14 @@ codes and packed weights and issues int8 tensor-core MMAs.
 - EVEN_K (K a multiple of BLOCK_K, true of every SDXL layer): no masks in the main loop. Packed
   weights are loaded as one [BLOCK_N, BLOCK_K / per_byte] byte tile per K-step, a software-pipeline
   stage like any other load. Each of the per_byte lanes of that tile (the low nibbles, the high
-  nibbles, ...) becomes an int8 operand with two SIMD bit operations per 4 bytes, and is multiplied
-  by the matching lane of the activation block, which the quantize pass stored lane-major within
-  each BLOCK_K block for this purpose. No shuffles: the dot product does not care about K order.
+  nibbles, ...) becomes int8 with two SIMD bit operations per 4 bytes; the lanes, side by side
+  along K, make one [BLOCK_N, BLOCK_K] operand for one MMA per K-step. The activation block
+  matches because the quantize pass stored it lane-major within each BLOCK_K block. No
+  shuffles: the dot product does not care about K order.
+- The weights are the MMA's first operand, which Hopper's wgmma reads from registers: the
+  unpacked weights go straight from the unpack into the tensor core, with no shared-memory round
+  trip. The tile is therefore computed transposed, [BLOCK_N, BLOCK_M], and transposed once at
+  the end.
 - Otherwise (odd test shapes): masked loads, each weight byte gathered per value it holds.
 - Rows and columns past the edge of M and N wrap around instead of being masked: their loads stay
   in bounds, and their results are never stored.
@@ -86,6 +91,25 @@ def weight_lane(packed, LANE: tl.constexpr, W_BITS: tl.constexpr):
                 "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
         else:
             w = (((packed << SHIFT) & HIGH_BITS) ^ 0x80).to(tl.int8, bitcast=True)
+    return w
+
+
+@triton.jit
+def unpacked_lanes(packed, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """packed [BLOCK_N, BLOCK_K / per_byte] -> int8 [BLOCK_N, BLOCK_K], lane after lane along K.
+
+    join + permute + reshape only relabel registers (Triton gives the result a linear layout and
+    inserts no conversion; benchmarks/sass_gate.py would count one): each thread unpacks the bytes
+    it loaded into exactly the MMA operand fragment it holds."""
+    if W_BITS == 8:
+        w = packed
+    elif W_BITS == 4:
+        w = tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS))
+        w = tl.permute(w, (0, 2, 1)).reshape(BLOCK_N, BLOCK_K)
+    else:
+        w = tl.join(tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS)),
+                    tl.join(weight_lane(packed, 2, W_BITS), weight_lane(packed, 3, W_BITS)))
+        w = tl.permute(w, (0, 3, 2, 1)).reshape(BLOCK_N, BLOCK_K)
     return w
 
 
@@ -208,19 +232,20 @@ def _linear_kernel(
     PER_BYTE: tl.constexpr = 8 // W_BITS
     LANE_K: tl.constexpr = BLOCK_K // PER_BYTE
     a_rows_ptr = a_ptr + a_rows[:, None] * stride_am
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # Weights first: the MMA reads them from registers, right after the unpack (module docstring).
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for kt in range(first, last):
         k0 = kt * BLOCK_K
         if EVEN_K:
             packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
-            for lane in tl.static_range(PER_BYTE):
-                a = tl.load(a_rows_ptr + (k0 + lane * LANE_K + tl.arange(0, LANE_K))[None, :])
-                acc = tl.dot(a, tl.trans(weight_lane(packed, lane, W_BITS)), acc)
+            a = tl.load(a_rows_ptr + (k0 + tl.arange(0, BLOCK_K))[None, :])
+            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_rows_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
             w = gather_weights(w_ptr, w_rows, stride_wn, k0, K, W_BITS, BLOCK_K)
-            acc = tl.dot(a, tl.trans(w), acc)
+            acc_t = tl.dot(w, tl.trans(a), acc_t)
+    acc = tl.trans(acc_t)
     if EVEN_K:
         acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
 
