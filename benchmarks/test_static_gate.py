@@ -22,15 +22,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Executed SASS instructions per K-step of the main loop, by target and weight bits, with headroom
-# over what the kernels compile to today (sm_90: 85 / 121 / 122 for linear w8 / w4 / w2 at
-# 128x128x128, 8 warps; the 3x3 conv adds ~30 for its tap addressing; sm_80: 143 / 291 / 300).
+# over what the kernels compile to today (sm_90: 85 / 119 / 115 for linear w8 / w4 / w2 at
+# 128x128x128, 8 warps; the 3x3 conv adds ~30-40 for its tap addressing; sm_80: 143 / 258 / 251).
 # The issue's target for w8 at 128x128x128 / 8 warps on sm_90 is 300.
 INSTRUCTION_BUDGET = {
-    ("sm_90", 8): 150, ("sm_90", 4): 180, ("sm_90", 2): 190,
-    ("sm_80", 8): 220, ("sm_80", 4): 380, ("sm_80", 2): 400,
+    ("sm_90", 8): 150, ("sm_90", 4): 180, ("sm_90", 2): 180,
+    ("sm_80", 8): 220, ("sm_80", 4): 340, ("sm_80", 2): 340,
 }
-# Packed weights against int8 ones, same tile, sm_90: 1.42x / 1.44x today (the unpack is 3 bit
-# operations per 4 weight bytes and a lane, ~36 instructions per K-step); the issue asks 1.25x.
+# Packed weights against int8 ones, same kernel and tile, sm_90: linear 1.40x / 1.35x, conv
+# 1.26x / 1.30x today at 128x128x128 (the unpack: one xor per 4 packed bytes, then a shift and a
+# mask per lane, ~30 instructions per K-step); the issue asks 1.25x.
 PACKED_RATIO_BUDGET = 1.5
 W8_TARGET = 300
 

@@ -47,13 +47,13 @@ def _conv2d_kernel(
     C, H, W, N, H_OUT, W_OUT, M, P,
     stride_wn, stride_yb, stride_yp, stride_yn,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
+    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m = rows % M  # wrapped: in bounds without a mask
-    w_rows = cols % N
+    m = tl.minimum(rows, M - 1)  # clamped: in bounds without a mask
+    w_rows = tl.minimum(cols, N - 1)
     # The codes hold the image padded by PAD pixels: the receptive field of an output pixel starts
     # at padded row out_h * STRIDE and column out_w * STRIDE, and never leaves the buffer.
     padded_w = W + 2 * PAD
@@ -86,7 +86,8 @@ def _conv2d_kernel(
         acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
 
     finish_tile(acc, rows, cols, M, N, y_ptr, partial_ptr, P, stride_yb, stride_yp, stride_yn,
-                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, SPLIT_K)
+                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, EVEN_ROWS,
+                SPLIT_K)
 
 
 class ChannelsFirstWarning(UserWarning):

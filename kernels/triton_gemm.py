@@ -18,8 +18,9 @@ codes and packed weights and issues int8 tensor-core MMAs.
   trip. The tile is therefore computed transposed, [BLOCK_N, BLOCK_M], and transposed once at
   the end.
 - Otherwise (odd test shapes): masked loads, each weight byte gathered per value it holds.
-- Rows and columns past the edge of M and N wrap around instead of being masked: their loads stay
-  in bounds, and their results are never stored.
+- Rows and columns past the edge of M and N are clamped to the last one instead of being masked:
+  their loads stay in bounds (a min, where a wrap-around modulo costs an integer division), and
+  their results are never stored.
 - SPLIT_K > 1 (grids that under-fill the GPU): each program sums a slice of K and adds its int32
   partial tile to a zeroed accumulator with atomic adds, exact in any order; a second small kernel
   applies the epilogue. The result is bit-identical to SPLIT_K = 1.
@@ -67,30 +68,44 @@ INTERPRETED = _is_interpreted(_probe)
 # run PTX, evaluates the same bit operations per byte.
 UNPACK_WITH_PTX = tl.constexpr(not INTERPRETED)
 DIGITS = tl.constexpr(tuple(str(d) for d in range(8)))
-TOP_BITS_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))  # by W_BITS: its top bits of each byte
+# By W_BITS: the top bit of each field, and the top field of each byte, of a 32-bit word.
+FIELD_SIGN_BITS = tl.constexpr((None, None, "0xAAAAAAAA", None, "0x88888888"))
+TOP_FIELD_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))
 
 
 @triton.jit
-def weight_lane(packed, LANE: tl.constexpr, W_BITS: tl.constexpr):
-    """Lane LANE of every packed byte as the int8 (w * 2^(8 - W_BITS)), w the signed weight.
-
-    The W_BITS-bit field is shifted to the top of its byte and masked; flipping the top bit turns
-    offset-binary (w + 2^(W_BITS - 1)) into two's complement. Both steps act on each byte alone, so
-    on 32-bit registers they unpack 4 bytes at a time. The factor 2^(8 - W_BITS) keeps every
-    product within int8 x int8 and is shifted out of the int32 accumulator, exactly.
-    """
-    if W_BITS == 8:
-        w = packed
+def twos_complement_fields(packed, W_BITS: tl.constexpr):
+    """Every W_BITS-bit field of the packed bytes from offset-binary (w + 2^(W_BITS - 1)) to two's
+    complement w: its top bit flipped, for all fields of 4 bytes at once."""
+    if UNPACK_WITH_PTX:
+        fields = tl.inline_asm_elementwise("xor.b32 $0, $1, " + FIELD_SIGN_BITS[W_BITS] + ";", "=r,r", [packed],
+                                           dtype=tl.uint8, is_pure=True, pack=4)
     else:
-        SHIFT: tl.constexpr = 8 - W_BITS * (LANE + 1)
-        HIGH_BITS: tl.constexpr = (0xFF << (8 - W_BITS)) & 0xFF
-        if UNPACK_WITH_PTX:
-            w = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; shl.b32 t, $1, " + DIGITS[SHIFT] + "; and.b32 t, t, " + TOP_BITS_MASK[W_BITS]
-                + "; xor.b32 $0, t, 0x80808080; }",
-                "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
+        fields = packed ^ (1 << (W_BITS - 1)) * (0xFF // ((1 << W_BITS) - 1))  # 0x88 / 0xAA
+    return fields
+
+
+@triton.jit
+def weight_lane(fields, LANE: tl.constexpr, W_BITS: tl.constexpr):
+    """Lane LANE of every byte of two's-complement fields as the int8 w * 2^(8 - W_BITS).
+
+    The field is shifted to the top of its byte and the bits below it are cleared, one byte at a
+    time, so on 32-bit registers 4 bytes at a time, with one immediate per instruction (a second
+    constant would need a register, which ptxas rematerializes in the loop). The factor
+    2^(8 - W_BITS) keeps every product within int8 x int8 and is shifted out of the int32
+    accumulator, exactly.
+    """
+    SHIFT: tl.constexpr = 8 - W_BITS * (LANE + 1)
+    if UNPACK_WITH_PTX:
+        if SHIFT == 0:
+            w = tl.inline_asm_elementwise("and.b32 $0, $1, " + TOP_FIELD_MASK[W_BITS] + ";", "=r,r",
+                                          [fields], dtype=tl.int8, is_pure=True, pack=4)
         else:
-            w = (((packed << SHIFT) & HIGH_BITS) ^ 0x80).to(tl.int8, bitcast=True)
+            w = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; shl.b32 t, $1, " + DIGITS[SHIFT] + "; and.b32 $0, t, " + TOP_FIELD_MASK[W_BITS]
+                + "; }", "=r,r", [fields], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        w = ((fields << SHIFT) & ((0xFF << (8 - W_BITS)) & 0xFF)).to(tl.int8, bitcast=True)
     return w
 
 
@@ -104,11 +119,13 @@ def unpacked_lanes(packed, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
     if W_BITS == 8:
         w = packed
     elif W_BITS == 4:
-        w = tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS))
+        fields = twos_complement_fields(packed, W_BITS)
+        w = tl.join(weight_lane(fields, 0, W_BITS), weight_lane(fields, 1, W_BITS))
         w = tl.permute(w, (0, 2, 1)).reshape(BLOCK_N, BLOCK_K)
     else:
-        w = tl.join(tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS)),
-                    tl.join(weight_lane(packed, 2, W_BITS), weight_lane(packed, 3, W_BITS)))
+        fields = twos_complement_fields(packed, W_BITS)
+        w = tl.join(tl.join(weight_lane(fields, 0, W_BITS), weight_lane(fields, 1, W_BITS)),
+                    tl.join(weight_lane(fields, 2, W_BITS), weight_lane(fields, 3, W_BITS)))
         w = tl.permute(w, (0, 3, 2, 1)).reshape(BLOCK_N, BLOCK_K)
     return w
 
@@ -180,13 +197,13 @@ def dequantize(acc, cols, n_valid, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale, x_
 @triton.jit
 def store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_yn,
                  w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
-                 HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr):
     """Write a finished tile: the raw int32 accumulator (tests), or the dequantized result in y's
     dtype. Row m of the GEMM is output position (m // P, m % P): P = M for a linear layer, the
     pixels of one image for a convolution."""
     m_valid, n_valid = rows < M, cols < N
     mask = m_valid[:, None] & n_valid[None, :]
-    if stride_yb == P * stride_yp:  # rows evenly strided (linear, channels-last): no division
+    if EVEN_ROWS:  # stride_yb == P * stride_yp (linear, channels-last): no division compiled in
         y_rows = rows * stride_yp
     else:
         y_rows = (rows // P) * stride_yb + (rows % P) * stride_yp
@@ -202,11 +219,12 @@ def store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_y
 @triton.jit
 def finish_tile(acc, rows, cols, M, N, y_ptr, partial_ptr, P, stride_yb, stride_yp, stride_yn,
                 w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
-                HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, SPLIT_K: tl.constexpr):
+                HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
     """Store the tile, or with a split K add this slice's partial sums to the [M, N] accumulator."""
     if SPLIT_K == 1:
         store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_yn,
-                     w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY)
+                     w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, EVEN_ROWS)
     else:
         mask = (rows < M)[:, None] & (cols < N)[None, :]
         tl.atomic_add(partial_ptr + rows[:, None] * N + cols[None, :], acc, mask=mask, sem="relaxed")
@@ -220,13 +238,13 @@ def _linear_kernel(
     a_ptr, w_ptr, y_ptr, partial_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
     M, N, K, P,
     stride_am, stride_wn, stride_yb, stride_yp, stride_yn,
-    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr,
+    W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    a_rows = rows % M  # wrapped: in bounds without a mask
-    w_rows = cols % N
+    a_rows = tl.minimum(rows, M - 1)  # clamped: in bounds without a mask
+    w_rows = tl.minimum(cols, N - 1)
     first, last = split_range(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
     PER_BYTE: tl.constexpr = 8 // W_BITS
@@ -250,14 +268,16 @@ def _linear_kernel(
         acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
 
     finish_tile(acc, rows, cols, M, N, y_ptr, partial_ptr, P, stride_yb, stride_yp, stride_yn,
-                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, SPLIT_K)
+                w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, EVEN_ROWS,
+                SPLIT_K)
 
 
 @triton.jit
 def _epilogue_kernel(
     partial_ptr, y_ptr, w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr,
     M, N, P, stride_yb, stride_yp, stride_yn,
-    HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """After a split-K GEMM: the summed int32 accumulator [M, N] -> the output."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -265,7 +285,7 @@ def _epilogue_kernel(
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     acc = tl.load(partial_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0)
     store_output(acc, rows, cols, M, N, y_ptr, P, stride_yb, stride_yp, stride_yn,
-                 w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY)
+                 w_scale_ptr, w_sum_ptr, bias_ptr, x_scale_ptr, x_zero_ptr, HAS_BIAS, ACCUMULATE_ONLY, EVEN_ROWS)
 
 
 # --- launchers ---------------------------------------------------------------------------------
@@ -308,15 +328,15 @@ def run_gemm(kernel, grid_args: dict, out: OutputLayout, m: int, n: int, config:
     """Launch kernel on config's grid (with its split of K) and, for a split K, the epilogue pass."""
     split = config.split_k
     partial = out.y if split == 1 else torch.zeros((m, n), device=out.y.device, dtype=torch.int32)
+    store_args = dict(P=out.pixels, stride_yb=out.strides[0], stride_yp=out.strides[1], stride_yn=out.strides[2],
+                      EVEN_ROWS=out.strides[0] == out.pixels * out.strides[1], **epilogue_args)
     kernel[(tiles(m, n, config), split)](
-        y_ptr=out.y, partial_ptr=partial, P=out.pixels, stride_yb=out.strides[0], stride_yp=out.strides[1],
-        stride_yn=out.strides[2], SPLIT_K=split, **grid_args, **epilogue_args, **config.launch_args(),
+        y_ptr=out.y, partial_ptr=partial, SPLIT_K=split, **grid_args, **store_args, **config.launch_args(),
     )
     if split > 1:
         block_m, block_n = (64, 64) if INTERPRETED else (32, 128)
         _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            partial, out.y, M=m, N=n, P=out.pixels, stride_yb=out.strides[0], stride_yp=out.strides[1],
-            stride_yn=out.strides[2], BLOCK_M=block_m, BLOCK_N=block_n, **epilogue_args,
+            partial, out.y, M=m, N=n, BLOCK_M=block_m, BLOCK_N=block_n, **store_args,
         )
 
 
