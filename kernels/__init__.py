@@ -3,9 +3,9 @@
 The interface is three functions on plain tensors, so that backends stay interchangeable and the
 torch backend can serve as the exact oracle for the others:
 
-    quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
+    quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, *, input_key=None)
     quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
-                     kernel_size, stride, padding)
+                     kernel_size, stride, padding, *, input_key=None)
     quantize_input(x, x_scale, x_zero, a_bits)
 
 - x: floating point (fp32/fp16/bf16); linear takes [M, K], conv takes [B, C, H, W] (any memory
@@ -17,6 +17,10 @@ torch backend can serve as the exact oracle for the others:
 - The math, identical in every backend: acc = sum_k q_x[m, k] * q_w[n, k] in int32, then
   y = float32(acc - x_zero * w_sum[n]) * (x_scale * w_scale[n]) + bias[n], cast to x's dtype.
   Padded conv borders hold the real zero of the input, whose code is exactly x_zero.
+- input_key: (a_bits, x_scale, x_zero) as Python numbers, or None. Two calls in a row on the same
+  input tensor (same storage, view and version) with equal keys may share one quantize pass: the
+  Triton backend does (attention's to_q / to_k / to_v read one tensor). The key must match the
+  tensors; QuantizedLayer.input_key guarantees it.
 
 Backend: MIXQ_BACKEND=auto|torch|triton|onednn, read at each call. auto = triton on CUDA, onednn on
 an x86 CPU (oneDNN int8 kernels, kernels/onednn.py), torch elsewhere. A backend that cannot run a call
@@ -68,16 +72,18 @@ def _triton():
     return triton_backend
 
 
-def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None):
+def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None, *, input_key=None):
     backend = selected_backend(x)
     if backend == "onednn":
         return onednn.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
     if backend == "triton":
-        return _triton().quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
+        return _triton().quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
+                                          input_key=input_key)
     return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
 
 
-def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding):
+def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
+                     *, input_key=None):
     backend = selected_backend(x)
     if backend == "onednn":
         return onednn.quantized_conv2d(
@@ -85,7 +91,8 @@ def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
         )
     if backend == "triton":
         return _triton().quantized_conv2d(
-            x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding
+            x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
+            input_key=input_key,
         )
     return reference.quantized_conv2d(
         x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding
@@ -98,7 +105,10 @@ def quantize_input(x, x_scale, x_zero, a_bits):
 
 def prepare_layer(layer) -> None:
     """Lay out a QLinear / QConv2d's integer weights for the CPU kernels now (quantize / load time),
-    so that no call, the first included, reorders weights. A no-op where they are not used."""
+    so that no call, the first included, reorders weights, and record its activation parameters
+    as numbers (QuantizedLayer.input_key) so that layers reading one input may share its codes."""
+    if hasattr(layer, "refresh_input_key"):
+        layer.refresh_input_key()
     qweight = getattr(layer, "qweight_0", None)  # None for fake-quant twins and weight-float layers
     if qweight is None or qweight.is_cuda or layer.w_bits != 8 or layer.a_bits == 16:
         return

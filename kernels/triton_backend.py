@@ -67,18 +67,20 @@ def check_weight_width(qweight: torch.Tensor, w_bits: int, k: int):
         raise ValueError(f"qweight {tuple(qweight.shape)} holds fewer than {k} {w_bits}-bit values per row")
 
 
-def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None):
+def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None, *, input_key=None):
     k, n = x.shape[-1], qweight.shape[0]
     reason = unsupported_reason(x, w_bits, a_bits, math.prod(x.shape[:-1]) * n)
     if reason is not None:
         warn_fallback(reason)
         return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
     check_weight_width(qweight, w_bits, k)
-    y = triton_gemm.linear(x.reshape(-1, k), qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
+    y = triton_gemm.linear(x.reshape(-1, k), qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
+                           input_key=input_key)
     return y.reshape(*x.shape[:-1], n)
 
 
-def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding):
+def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
+                     *, input_key=None):
     args = (x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding)
     geometry = (tuple(kernel_size), tuple(stride), tuple(padding))
     if geometry not in SUPPORTED_CONVS:
@@ -89,7 +91,7 @@ def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
         warn_fallback(reason)
         return reference.quantized_conv2d(*args)
     check_weight_width(qweight, w_bits, kernel_size[0] * kernel_size[1] * x.shape[1])
-    return triton_conv.conv2d(*args)
+    return triton_conv.conv2d(*args, input_key=input_key)
 
 
 def conv_output_elements(x, n, kernel_size, stride, padding) -> int:

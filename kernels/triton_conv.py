@@ -121,7 +121,7 @@ def as_image(x: torch.Tensor) -> torch.Tensor:
 
 
 def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding, *,
-           accumulate_only: bool = False, config: Config | None = None) -> torch.Tensor:
+           accumulate_only: bool = False, config: Config | None = None, input_key=None) -> torch.Tensor:
     """x [B, C, H, W] -> y [B, N, H_out, W_out] in x's dtype and memory format (or the int32
     accumulator with accumulate_only=True). Square stride and padding; config forces block sizes."""
     if stride[0] != stride[1] or padding[0] != padding[1]:
@@ -141,14 +141,14 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
     key = f"conv2d|{kh}x{kw}/{step}|b={b}|c={c}|h={h}|w={w}|n={n}|{x.dtype}"
     if (kh, kw, step, pad) == (1, 1, 1, 0):
         gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, layout,
-                  accumulate_only=accumulate_only, config=config, tune_key=key)
+                  accumulate_only=accumulate_only, config=config, tune_key=key, input_key=input_key)
         return out
 
     qweight = qweight.contiguous()
     epilogue_args = epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only)
 
     def launch(cfg: Config):
-        codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, c, cfg, pad=pad)
+        codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, c, cfg, pad=pad, input_key=input_key)
         grid_args = dict(a_ptr=codes, w_ptr=qweight, C=c, H=h, W=w, N=n, H_OUT=h_out, W_OUT=w_out, M=m,
                          stride_wn=qweight.stride(0), KH=kh, KW=kw, STRIDE=step, PAD=pad, W_BITS=w_bits,
                          EVEN_K=unmasked_loop(c, cfg, w_bits))

@@ -45,7 +45,7 @@ from .autotune import (
     tuned_config,
     unmasked_loop,
 )
-from .triton_quantize import quantize_image
+from .triton_quantize import quantize_image, shared_codes
 
 # --- building blocks ---------------------------------------------------------------------------
 
@@ -309,12 +309,15 @@ def per_channel_vectors(w_scale, w_sum, bias):
 
 
 def quantize_for(x_image, x_scale, x_zero, a_bits: int, w_bits: int, channels: int, config: Config,
-                 pad: int = 0) -> torch.Tensor:
+                 pad: int = 0, input_key=None) -> torch.Tensor:
     """The int8 codes of x_image [B, H, W, C] (padded by pad pixels), in the order the main loop
-    reads them: with packed weights and an unmasked loop, lane-major within each BLOCK_K block."""
+    reads them: with packed weights and an unmasked loop, lane-major within each BLOCK_K block.
+    Shared with the previous layer when it read the same input with the same input_key."""
     per_byte = 8 // w_bits if unmasked_loop(channels, config, w_bits) else 1
     group = config.block_k if per_byte > 1 else 1
-    return quantize_image(x_image, x_scale, x_zero, a_bits, INTERPRETED, pad=pad, per_byte=per_byte, group=group)
+    key = None if input_key is None else (*input_key, pad, per_byte, group)
+    return shared_codes(x_image, key, lambda: quantize_image(x_image, x_scale, x_zero, a_bits, INTERPRETED, pad=pad,
+                                                             per_byte=per_byte, group=group))
 
 
 class OutputLayout:
@@ -347,7 +350,7 @@ def epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only: b
                 enable_fp_fusion=False)  # a fused multiply-add would round differently from the reference
 
 
-def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out: OutputLayout, *,
+def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out: OutputLayout, *, input_key,
               accumulate_only: bool, config: Config | None, tune_key: str) -> None:
     """x_image [B, H, W, K] (a linear input as [1, 1, M, K], or the pixels of a 1x1 convolution),
     one GEMM row per pixel, times the packed weights into out."""
@@ -357,7 +360,7 @@ def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits,
     epilogue_args = epilogue_arguments(w_scale, w_sum, bias, x_scale, x_zero, accumulate_only)
 
     def launch(cfg: Config):
-        codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, k, cfg)
+        codes = quantize_for(x_image, x_scale, x_zero, a_bits, w_bits, k, cfg, input_key=input_key)
         grid_args = dict(a_ptr=codes, w_ptr=qweight, M=m, N=n, K=k, stride_am=codes.stride(0),
                          stride_wn=qweight.stride(0), W_BITS=w_bits, EVEN_K=unmasked_loop(k, cfg, w_bits))
         run_gemm(_linear_kernel, grid_args, out, m, n, cfg, epilogue_args)
@@ -368,7 +371,7 @@ def gemm_rows(x_image, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits,
 
 
 def linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=None, *,
-           accumulate_only: bool = False, config: Config | None = None) -> torch.Tensor:
+           accumulate_only: bool = False, config: Config | None = None, input_key=None) -> torch.Tensor:
     """x [M, K] -> y [M, N] in x's dtype (or the int32 accumulator with accumulate_only=True).
 
     config forces the block sizes and split (tests use it to cover several tiles on small shapes).
@@ -378,5 +381,6 @@ def linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias=Non
     out = torch.empty((m, n), device=x.device, dtype=torch.int32 if accumulate_only else x.dtype)
     gemm_rows(x[None, None], qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
               OutputLayout(out, m, m * out.stride(0), out.stride(0), out.stride(1)),
-              accumulate_only=accumulate_only, config=config, tune_key=f"linear|m={m}|n={n}|k={k}|{x.dtype}")
+              accumulate_only=accumulate_only, config=config, tune_key=f"linear|m={m}|n={n}|k={k}|{x.dtype}",
+              input_key=input_key)
     return out

@@ -11,9 +11,15 @@ convolution input is its NCHW or channels-last tensor, permuted. The codes are a
 as [B * H' * W', C], i.e. channels-last for a convolution, the layout its kernel reads with
 contiguous channel loads. For a padded convolution the codes carry the padding (H' = H + 2 pad):
 the border holds x_zero, the code of the input's real zero, so the main loop needs no masks.
+
+Layers that read one input tensor with equal quantization parameters (attention's to_q, to_k and
+to_v) share one pass: shared_codes keeps the last codes made, keyed by the input's identity and
+the parameters' values (kernels.quantized_linear's input_key).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import triton
@@ -85,3 +91,39 @@ def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: b
         num_warps=4,
     )
     return codes
+
+
+class _LastCodes(threading.local):
+    entry: tuple | None = None  # (input, its identity, key, codes)
+
+
+_last_codes = _LastCodes()
+
+
+def tensor_identity(x: torch.Tensor) -> tuple:
+    """What makes two tensors read the same values: storage, view and the version counter that
+    every in-place write bumps."""
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device,
+            x._version)
+
+
+def shared_codes(x: torch.Tensor, key, make):
+    """make() for input x, or the codes of the previous call when it had the same input and key.
+
+    key: the quantizer's values and the codes' layout, or None (never shared). The entry holds x
+    itself, so its storage cannot be freed and reused by another tensor while the entry lives.
+    Not used while a CUDA graph is captured: a replay must run every pass it captured."""
+    if key is None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return make()
+    identity = tensor_identity(x)
+    entry = _last_codes.entry
+    if entry is not None and entry[1] == identity and entry[2] == key:
+        return entry[3]
+    codes = make()
+    _last_codes.entry = (x, identity, key, codes)
+    return codes
+
+
+def forget_shared_codes():
+    """Drop the kept input and codes (their memory)."""
+    _last_codes.entry = None

@@ -147,6 +147,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("bos_output", torch.zeros(out_features, dtype=dtype, device=device) if bos_mode == "cached" else None)
         # The calibrated token-0 input the stored row was computed from: checked on every call (see QLinear).
         self.register_buffer("bos_input", torch.zeros(in_features, dtype=dtype, device=device) if bos_mode == "cached" else None)
+        self._input_key = None  # see input_key
 
     # --- construction from a float layer ---------------------------------------------------------
 
@@ -173,6 +174,30 @@ class QuantizedLayer(nn.Module):
             scale, zero = activation_qparams(lo, hi, self.a_bits)
             self.x_scale[p] = scale
             self.x_zero[p] = zero
+        self.refresh_input_key()
+
+    # --- one quantize pass for layers that read the same input ----------------------------------
+
+    def refresh_input_key(self):
+        """Record x_scale / x_zero as numbers (one device read, at calibration or load time, never
+        per call), stamped with the buffers' version counters: any later write to them voids the
+        record instead of leaving it stale."""
+        if self.x_scale.is_meta:
+            self._input_key = None
+            return
+        self._input_key = (tuple(zip(self.x_scale.tolist(), self.x_zero.tolist())), self._parameter_stamp())
+
+    def _parameter_stamp(self) -> tuple:
+        return (self.x_scale.data_ptr(), self.x_scale._version, self.x_zero.data_ptr(), self.x_zero._version)
+
+    def input_key(self, part: int) -> tuple | None:
+        """(a_bits, scale, zero) of input part `part` as numbers, by which the kernels recognise
+        layers that quantize one input tensor identically (attention's to_q / to_k / to_v) and
+        quantize it once for all of them; None while unknown (never recorded, or written since)."""
+        if torch.compiler.is_compiling() or self._input_key is None or self._input_key[1] != self._parameter_stamp():
+            return None  # (a compiled graph fuses the quantization itself)
+        scale, zero = self._input_key[0][part]
+        return (self.a_bits, scale, zero)
 
     def _weight_parts(self, matrix: torch.Tensor) -> list[torch.Tensor]:
         """Split a [N, K] (row, col, channel)-ordered matrix into per-part matrices."""
@@ -213,7 +238,7 @@ class QuantizedLayer(nn.Module):
             xp = x if len(self.part_sizes) == 1 else x.narrow(1 if x.dim() == 4 else -1, start, size)
             yp = run_kernel(
                 xp, getattr(self, f"qweight_{p}"), getattr(self, f"w_sum_{p}"),
-                self.x_scale[p], self.x_zero[p], self.bias if p == 0 else None,
+                self.x_scale[p], self.x_zero[p], self.bias if p == 0 else None, self.input_key(p),
             )
             y = yp if y is None else y + yp
             start += size
@@ -232,12 +257,15 @@ class QuantizedLayer(nn.Module):
     _FP32_BUFFERS = ("w_scale", "x_scale", "x_zero")
 
     def _apply(self, fn, recurse=True):
+        key_valid = self.input_key(0) is not None
         kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
             device = fn(torch.empty(0, device=tensor.device)).device
             # A meta tensor has no data to copy (unet.to_empty(device=...)): allocate it uninitialised there.
             self._buffers[name] = torch.empty_like(tensor, device=device) if tensor.is_meta else tensor.to(device)
+        if key_valid:  # the values moved unchanged: only the stamp is new
+            self._input_key = (self._input_key[0], self._parameter_stamp())
         return self
 
     def state_bytes(self) -> int:
@@ -298,8 +326,8 @@ class QLinear(QuantizedLayer):
             return propagate_non_finite(x, F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias))
         y = self._integer_parts(
             x.reshape(-1, self.in_features),
-            lambda xp, qw, ws, xs, xz, b: kernels.quantized_linear(
-                xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b
+            lambda xp, qw, ws, xs, xz, b, key: kernels.quantized_linear(
+                xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b, input_key=key
             ),
         )
         return propagate_non_finite(x, y.reshape(*x.shape[:-1], self.out_features))
@@ -343,9 +371,9 @@ class QConv2d(QuantizedLayer):
         else:
             y = self._integer_parts(
                 x,
-                lambda xp, qw, ws, xs, xz, b: kernels.quantized_conv2d(
+                lambda xp, qw, ws, xs, xz, b, key: kernels.quantized_conv2d(
                     xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
-                    self.kernel_size, self.stride, self.padding,
+                    self.kernel_size, self.stride, self.padding, input_key=key,
                 ),
             )
         return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding))

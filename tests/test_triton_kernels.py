@@ -305,6 +305,7 @@ def test_tiny_unet_through_triton_matches_torch_backend(tiny_sdxl, monkeypatch):
 
     monkeypatch.setattr(triton_gemm, "linear", counted("linear", triton_gemm.linear))
     monkeypatch.setattr(triton_conv, "conv2d", counted("conv2d", triton_conv.conv2d))
+    passes = count_quantize_passes(monkeypatch)
     monkeypatch.setattr(fallback, "_warned", set())
     monkeypatch.setenv("MIXQ_BACKEND", "triton")
     with warnings.catch_warnings():
@@ -313,6 +314,71 @@ def test_tiny_unet_through_triton_matches_torch_backend(tiny_sdxl, monkeypatch):
 
     assert launches["linear"] > 100 and launches["conv2d"] > 20
     assert mixq.sqnr_db(expected, out) >= 50.0
+    # Self-attention's to_k and to_v reuse to_q's codes, cross-attention's to_v those of to_k.
+    assert passes["count"] < launches["linear"] + launches["conv2d"] - 20
+
+
+def count_quantize_passes(monkeypatch) -> dict:
+    passes = {"count": 0}
+    quantize_image = triton_quantize.quantize_image
+
+    def counted(*args, **kwargs):
+        passes["count"] += 1
+        return quantize_image(*args, **kwargs)
+
+    monkeypatch.setattr(triton_gemm, "quantize_image", counted)
+    return passes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layers_reading_one_input_share_one_quantize_pass(device, monkeypatch):
+    """to_q / to_k / to_v: one pass for three layers with equal parameters; a new one after an
+    in-place write to the input, for other parameters, or once the layer's buffers were written."""
+    from mixq.modules import QLinear
+
+    generator = torch.Generator().manual_seed(5)
+    x = activations((2, 9, 64), torch.float32, device, generator)
+    lo, hi = float(x.min()), float(x.max())
+    layers = [QLinear.from_float(torch.nn.Linear(64, 48), 4, 8, (lo,), (hi,)).to(device) for _ in range(3)]
+    other = QLinear.from_float(torch.nn.Linear(64, 48), 4, 8, (lo / 2,), (hi / 2,)).to(device)
+    monkeypatch.setenv("MIXQ_BACKEND", "torch")
+    expected = [layer(x) for layer in layers]
+    triton_quantize.forget_shared_codes()
+    passes = count_quantize_passes(monkeypatch)
+    monkeypatch.setenv("MIXQ_BACKEND", "triton")
+
+    assert all(torch.equal(layer(x), want) for layer, want in zip(layers, expected))
+    assert passes["count"] == 1
+    other(x)
+    assert passes["count"] == 2
+
+    x.mul_(0.5)  # same storage, new version: the kept codes are stale
+    monkeypatch.setenv("MIXQ_BACKEND", "torch")
+    halved = layers[1](x)
+    monkeypatch.setenv("MIXQ_BACKEND", "triton")
+    assert torch.equal(layers[0](x), layers[0](x)) and torch.equal(layers[1](x), halved)
+    assert passes["count"] == 3
+
+    layers[2].x_scale.mul_(2.0)  # written behind set_activation_ranges' back: no longer shared
+    assert layers[2].input_key(0) is None
+    layers[2](x)
+    assert passes["count"] == 4
+    layers[2].refresh_input_key()
+    assert layers[2].input_key(0)[1] == 2 * layers[0].input_key(0)[1]
+
+
+def test_input_key_survives_moves_and_casts_but_not_loads():
+    from mixq.modules import QLinear
+
+    layer = QLinear.from_float(torch.nn.Linear(16, 8), 8, 8, (-1.0,), (3.0,))
+    key = layer.input_key(0)
+    assert key is not None and key[0] == 8 and key[1] == pytest.approx(4.0 / 255, rel=1e-6)
+    layer.to(torch.float16)
+    assert layer.input_key(0) == key  # the fp32 scales stay as they were
+    layer.load_state_dict(layer.state_dict())
+    assert layer.input_key(0) is None  # copied in: unknown until refreshed (kernels.prepare_layer)
+    kernels.prepare_layer(layer)
+    assert layer.input_key(0) == key
 
 
 # --- fallback ------------------------------------------------------------------------------------
