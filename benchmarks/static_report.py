@@ -14,12 +14,19 @@ This is an ESTIMATE, not a measurement. The model, per layer (M, N, K) and kerne
   max(issue, tensor) / 1.83 GHz (perfect overlap of issue and tensor work, and no latency stalls:
   an optimistic bound, which the MMA drains counted by the gate can only lengthen);
 - memory time: (int8 codes of the input + packed weights + fp16 output + split-K partials) /
-  3.35 TB/s, every byte from HBM once (re-reads of tiles and conv taps assumed to hit L2);
+  3.35 TB/s, every byte from HBM once (re-reads of tiles and conv taps assumed to hit L2; the
+  int32 partial buffer of a split K, at most 5 MB here against H100's 50 MB L2, is written back
+  once, while its zeroing, the atomic adds and the epilogue pass's read hit L2);
+- the HBM floor of a shape is the same sum without partials: no kernel moving those bytes once
+  can be faster, so where it exceeds twice the int8 peak time, 50 % of peak is out of reach;
 - "other instructions" are the kernel's static SASS outside the main loop, all counted as executed
   (some are branches not taken), so the fixed cost per program is overestimated;
 - GEMM time = max(compute, memory); the quantize pass that makes the codes (read fp16, write
   int8) is added at HBM bandwidth, in separate columns: the input was usually just written by the
-  previous op and may still sit in L2, so it is a pessimistic addition.
+  previous op and may still sit in L2, so it is a pessimistic addition. In the UNet totals a layer
+  that reads the tensor the layer before it read (self-attention's to_k and to_v, cross-attention's
+  to_v: shared_input in the shapes CSV) reuses those codes and adds no pass, as the Triton backend
+  does when the activation parameters are equal (uniform A8 here; a mixed plan may differ).
 
 fp16 is estimated "the same way" without compiling anything, as an ideal roofline: max(2MNK /
 989 TFLOP/s, bytes / 3.35 TB/s) with fp16 inputs, weights and outputs: a lower bound on any fp16
@@ -71,6 +78,7 @@ class Shape:
     stride: int
     count: int
     example: str
+    shared_input: int = 0  # of the count, layers that reuse the codes of the layer before them
 
     @property
     def channels(self) -> int:
@@ -99,7 +107,7 @@ def load_shapes(path: Path = SHAPES_CSV) -> list[Shape]:
     with open(path) as f:
         rows = [row for row in csv.DictReader(line for line in f if not line.startswith("#"))]
     return [Shape(r["kind"], int(r["m"]), int(r["k"]), int(r["n"]), int(r["kernel"]), int(r["stride"]),
-                  int(r["count"]), r["example"]) for r in rows]
+                  int(r["count"]), r["example"], int(r.get("shared_input") or 0)) for r in rows]
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -119,6 +127,12 @@ def quantize_pass_s(shape: Shape, gpu: Gpu = H100) -> float:
     return input_pixels(shape) * shape.channels * 3 / gpu.hbm_bytes  # fp16 in, int8 out
 
 
+def hbm_floor_s(shape: Shape, w_bits: int, gpu: Gpu = H100) -> float:
+    """The int8 codes of the input, the packed weights and the fp16 output, each moved once."""
+    codes = input_pixels(shape) * shape.channels  # a convolution's taps re-read its codes from L2
+    return (codes + shape.n * shape.k * w_bits // 8 + 2 * shape.m * shape.n) / gpu.hbm_bytes
+
+
 def gemm_estimate(shape: Shape, record: dict, split: int, w_bits: int, gpu: Gpu = H100) -> dict:
     """The estimate of one kernel config (a sass_gate record) with a split of K on one shape."""
     v = record["variant"]
@@ -129,10 +143,8 @@ def gemm_estimate(shape: Shape, record: dict, split: int, w_bits: int, gpu: Gpu 
     issue = v["num_warps"] * (per_step * k_steps + other) / gpu.warp_instructions_per_clock_per_sm
     tensor = 2 * v["block_m"] * v["block_n"] * v["block_k"] * k_steps / gpu.int8_ops_per_clock_per_sm
     compute_s = math.ceil(programs / gpu.sms) * max(issue, tensor) / gpu.clock_hz
-    partials = 3 * 4 * shape.m * shape.n if split > 1 else 0  # atomics, then the epilogue pass reads
-    codes = input_pixels(shape) * shape.channels  # a convolution's taps re-read its codes from L2
-    bytes_moved = codes + shape.n * shape.k * w_bits // 8 + 2 * shape.m * shape.n + partials
-    memory_s = bytes_moved / gpu.hbm_bytes
+    partials = 4 * shape.m * shape.n if split > 1 else 0  # int32, written back once (module docstring)
+    memory_s = hbm_floor_s(shape, w_bits, gpu) + partials / gpu.hbm_bytes
     gemm_s = max(compute_s, memory_s)
     bound = "memory" if memory_s >= compute_s else ("issue" if issue > tensor else "tensor")
     return dict(config=f"{record['config'].split(' split')[0]}{f' split{split}' if split > 1 else ''}",
@@ -163,14 +175,15 @@ def best_estimate(shape: Shape, w_bits: int, records: list[dict], target: str = 
 def layer_rows(shapes: list[Shape], records: list[dict], bits=(8, 4)) -> list[dict]:
     rows = []
     for shape in shapes:
-        row = dict(shape=shape.label(), example=shape.example, count=shape.count, m=shape.m, n=shape.n, k=shape.k,
+        row = dict(shape=shape.label(), example=shape.example, count=shape.count, shared_input=shape.shared_input,
+                   m=shape.m, n=shape.n, k=shape.k,
                    kind=shape.kind, kept_in_float=shape.kept_in_float, ops=shape.ops(),
                    int8_peak_s=shape.ops() / H100.int8_ops, fp16_peak_s=shape.ops() / H100.fp16_flops,
                    fp16_roofline_s=fp16_roofline_s(shape), quantize_s=quantize_pass_s(shape))
         for w_bits in bits:
             estimate = None if shape.kept_in_float else best_estimate(shape, w_bits, records)
             if estimate:
-                row[f"w{w_bits}"] = estimate
+                row[f"w{w_bits}"] = dict(estimate, hbm_floor_s=hbm_floor_s(shape, w_bits))
         rows.append(row)
     return rows
 
@@ -182,7 +195,7 @@ def unet_totals(rows: list[dict], bits=(8, 4)) -> dict:
     for w_bits in bits:
         gemm = sum(r["count"] * (r[f"w{w_bits}"]["gemm_s"] if f"w{w_bits}" in r else r["fp16_roofline_s"])
                    for r in rows)
-        quantize = sum(r["count"] * r["quantize_s"] for r in rows if f"w{w_bits}" in r)
+        quantize = sum((r["count"] - r["shared_input"]) * r["quantize_s"] for r in rows if f"w{w_bits}" in r)
         totals[f"W{w_bits}A8 kernels"] = gemm
         totals[f"W{w_bits}A8 kernels + quantize passes"] = gemm + quantize
     return totals
@@ -243,8 +256,9 @@ def criteria(rows: list[dict], w_bits: int) -> list[str]:
              f"of int8 peak, {len(checked) - len(slower)} faster than the fp16 peak time (GEMM kernel; the quantize "
              "pass is in the table)."]
     for r in below_half:
-        lines.append(f"  - below 50%: {r['shape']} ({pct(r['int8_peak_s'], r[f'w{w_bits}']['gemm_s'])}, "
-                     f"{r[f'w{w_bits}']['bound']}-bound)")
+        e = r[f"w{w_bits}"]
+        lines.append(f"  - below 50%: {r['shape']} ({pct(r['int8_peak_s'], e['gemm_s'])}, {e['bound']}-bound; its "
+                     f"HBM floor allows at most {pct(r['int8_peak_s'], max(r['int8_peak_s'], e['hbm_floor_s']))})")
     for r in slower:
         lines.append(f"  - not faster than fp16 peak: {r['shape']}")
     return lines
