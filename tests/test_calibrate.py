@@ -220,6 +220,8 @@ def test_proving_default_reports_content_of_every_configuration(tmp_path):
     assert rows["float"]["ssim"] == 1.0 and rows["uniform W4A8"]["psnr"] < rows["uniform W8A8"]["psnr"]
     assert rows["uniform W4A8"]["w_avg"] == 4.0 and 4.0 < rows["W2A8 content group only"]["w_avg"] < 16.0
     assert all(0.0 <= row["content"]["overall"] <= 1.0 for row in rows.values())
+    # The shipped model draws what is asked (99.5 % on 200 prompts); W8A8 of a few blocks keeps it.
+    assert rows["float"]["content"]["overall"] >= 0.8 and rows["uniform W8A8"]["content"]["overall"] >= 0.8
     report = (out / "report.md").read_text()
     assert "## Content on held-out prompts" in report and "![content grid](content_grid.png)" in report
     assert "uniform W4A8 (4.00 bits): " in report

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -234,10 +235,31 @@ def test_shipping_replaces_the_package_folder_whole(tmp_path):
 
     folder = tmp_path / "pipeline"
     (folder / "stale").mkdir(parents=True)
-    ship(tiny_sdxl_pipeline(seed=0), folder)
+    (tmp_path / "pipeline.old").mkdir()  # left by a save that died between its renames
+    pipe = tiny_sdxl_pipeline(seed=0)
+    ship(pipe, folder)
     assert not (folder / "stale").exists() and (folder / "model_index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # no staging or old copy left
     assert stored_dtypes(folder) == {"F16"}
+    assert pipe.unet.dtype == torch.float32  # the caller's pipeline is not cast
+
+
+def test_shipped_tokenizers_load_from_their_vocabulary_files_alone(tmp_path):
+    """transformers 4.x's slow CLIPTokenizer reads vocab.json and merges.txt only: from those alone
+    the shipped tokenizers give the ids that tokenizer.json gives."""
+    from transformers import CLIPTokenizer
+
+    from mixq.proving import PIPELINE_FOLDER, evaluation_prompts
+
+    texts = [text for _, text in evaluation_prompts(20)]
+    for name in ("tokenizer", "tokenizer_2"):
+        alone = tmp_path / name
+        alone.mkdir()
+        for file in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            shutil.copy(PIPELINE_FOLDER / name / file, alone / file)
+        expected = CLIPTokenizer.from_pretrained(PIPELINE_FOLDER / name)(texts).input_ids
+        assert CLIPTokenizer.from_pretrained(alone)(texts).input_ids == expected
+        assert max(len(ids) for ids in expected) < 20  # the grammar's words are single tokens
 
 
 def test_missing_shipped_pipeline_says_how_to_make_it(tmp_path, monkeypatch):
@@ -273,4 +295,5 @@ def test_demo_reports_content_accuracy_of_quantized_pipelines(capsys):
         if match:
             accuracy_of[match.group(1)] = float(match.group(2))
     assert set(accuracy_of) == {"float", "W8A8", "W4A8"} and all(0 <= v <= 100 for v in accuracy_of.values())
+    assert accuracy_of["float"] >= 80 and accuracy_of["W8A8"] >= 80  # 99.5 % and 99.0 % on 200 prompts
     assert any("W4A8" in line and "image PSNR" in line and "fp16 weights" in line for line in lines)

@@ -10,6 +10,7 @@ It generates 64x64 images in SAMPLING's 4 Euler steps without guidance, like SDX
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -50,17 +51,21 @@ def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu"):
 
 
 def ship(pipe, folder: Path = PIPELINE_FOLDER, dtype: torch.dtype = SHIPPED_DTYPE, record: dict | None = None) -> Path:
-    """Save `pipe` in `dtype` as package data, with `record` (how it was trained and what it scored) as
-    TRAINING_RECORD beside it, replacing the folder atomically (a failed save leaves the previous
-    pipeline whole)."""
+    """Save a copy of `pipe` in `dtype` as package data (`pipe` itself is left as it was), with
+    `record` (how it was trained and what it scored) as TRAINING_RECORD beside it, replacing the
+    folder atomically (a failed save leaves the previous pipeline whole)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".pipeline-", dir=folder.parent))
     try:
-        pipe.to(dtype).save_pretrained(staging, safe_serialization=True)
+        copy.deepcopy(pipe).to(dtype).save_pretrained(staging, safe_serialization=True)
+        for name in ("tokenizer", "tokenizer_2"):
+            if (staging / name / "tokenizer.json").is_file():
+                write_vocabulary_files(staging / name)
         if record is not None:
             (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a save that died between its two renames
         if folder.exists():
             os.replace(folder, old)
         os.replace(staging, folder)
@@ -68,3 +73,12 @@ def ship(pipe, folder: Path = PIPELINE_FOLDER, dtype: torch.dtype = SHIPPED_DTYP
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def write_vocabulary_files(tokenizer_folder: Path):
+    """vocab.json and merges.txt from the tokenizer.json that transformers 5 saves alone: the slow
+    CLIPTokenizer of transformers 4.x, which diffusers loads there, reads only these two."""
+    model = json.loads((tokenizer_folder / "tokenizer.json").read_text())["model"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (tokenizer_folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    (tokenizer_folder / "merges.txt").write_text("#version: 0.2\n" + "".join(merge + "\n" for merge in merges))
