@@ -129,9 +129,15 @@ def test_excluding_bos_changes_the_calibrated_range_when_token_0_is_an_outlier(t
     # What it buys: the quantized layer keeps tokens 1.. accurate, which a range that includes the
     # BOS outlier cannot (its step is ~100x coarser than those tokens' values).
     float_layer = tiny_sdxl.unet.get_submodule(name)
+    info = quantizable_layers(tiny_sdxl.unet)[name]
     reference = float_layer(context)
     aware = mixq.quantize(tiny_sdxl, 8, 8, calibration=calibration).unet.get_submodule(name)
-    naive = QLinear.from_float(float_layer, 8, 8, [float(context.min())], [float(context.max())])
+    # The report's ablation (build_quantized_layer(bos_aware=False)): token 0 quantized with the rest.
+    from mixq.api import build_quantized_layer, ranges_including_row
+    naive = build_quantized_layer(float_layer, info, 8, 8, calibration, bos_aware=False)
+    assert naive.bos_mode == "none" and float(naive.x_scale[0]) > 10 * float(aware.x_scale[0])
+    assert ranges_including_row(r.lows, r.highs, r.bos_input) == ((min(r.lows[0], float(r.bos_input.min())),),
+                                                                  (max(r.highs[0], float(r.bos_input.max())),))
     aware_sqnr = mixq.sqnr_db(reference[:, 1:], aware(context)[:, 1:])
     naive_sqnr = mixq.sqnr_db(reference[:, 1:], naive(context)[:, 1:])
     assert aware_sqnr > 30 and aware_sqnr > naive_sqnr + 20
