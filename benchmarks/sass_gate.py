@@ -260,7 +260,7 @@ def ci_variants() -> list[Variant]:
 
 
 def full_variants() -> list[Variant]:
-    """Every candidate tile, with BLOCK_K 128 and 64, every kernel and weight width, both targets,
+    """Every candidate tile, with BLOCK_K 256, 128 and 64, every kernel and weight width, both targets,
     fp16; bf16 and split-K for the default tiles. Tiles that autotuning never offers for a weight
     width (autotune.fits_in_registers, at the representative shape's 1280 channels) are left out."""
     from mixq.kernels.autotune import LARGE_TILE, SMALL_TILE, TILES, fits_in_registers
@@ -268,7 +268,7 @@ def full_variants() -> list[Variant]:
     found = []
     for target in TARGETS:
         for tile in TILES:
-            for block_k in (128, 64):
+            for block_k in (256, 128, 64):
                 for w_bits in (8, 4, 2):
                     if not fits_in_registers(1280, replace(tile, block_k=block_k), w_bits):
                         continue

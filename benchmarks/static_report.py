@@ -162,8 +162,8 @@ def best_estimate(shape: Shape, w_bits: int, records: list[dict], target: str = 
         if (v["kernel"], v["w_bits"], v["target"], v["dtype"], v["split_k"]) != (
                 shape.gate_kernel, w_bits, target, "float16", 1) or not record.get("loop_found"):
             continue
-        if shape.channels % v["block_k"]:
-            continue
+        if shape.channels % v["block_k"] or record["shared_bytes"] > record["shared_limit"]:
+            continue  # needs masks, or the GPU would refuse the launch
         config = Config(v["block_m"], v["block_n"], v["block_k"])
         for split in useful_splits(shape.m, shape.n, shape.k, config):
             estimate = gemm_estimate(shape, record, split, w_bits)
@@ -260,7 +260,9 @@ def criteria(rows: list[dict], w_bits: int) -> list[str]:
         lines.append(f"  - below 50%: {r['shape']} ({pct(r['int8_peak_s'], e['gemm_s'])}, {e['bound']}-bound; its "
                      f"HBM floor allows at most {pct(r['int8_peak_s'], max(r['int8_peak_s'], e['hbm_floor_s']))})")
     for r in slower:
-        lines.append(f"  - not faster than fp16 peak: {r['shape']}")
+        e = r[f"w{w_bits}"]
+        lines.append(f"  - not faster than fp16 peak: {r['shape']} ({us(e['gemm_s'])} us against {us(r['fp16_peak_s'])}; "
+                     f"no fp16 kernel beats its roofline, {us(r['fp16_roofline_s'])} us)")
     return lines
 
 

@@ -51,8 +51,9 @@ INTERPRETER_CONFIG = Config(64, 64, 64, group_m=4, num_warps=1, num_stages=1)
 LARGE_TILE = Config(128, 128, 128, num_warps=8, num_stages=4)
 SMALL_TILE = Config(64, 64, 128, num_warps=4, num_stages=4)
 
-# Block shapes only: BLOCK_K is narrowed per shape to divide K (or a conv's channel count C), and
-# split-K variants are added where the grid is small (candidates_for).
+# Block shapes only: each is also tried with BLOCK_K = 256 (K_WIDENINGS), BLOCK_K is narrowed per
+# shape to divide K (or a conv's channel count C), and split-K variants are added where the grid
+# is small (candidates_for).
 TILES = (
     LARGE_TILE,
     SMALL_TILE,
@@ -63,6 +64,10 @@ TILES = (
     Config(64, 256, 128, num_warps=8, num_stages=3),
 )
 SPLITS = (1, 2, 3, 4, 6, 8)
+# Wider K-steps halve the loop's fixed cost (barriers, stage counters, the MMA wait) per value of K,
+# which matters most for packed weights, whose unpack makes each step longer. Where the stages no
+# longer fit in shared memory the GPU refuses the launch and tuning skips the config.
+K_WIDENINGS = (1, 2)
 
 # One wave of CTAs on an H100 (132 SMs); below it, SMs sit idle unless K is split.
 FULL_GRID = 132
@@ -122,14 +127,16 @@ def wave_time(m: int, n: int, k: int, config: Config, split: int) -> float:
 
 
 def candidates_for(m: int, n: int, k: int, channels: int, w_bits: int) -> list[Config]:
-    """Every tile of TILES with BLOCK_K fitted to the channels, with each useful split of K."""
+    """Every tile of TILES, at each of K_WIDENINGS, with BLOCK_K fitted to the channels, with each
+    useful split of K."""
     found = []
     for tile in TILES:
-        fitted = replace(tile, block_k=fitting_block_k(tile.block_k, channels))
-        if not fits_in_registers(channels, fitted, w_bits):
-            continue
-        for split in useful_splits(m, n, k, fitted):
-            found.append(replace(fitted, split_k=split))
+        for widening in K_WIDENINGS:
+            fitted = replace(tile, block_k=fitting_block_k(tile.block_k * widening, channels))
+            if not fits_in_registers(channels, fitted, w_bits):
+                continue
+            for split in useful_splits(m, n, k, fitted):
+                found.append(replace(fitted, split_k=split))
     return list(dict.fromkeys(found))
 
 

@@ -511,6 +511,8 @@ def test_default_configs_fill_the_gpu_and_need_no_masks():
 def test_candidates_fit_block_k_and_offer_splits_only_for_small_grids():
     small = autotune.candidates_for(256, 1280, 11520, 1280, 8)
     assert all(1280 % c.block_k == 0 for c in small) and any(c.split_k > 1 for c in small)
+    assert {c.block_k for c in small} == {128, 256}  # each tile also with a K-step twice as wide
+    assert {c.block_k for c in autotune.candidates_for(1024, 640, 640, 640, 4)} == {128}  # 256 does not divide 640
     assert all(c.split_k == 1 for c in autotune.candidates_for(4096, 5120, 640, 640, 4))
     assert all(960 % c.block_k == 0 for c in autotune.candidates_for(1024, 640, 8640, 960, 8))
     # 2-bit weights on 320 channels take the masked loop: only tiles whose gather fits registers.
