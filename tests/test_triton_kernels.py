@@ -143,11 +143,11 @@ def expected_accumulator(x, layer, k):
 # are at least 32 wide for every weight width. A split of its 4 K-tiles into 3 leaves the last
 # program an empty slice, which must add nothing.
 EVEN_SPLITS = [Config(32, 16, 128, group_m=2, split_k=1), Config(32, 16, 128, group_m=2, split_k=3),
-               Config(16, 32, 128, group_m=1, split_k=2)]
+               Config(16, 32, 128, group_m=1, split_k=2), Config(16, 32, 256, group_m=1, split_k=1)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", EVEN_SPLITS, ids=["even", "even-split3", "even-split2"])
+@pytest.mark.parametrize("config", EVEN_SPLITS, ids=["even", "even-split3", "even-split2", "even-k256"])
 @pytest.mark.parametrize("w_bits", [8, 4, 2])
 def test_linear_even_k_and_split_k_match_reference(device, config, w_bits):
     g = torch.Generator().manual_seed(w_bits)
@@ -228,10 +228,11 @@ def test_conv2d_matches_reference(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("w_bits, split_k, channels_last", [(8, 1, True), (4, 2, False), (2, 5, True)])
-def test_conv2d_even_channels_and_split_k_match_reference(device, stride, w_bits, split_k, channels_last):
-    """256 channels = 2 blocks of 128: the unmasked flattened (tap, channel) loop over 18 K-tiles,
-    its packed-weight lanes, and splits of it that cut taps apart."""
+@pytest.mark.parametrize("w_bits, split_k, channels_last, block_k",
+                         [(8, 1, True, 128), (4, 2, False, 128), (2, 5, True, 128), (4, 1, True, 256)])
+def test_conv2d_even_channels_and_split_k_match_reference(device, stride, w_bits, split_k, channels_last, block_k):
+    """256 channels = 2 blocks of 128 (or one of 256): the unmasked flattened (tap, channel) loop
+    over 18 K-tiles, its packed-weight lanes, and splits of it that cut taps apart."""
     g = torch.Generator().manual_seed(stride * 10 + w_bits)
     b, c, h, w, n = 2, 256, 6, 5, 24
     x = activations((b, c, h, w), torch.float16, device, g)
@@ -240,7 +241,7 @@ def test_conv2d_even_channels_and_split_k_match_reference(device, stride, w_bits
     layer = quantized_layer(conv_weight_as_matrix(torch.randn(n, c, 3, 3, generator=g)), x, w_bits, 8, True,
                             torch.float16)
     geometry = dict(kernel_size=(3, 3), stride=(stride, stride), padding=(1, 1))
-    config = Config(32, 16, 128, group_m=2, split_k=split_k)
+    config = Config(32, 16, block_k, group_m=2, split_k=split_k)
     assert triton_gemm.unmasked_loop(c, config, w_bits)
 
     y = triton_conv.conv2d(x, **layer, **geometry, config=config)
