@@ -245,8 +245,8 @@ def variant_of(kernel: str, config, w_bits: int, dtype: str, target: str) -> Var
 
 def ci_variants() -> list[Variant]:
     """The default configs (large and small tile), every weight width, linear and 3x3 conv, both
-    targets; one split-K and one bfloat16 variant per target."""
-    from mixq.kernels.autotune import LARGE_TILE, SMALL_TILE
+    targets; one split-K and one bfloat16 variant, and the large tile's 256 K-step, per target."""
+    from mixq.kernels.autotune import LARGE_TILE, SMALL_TILE, widened
 
     found = []
     for target in TARGETS:
@@ -256,24 +256,28 @@ def ci_variants() -> list[Variant]:
                     found.append(variant_of(kernel, tile, w_bits, "float16", target))
         found.append(variant_of("linear", replace(SMALL_TILE, split_k=4), 4, "float16", target))
         found.append(variant_of("conv3x3s2", LARGE_TILE, 8, "bfloat16", target))
+        for w_bits in (8, 4, 2):  # the large tile with a 256-wide K-step, as autotuning offers it
+            found.append(variant_of("linear", widened(LARGE_TILE, 2), w_bits, "float16", target))
     return found
 
 
 def full_variants() -> list[Variant]:
-    """Every candidate tile, with BLOCK_K 256, 128 and 64, every kernel and weight width, both targets,
-    fp16; bf16 and split-K for the default tiles. Tiles that autotuning never offers for a weight
-    width (autotune.fits_in_registers, at the representative shape's 1280 channels) are left out."""
-    from mixq.kernels.autotune import LARGE_TILE, SMALL_TILE, TILES, fits_in_registers
+    """Every candidate tile as autotuning offers it (also widened to a 256 K-step) and narrowed to
+    BLOCK_K 64, every kernel and weight width, both targets, fp16; bf16 and split-K for the default
+    tiles. Tiles that autotuning never offers for a weight width (autotune.fits_in_registers, at the
+    representative shape's 1280 channels) are left out."""
+    from mixq.kernels.autotune import K_WIDENINGS, LARGE_TILE, SMALL_TILE, TILES, fits_in_registers, widened
 
     found = []
     for target in TARGETS:
         for tile in TILES:
-            for block_k in (256, 128, 64):
+            configs = [widened(tile, widening) for widening in K_WIDENINGS] + [replace(tile, block_k=64)]
+            for config in configs:
                 for w_bits in (8, 4, 2):
-                    if not fits_in_registers(1280, replace(tile, block_k=block_k), w_bits):
+                    if not fits_in_registers(1280, config, w_bits):
                         continue
                     for kernel in KERNELS:
-                        found.append(variant_of(kernel, replace(tile, block_k=block_k), w_bits, "float16", target))
+                        found.append(variant_of(kernel, config, w_bits, "float16", target))
         for tile in (LARGE_TILE, SMALL_TILE):
             for w_bits in (8, 4, 2):
                 found.append(variant_of("linear", tile, w_bits, "bfloat16", target))

@@ -64,15 +64,21 @@ TILES = (
     Config(64, 256, 128, num_warps=8, num_stages=3),
 )
 SPLITS = (1, 2, 3, 4, 6, 8)
-# Wider K-steps halve the loop's fixed cost (barriers, stage counters, the MMA wait) per value of K,
-# which matters most for packed weights, whose unpack makes each step longer. Where the stages no
-# longer fit in shared memory the GPU refuses the launch and tuning skips the config.
+# Wider K-steps halve the loop's fixed cost (barriers, stage counters, the MMA wait) per value of K.
+# Where the stages no longer fit in shared memory the GPU refuses the launch and tuning skips it.
 K_WIDENINGS = (1, 2)
 
 # One wave of CTAs on an H100 (132 SMs); below it, SMs sit idle unless K is split.
 FULL_GRID = 132
 # A split K must leave each program a few K-steps, or the pipeline never fills.
 MIN_K_STEPS_PER_SPLIT = 4
+
+
+def widened(tile: Config, widening: int) -> Config:
+    """tile with a K-step `widening` times as wide and one pipeline stage fewer per doubling (at
+    least 2), which keeps its shared memory near the original's."""
+    return replace(tile, block_k=tile.block_k * widening,
+                   num_stages=max(2, tile.num_stages - (widening.bit_length() - 1)))
 
 
 def tiles(m: int, n: int, config: Config) -> int:
@@ -132,7 +138,8 @@ def candidates_for(m: int, n: int, k: int, channels: int, w_bits: int) -> list[C
     found = []
     for tile in TILES:
         for widening in K_WIDENINGS:
-            fitted = replace(tile, block_k=fitting_block_k(tile.block_k * widening, channels))
+            wide = widened(tile, widening)
+            fitted = replace(wide, block_k=fitting_block_k(wide.block_k, channels))
             if not fits_in_registers(channels, fitted, w_bits):
                 continue
             for split in useful_splits(m, n, k, fitted):
