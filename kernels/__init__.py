@@ -17,10 +17,11 @@ torch backend can serve as the exact oracle for the others:
 - The math, identical in every backend: acc = sum_k q_x[m, k] * q_w[n, k] in int32, then
   y = float32(acc - x_zero * w_sum[n]) * (x_scale * w_scale[n]) + bias[n], cast to x's dtype.
   Padded conv borders hold the real zero of the input, whose code is exactly x_zero.
-- input_key: (a_bits, x_scale, x_zero) as Python numbers, or None. Two calls in a row on the same
-  input tensor (same storage, view and version) with equal keys may share one quantize pass: the
-  Triton backend does (attention's to_q / to_k / to_v read one tensor). The key must match the
-  tensors; QuantizedLayer.input_key guarantees it.
+- input_key: None, or a function of no arguments that returns (a_bits, x_scale, x_zero) as Python
+  numbers, or None. Two calls in a row on the same input tensor (same storage, view and version)
+  with equal keys may share one quantize pass: the Triton backend does (attention's to_q / to_k /
+  to_v read one tensor); the others never call it. The key must match the tensors;
+  QuantizedLayer.input_key guarantees it.
 
 Backend: MIXQ_BACKEND=auto|torch|triton|onednn, read at each call. auto = triton on CUDA, onednn on
 an x86 CPU (oneDNN int8 kernels, kernels/onednn.py), torch elsewhere. A backend that cannot run a call

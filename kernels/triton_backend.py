@@ -75,7 +75,7 @@ def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
         return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
     check_weight_width(qweight, w_bits, k)
     y = triton_gemm.linear(x.reshape(-1, k), qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
-                           input_key=input_key)
+                           input_key=resolved(input_key))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -91,7 +91,12 @@ def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
         warn_fallback(reason)
         return reference.quantized_conv2d(*args)
     check_weight_width(qweight, w_bits, kernel_size[0] * kernel_size[1] * x.shape[1])
-    return triton_conv.conv2d(*args, input_key=input_key)
+    return triton_conv.conv2d(*args, input_key=resolved(input_key))
+
+
+def resolved(input_key):
+    """kernels' input_key argument (None or a function) as the key itself."""
+    return None if input_key is None else input_key()
 
 
 def conv_output_elements(x, n, kernel_size, stride, padding) -> int:

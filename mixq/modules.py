@@ -19,6 +19,7 @@ dequantized weights instead ("float").
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -238,7 +239,7 @@ class QuantizedLayer(nn.Module):
             xp = x if len(self.part_sizes) == 1 else x.narrow(1 if x.dim() == 4 else -1, start, size)
             yp = run_kernel(
                 xp, getattr(self, f"qweight_{p}"), getattr(self, f"w_sum_{p}"),
-                self.x_scale[p], self.x_zero[p], self.bias if p == 0 else None, self.input_key(p),
+                self.x_scale[p], self.x_zero[p], self.bias if p == 0 else None, functools.partial(self.input_key, p),
             )
             y = yp if y is None else y + yp
             start += size
