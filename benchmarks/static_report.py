@@ -12,7 +12,9 @@ This is an ESTIMATE, not a measurement. The model, per layer (M, N, K) and kerne
   dense peak, 1979 TOP/s = 132 SMs x 8192 ops x 1.83 GHz);
 - programs are spread over 132 SMs in whole waves: compute time = ceil(programs / 132) *
   max(issue, tensor) / 1.83 GHz (perfect overlap of issue and tensor work, and no latency stalls:
-  an optimistic bound, which the MMA drains counted by the gate can only lengthen);
+  an optimistic bound, which the MMA drains counted by the gate can only lengthen: Triton's
+  pipeliner keeps only wgmma with an fp32 accumulator in flight across loop iterations, so every
+  int8 K-step ends waiting for its own MMAs, and only the other warpgroups on the SM hide that);
 - memory time: (int8 codes of the input + packed weights + fp16 output + split-K partials) /
   3.35 TB/s, every byte from HBM once (re-reads of tiles and conv taps assumed to hit L2; the
   int32 partial buffer of a split K, at most 5 MB here against H100's 50 MB L2, is written back
