@@ -25,6 +25,7 @@ import triton.language as tl
 from .autotune import Config, device_tag
 from .reference import is_channels_last
 from .triton_gemm import (
+    CARRIED_POINTERS,
     INTERPRETED,
     OutputLayout,
     choose_config,
@@ -66,13 +67,19 @@ def _conv2d_kernel(
     PER_BYTE: tl.constexpr = 8 // W_BITS
     LANE_K: tl.constexpr = BLOCK_K // PER_BYTE
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)  # transposed: weights first, as in the GEMM
+    # With EVEN_K, K-tile kt starts at reduction index kt * BLOCK_K, so the weights advance linearly.
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (first * LANE_K + tl.arange(0, LANE_K))[None, :]
     for kt in range(first, last):
         tap = kt // c_tiles
         c0 = (kt - tap * c_tiles) * BLOCK_K
         tap_ptrs = a_rows_ptr + ((tap // KW) * padded_w + tap % KW) * C + c0
         if EVEN_K:
-            k0 = tap * C + c0
-            packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
+            if CARRIED_POINTERS[W_BITS]:
+                packed = tl.load(w_ptrs)
+                w_ptrs += LANE_K
+            else:
+                k0 = tap * C + c0
+                packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :])
             acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t)
         else:

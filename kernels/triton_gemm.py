@@ -68,6 +68,12 @@ INTERPRETED = _is_interpreted(_probe)
 # run PTX, evaluates the same bit operations per byte.
 UNPACK_WITH_PTX = tl.constexpr(not INTERPRETED)
 DIGITS = tl.constexpr(tuple(str(d) for d in range(8)))
+# By W_BITS: whether the unmasked main loops carry their load pointers from one K-step to the next
+# (+= BLOCK_K) rather than recompute them from the K-step's offset: whichever ptxas compiles shorter,
+# measured with benchmarks/sass_gate.py on sm_90. Carried pointers make the packed-weight loops 5-13
+# instructions per K-step shorter (linear) and 5-17 (conv, bar its 128x64 tile: 11 longer), and the
+# int8 loops 10-18 longer.
+CARRIED_POINTERS = tl.constexpr((None, None, True, None, True, None, None, None, False))
 # By W_BITS: the top bit of each field, and the top field of each byte, of a 32-bit word.
 FIELD_SIGN_BITS = tl.constexpr((None, None, "0xAAAAAAAA", None, "0x88888888"))
 TOP_FIELD_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))
@@ -252,11 +258,18 @@ def _linear_kernel(
     a_rows_ptr = a_ptr + a_rows[:, None] * stride_am
     # Weights first: the MMA reads them from registers, right after the unpack (module docstring).
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    a_ptrs = a_rows_ptr + (first * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + (first * LANE_K + tl.arange(0, LANE_K))[None, :]
     for kt in range(first, last):
         k0 = kt * BLOCK_K
         if EVEN_K:
-            packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
-            a = tl.load(a_rows_ptr + (k0 + tl.arange(0, BLOCK_K))[None, :])
+            if CARRIED_POINTERS[W_BITS]:
+                packed, a = tl.load(w_ptrs), tl.load(a_ptrs)
+                w_ptrs += LANE_K
+                a_ptrs += BLOCK_K
+            else:
+                packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
+                a = tl.load(a_rows_ptr + (k0 + tl.arange(0, BLOCK_K))[None, :])
             acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
