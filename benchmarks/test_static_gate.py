@@ -22,17 +22,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Executed SASS instructions of the main loop per 128 values of K, by target and weight bits, with headroom
-# over what the kernels compile to today (sm_90: 85 / 110 / 108 for linear w8 / w4 / w2 at
-# 128x128x128, 8 warps; the 3x3 conv adds ~30 for its tap addressing; sm_80: 143 / 252 / 246).
+# over what the kernels compile to today (sm_90: 85 / 102 / 104 for linear w8 / w4 / w2 at
+# 128x128x128, 8 warps; the 3x3 conv adds ~30 for its tap addressing; sm_80: 143 / 222 / 230).
 # The issue's target for w8 at 128x128x128 / 8 warps on sm_90 is 300.
 INSTRUCTION_BUDGET = {
-    ("sm_90", 8): 150, ("sm_90", 4): 180, ("sm_90", 2): 180,
-    ("sm_80", 8): 220, ("sm_80", 4): 340, ("sm_80", 2): 340,
+    ("sm_90", 8): 150, ("sm_90", 4): 170, ("sm_90", 2): 170,
+    ("sm_80", 8): 220, ("sm_80", 4): 300, ("sm_80", 2): 300,
 }
-# Packed weights against int8 ones, same kernel and tile, sm_90: linear 1.29x / 1.27x, conv
-# 1.19x / 1.16x today at 128x128x128 (the unpack: one xor per 4 packed bytes, then a shift and a
-# mask per lane, ~25 instructions per K-step); the issue asks 1.25x.
-PACKED_RATIO_BUDGET = 1.4
+# Packed weights against int8 ones, same kernel and tile, sm_90: linear 1.20x / 1.22x, conv
+# 1.13x / 1.13x today at 128x128x128, linear 1.24x / 1.25x at 64x64x128 (the unpack: per 4 packed bytes, an
+# and for the top lane and a shift and an and for each other lane). The issue asks 1.25x; the budget
+# leaves ptxas's scheduling a few instructions of room.
+PACKED_RATIO_BUDGET = 1.3
 W8_TARGET = 300
 
 

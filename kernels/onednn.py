@@ -181,14 +181,11 @@ def unpack_lane_major(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = values_per_byte(bits)
     n, width = packed.shape
     lanes = scratch_bytes(n * per_byte * width).view(n, per_byte, width)
-    mask = (1 << bits) - 1
-    for lane in range(per_byte):
-        torch.bitwise_right_shift(packed, lane * bits, out=lanes[:, lane])
-        if lane < per_byte - 1:  # the top lane has nothing above it
-            lanes[:, lane].bitwise_and_(mask)
-    # Offset-binary -> signed: uint8 subtraction wraps to the two's-complement byte.
-    lanes.sub_(2 ** (bits - 1))
-    return lanes.view(torch.int8).view(n, per_byte * width)
+    for lane in range(per_byte):  # each field to the top of its byte (uint8 shifts drop the bits above)
+        torch.bitwise_left_shift(packed, 8 - bits * (lane + 1), out=lanes[:, lane])
+    signed = lanes.view(torch.int8)
+    signed.bitwise_right_shift_(8 - bits)  # arithmetic on int8: sign extension
+    return signed.view(n, per_byte * width)
 
 
 def lane_major(q: torch.Tensor, per_byte: int) -> torch.Tensor:

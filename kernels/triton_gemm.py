@@ -9,7 +9,7 @@ codes and packed weights and issues int8 tensor-core MMAs.
 - EVEN_K (K a multiple of BLOCK_K, true of every SDXL layer): no masks in the main loop. Packed
   weights are loaded as one [BLOCK_N, BLOCK_K / per_byte] byte tile per K-step, a software-pipeline
   stage like any other load. Each of the per_byte lanes of that tile (the low nibbles, the high
-  nibbles, ...) becomes int8 with two SIMD bit operations per 4 bytes; the lanes, side by side
+  nibbles, ...) becomes int8 with at most two SIMD bit operations per 4 bytes; the lanes, side by side
   along K, make one [BLOCK_N, BLOCK_K] operand for one MMA per K-step. The activation block
   matches because the quantize pass stored it lane-major within each BLOCK_K block. No
   shuffles: the dot product does not care about K order.
@@ -74,26 +74,14 @@ DIGITS = tl.constexpr(tuple(str(d) for d in range(8)))
 # instructions per K-step shorter (linear) and 5-17 (conv, bar its 128x64 tile: 11 longer), and the
 # int8 loops 10-18 longer.
 CARRIED_POINTERS = tl.constexpr((None, None, True, None, True, None, None, None, False))
-# By W_BITS: the top bit of each field, and the top field of each byte, of a 32-bit word.
-FIELD_SIGN_BITS = tl.constexpr((None, None, "0xAAAAAAAA", None, "0x88888888"))
+# By W_BITS: the top field of each byte of a 32-bit word.
 TOP_FIELD_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))
 
 
 @triton.jit
-def twos_complement_fields(packed, W_BITS: tl.constexpr):
-    """Every W_BITS-bit field of the packed bytes from offset-binary (w + 2^(W_BITS - 1)) to two's
-    complement w: its top bit flipped, for all fields of 4 bytes at once."""
-    if UNPACK_WITH_PTX:
-        fields = tl.inline_asm_elementwise("xor.b32 $0, $1, " + FIELD_SIGN_BITS[W_BITS] + ";", "=r,r", [packed],
-                                           dtype=tl.uint8, is_pure=True, pack=4)
-    else:
-        fields = packed ^ (1 << (W_BITS - 1)) * (0xFF // ((1 << W_BITS) - 1))  # 0x88 / 0xAA
-    return fields
-
-
-@triton.jit
-def weight_lane(fields, LANE: tl.constexpr, W_BITS: tl.constexpr):
-    """Lane LANE of every byte of two's-complement fields as the int8 w * 2^(8 - W_BITS).
+def weight_lane(packed, LANE: tl.constexpr, W_BITS: tl.constexpr):
+    """Lane LANE of every packed byte (two's-complement fields, mixq.quantizers) as the int8
+    w * 2^(8 - W_BITS).
 
     The field is shifted to the top of its byte and the bits below it are cleared, one byte at a
     time, so on 32-bit registers 4 bytes at a time, with one immediate per instruction (a second
@@ -105,13 +93,13 @@ def weight_lane(fields, LANE: tl.constexpr, W_BITS: tl.constexpr):
     if UNPACK_WITH_PTX:
         if SHIFT == 0:
             w = tl.inline_asm_elementwise("and.b32 $0, $1, " + TOP_FIELD_MASK[W_BITS] + ";", "=r,r",
-                                          [fields], dtype=tl.int8, is_pure=True, pack=4)
+                                          [packed], dtype=tl.int8, is_pure=True, pack=4)
         else:
             w = tl.inline_asm_elementwise(
                 "{ .reg .b32 t; shl.b32 t, $1, " + DIGITS[SHIFT] + "; and.b32 $0, t, " + TOP_FIELD_MASK[W_BITS]
-                + "; }", "=r,r", [fields], dtype=tl.int8, is_pure=True, pack=4)
+                + "; }", "=r,r", [packed], dtype=tl.int8, is_pure=True, pack=4)
     else:
-        w = ((fields << SHIFT) & ((0xFF << (8 - W_BITS)) & 0xFF)).to(tl.int8, bitcast=True)
+        w = ((packed << SHIFT) & ((0xFF << (8 - W_BITS)) & 0xFF)).to(tl.int8, bitcast=True)
     return w
 
 
@@ -125,13 +113,11 @@ def unpacked_lanes(packed, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
     if W_BITS == 8:
         w = packed
     elif W_BITS == 4:
-        fields = twos_complement_fields(packed, W_BITS)
-        w = tl.join(weight_lane(fields, 0, W_BITS), weight_lane(fields, 1, W_BITS))
+        w = tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS))
         w = tl.permute(w, (0, 2, 1)).reshape(BLOCK_N, BLOCK_K)
     else:
-        fields = twos_complement_fields(packed, W_BITS)
-        w = tl.join(tl.join(weight_lane(fields, 0, W_BITS), weight_lane(fields, 1, W_BITS)),
-                    tl.join(weight_lane(fields, 2, W_BITS), weight_lane(fields, 3, W_BITS)))
+        w = tl.join(tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS)),
+                    tl.join(weight_lane(packed, 2, W_BITS), weight_lane(packed, 3, W_BITS)))
         w = tl.permute(w, (0, 3, 2, 1)).reshape(BLOCK_N, BLOCK_K)
     return w
 
@@ -150,7 +136,8 @@ def gather_weights(w_ptr, w_rows, stride_wn, k0, k_end, W_BITS: tl.constexpr, BL
     else:
         # Byte-wide arithmetic: int32 temporaries for a [BLOCK_N, BLOCK_K] tile would spill.
         shift = ((offs_k % PER_BYTE) * W_BITS).to(tl.uint8)[None, :]
-        w = ((packed >> shift) & ((1 << W_BITS) - 1)).to(tl.int8) - (1 << (W_BITS - 1))
+        HALF: tl.constexpr = 1 << (W_BITS - 1)
+        w = (((packed >> shift) & ((1 << W_BITS) - 1)) ^ HALF).to(tl.int8) - HALF  # sign-extended field
         w = tl.where(k_valid, w, 0).to(tl.int8)
     return w
 

@@ -44,7 +44,9 @@ Saving is atomic as a whole. The tensor file is named by the first hex digits of
 manifest, which names it, is written last with one rename: until that rename the old manifest and its
 tensor file are untouched, after it the new pair is complete. The old tensor file and temporaries of
 interrupted saves are removed after the switch (and by the next save, if the process dies first).
-Format 1 checkpoints (the fixed name mixq_unet.safetensors, no name in the manifest) still load.
+Format 1 checkpoints (the fixed name mixq_unet.safetensors, no name in the manifest) still load, and
+formats 1 and 2 (offset-binary packed weights) are converted to format 3's two's-complement fields as
+they load.
 
 Format versions: FORMAT_VERSION is what this code writes. A newer version is refused with a request to
 upgrade mixq; an older one is upgraded through MIGRATIONS, one version at a time, or refused with the
@@ -72,10 +74,11 @@ from mixq.layers import find_lora_layers, find_quantized_layers, float_only_reas
 from mixq.modules import (BOS_MODES, FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer,
                           is_supported_conv)
 from mixq.plan import architecture_fingerprint
-from mixq.quantizers import ACTIVATION_BITS, FLOAT_BITS, WEIGHT_BITS
+from mixq.quantizers import ACTIVATION_BITS, FIELD_SIGN_BITS, FLOAT_BITS, WEIGHT_BITS, flip_field_sign_bits
 
 # 2: the tensor file is named by its hash (weights_file.name) and BOS-cached layers store bos_input.
-FORMAT_VERSION = 2
+# 3: packed 4/2-bit weights hold two's-complement fields (mixq.quantizers), not offset-binary ones.
+FORMAT_VERSION = 3
 MANIFEST_NAME = "mixq_manifest.json"
 WEIGHTS_STEM, WEIGHTS_SUFFIX = "mixq_unet", ".safetensors"
 WEIGHTS_NAME = WEIGHTS_STEM + WEIGHTS_SUFFIX  # the tensor file of checkpoints saved before versioned names
@@ -83,14 +86,24 @@ WEIGHTS_PATTERN = WEIGHTS_STEM + "*" + WEIGHTS_SUFFIX
 WEIGHTS_HASH_CHARS = 16  # a saved tensor file is "mixq_unet.<first 16 hex digits of its sha256>.safetensors"
 MANIFEST_HASH_KEY = "mixq_manifest_sha256"  # in the tensor file's metadata
 
-# Older format version -> a function that upgrades a manifest by one version, or a sentence that says why
-# that version cannot be read. Empty while format 1 is the only format.
+
 def _from_format_1(manifest: dict) -> dict:
     """Format 1 had the fixed tensor-file name and no stored BOS inputs (both optional on load)."""
     return {**manifest, "format_version": 2}
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {1: _from_format_1}
+# Set by a migration: the packed weights are offset-binary and are converted as they are loaded.
+OFFSET_BINARY_WEIGHTS = "offset_binary_weights"
+
+
+def _from_format_2(manifest: dict) -> dict:
+    """Formats 1 and 2 stored packed weights offset-binary: load_layer flips their fields' sign bits."""
+    return {**manifest, "format_version": 3, OFFSET_BINARY_WEIGHTS: True}
+
+
+# Older format version -> a function that upgrades a manifest by one version, or a sentence that says why
+# that version cannot be read.
+MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {1: _from_format_1, 2: _from_format_2}
 
 # A float32 save also records its base hash at these precisions (see the module docstring).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -334,7 +347,8 @@ def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | 
     check_architecture(manifest["model"], unet)
     targets = layers_to_replace(manifest["layers"], unet)
     check_base_hash(manifest["model"]["base_hash"], base_state(unet, targets))
-    replacements = build_quantized_layers(manifest["layers"], weights, targets)
+    replacements = build_quantized_layers(manifest["layers"], weights, targets,
+                                          offset_binary=manifest.get(OFFSET_BINARY_WEIGHTS, False))
     for layer in replacements.values():
         kernels.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
 
@@ -689,9 +703,10 @@ def check_base_hash(record: dict, state: dict[str, torch.Tensor]):
             "(with the same LoRA fused, if one was fused before quantizing)")
 
 
-def build_quantized_layers(entries: dict, weights_path: Path,
-                           targets: dict[str, nn.Module]) -> dict[str, QuantizedLayer]:
-    """Every layer of the checkpoint, built empty and filled from the tensor file; no float weights are made."""
+def build_quantized_layers(entries: dict, weights_path: Path, targets: dict[str, nn.Module],
+                           offset_binary: bool = False) -> dict[str, QuantizedLayer]:
+    """Every layer of the checkpoint, built empty and filled from the tensor file; no float weights are
+    made. offset_binary: packed weights stored as formats before 3 did."""
     with open_tensor_file(weights_path) as file:
         stored = set(file.keys())
         layers = {}
@@ -699,7 +714,7 @@ def build_quantized_layers(entries: dict, weights_path: Path,
             float_layer = targets[name]
             try:
                 layers[name] = load_layer(name, entry, file, stored, float_layer.weight.dtype,
-                                          float_layer.weight.device)
+                                          float_layer.weight.device, offset_binary)
             except (ValueError, TypeError, RuntimeError) as err:  # a manifest entry no layer can be built from
                 if isinstance(err, MixqError):
                     raise
@@ -713,8 +728,10 @@ def build_quantized_layers(entries: dict, weights_path: Path,
     return layers
 
 
-def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtype, device) -> QuantizedLayer:
-    """One layer: check each stored tensor against the layer as saved, then cast it to `dtype`/`device`."""
+def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtype, device,
+               offset_binary: bool = False) -> QuantizedLayer:
+    """One layer: check each stored tensor against the layer as saved, then cast it to `dtype`/`device`
+    (packed weights of an older format converted to this one's fields)."""
     as_saved = empty_quantized_layer(entry, parse_dtype(entry["dtype"]) or dtype).state_dict()
     layer = empty_quantized_layer(entry, dtype)
     if list(layer.part_sizes) != entry["part_sizes"]:
@@ -738,6 +755,8 @@ def load_layer(name: str, entry: dict, file, stored: set[str], dtype: torch.dtyp
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor {full!r} holds NaN or Inf values: the checkpoint is damaged or was made "
                                   "from a model with non-finite weights; quantize and save it again")
+        if offset_binary and key.startswith("qweight_") and layer.w_bits in FIELD_SIGN_BITS:
+            tensor = flip_field_sign_bits(tensor, layer.w_bits)
         state[key] = tensor.to(device=device, dtype=target.dtype)
     layer.load_state_dict(state, strict=True, assign=True)  # replaces the meta buffers
     return layer

@@ -79,8 +79,14 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # --- packing: 8 // bits values per byte, along the last (reduction) dimension -------------------
-# Values are stored offset-binary (q + 2^(b-1)) so that unpacking is a shift, a mask and a
-# subtraction; element k of a row sits in byte k // per_byte at bit offset (k % per_byte) * bits.
+# Each value is a b-bit two's-complement field; element k of a row sits in byte k // per_byte at bit
+# offset (k % per_byte) * bits. Unpacking shifts a field to the top of its byte and arithmetically
+# back (sign extension); the GPU kernels stop after the first shift and let the int32 accumulator
+# carry the factor 2^(8 - b). Checkpoints before format 3 stored offset-binary fields (q + 2^(b-1)),
+# which differ from these in the top bit of each field only (flip_field_sign_bits).
+
+# By bits: the top bit of every field of a byte.
+FIELD_SIGN_BITS = {4: 0x88, 2: 0xAA}
 
 
 def values_per_byte(bits: int) -> int:
@@ -92,6 +98,12 @@ def packed_width(k: int, bits: int) -> int:
     return (k + per_byte - 1) // per_byte
 
 
+def sign_extended(field: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit two's-complement fields held as 0 .. 2^b - 1 -> their signed values."""
+    half = 2 ** (bits - 1)
+    return (field ^ half) - half
+
+
 def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, K] int8 -> [N, ceil(K / (8 // bits))]; 8-bit weights stay int8, 4/2-bit become uint8."""
     if q.dim() != 2:
@@ -100,10 +112,9 @@ def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
         return q.to(torch.int8).contiguous()
     per_byte = values_per_byte(bits)
     n, k = q.shape
+    # Padding holds 0, so it never contributes to a dot product.
     padded = torch.zeros(n, packed_width(k, bits) * per_byte, dtype=torch.int32, device=q.device)
-    # Padding holds the offset value so it unpacks to 0 and never contributes to a dot product.
-    padded += 2 ** (bits - 1)
-    padded[:, :k] = q.to(torch.int32) + 2 ** (bits - 1)
+    padded[:, :k] = q.to(torch.int32) & ((1 << bits) - 1)
     lanes = padded.view(n, -1, per_byte)
     packed = torch.zeros(lanes.shape[:2], dtype=torch.int32, device=q.device)
     for lane in range(per_byte):
@@ -118,8 +129,13 @@ def unpack_weight(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     per_byte = values_per_byte(bits)
     mask = (1 << bits) - 1
     as_int = packed.to(torch.int32)
-    lanes = [((as_int >> (lane * bits)) & mask) - 2 ** (bits - 1) for lane in range(per_byte)]
+    lanes = [sign_extended((as_int >> (lane * bits)) & mask, bits) for lane in range(per_byte)]
     return torch.stack(lanes, dim=-1).flatten(1)[:, :k].to(torch.int8)
+
+
+def flip_field_sign_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Offset-binary packed fields <-> two's-complement ones (the same operation both ways)."""
+    return packed ^ FIELD_SIGN_BITS[bits]
 
 
 # --- activations -------------------------------------------------------------------------------

@@ -256,28 +256,51 @@ def test_older_format_versions_migrate_or_say_why_not(w4a8, _tiny_sdxl_master, m
     assert_same_state(loaded.unet.state_dict(), w4a8.pipe.unet.state_dict())
 
 
-def test_format_1_checkpoints_still_load(w4a8, tiny_sdxl, tmp_path):
-    """Format 1: the fixed tensor-file name, no name in the manifest, no stored BOS inputs."""
+def rewrite_as_older_format(folder: Path, version: int) -> Path:
+    """The checkpoint in `folder` as mixq wrote it in format `version` (1 or 2): packed weights
+    offset-binary; format 1 also with the fixed tensor-file name and no stored BOS inputs."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    folder = copy_checkpoint(w4a8.folder, tmp_path)
+    from mixq.quantizers import flip_field_sign_bits
+
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     path = tensor_file(folder)
-    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".bos_input")}
-    manifest["format_version"] = 1
-    del manifest["weights_file"]["name"]
+    tensors = load_file(str(path))
+    for name, entry in manifest["layers"].items():
+        if entry["w_bits"] in (2, 4):
+            for key in [k for k in tensors if k.startswith(f"{name}.qweight_")]:
+                tensors[key] = flip_field_sign_bits(tensors[key], entry["w_bits"])
+    manifest["format_version"] = version
+    new_path = path
+    if version == 1:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".bos_input")}
+        del manifest["weights_file"]["name"]
+        new_path = folder / checkpoint.WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
         metadata = {**f.metadata(), checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
     path.unlink()
-    old = folder / checkpoint.WEIGHTS_NAME
-    save_file(tensors, str(old), metadata=metadata)
-    manifest["weights_file"].update(bytes=old.stat().st_size, sha256=checkpoint.file_sha256(old))
+    save_file(tensors, str(new_path), metadata=metadata)
+    manifest["weights_file"].update(bytes=new_path.stat().st_size, sha256=checkpoint.file_sha256(new_path))
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return folder
 
+
+def test_format_1_checkpoints_still_load(w4a8, tiny_sdxl, tmp_path):
+    """Format 1: the fixed tensor-file name, no name in the manifest, no stored BOS inputs,
+    offset-binary packed weights."""
+    folder = rewrite_as_older_format(copy_checkpoint(w4a8.folder, tmp_path), 1)
     loaded = mixq.load_quantized(tiny_sdxl, folder)
     expected = {k: v for k, v in w4a8.pipe.unet.state_dict().items() if not k.endswith(".bos_input")}
     assert_same_state(loaded.unet.state_dict(), expected)
+
+
+def test_format_2_offset_binary_weights_load_as_twos_complement(w4a8, tiny_sdxl, tmp_path):
+    folder = rewrite_as_older_format(copy_checkpoint(w4a8.folder, tmp_path), 2)
+    stored = json.loads((folder / MANIFEST_NAME).read_text())
+    assert stored["format_version"] == 2 and any(e["w_bits"] == 4 for e in stored["layers"].values())
+    loaded = mixq.load_quantized(tiny_sdxl, folder)
+    assert_same_state(loaded.unet.state_dict(), w4a8.pipe.unet.state_dict())
 
 
 def test_not_a_checkpoint_is_refused(tiny_sdxl, tmp_path, monkeypatch):

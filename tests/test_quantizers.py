@@ -58,14 +58,26 @@ def test_pack_unpack_round_trip(bits, k):
     assert torch.equal(unpack_weight(packed, bits, k), q)
 
 
-def test_packing_layout_is_offset_binary_little_end_first():
-    # int4: k=0 in the low nibble, k=1 in the high nibble, stored as q + 8
+def test_packing_layout_is_twos_complement_little_end_first():
+    # int4: k=0 in the low nibble, k=1 in the high nibble, each a 4-bit two's-complement field
     packed = pack_weight(torch.tensor([[-7, 7, 0]], dtype=torch.int8), 4)
-    assert packed.tolist() == [[(-7 + 8) | ((7 + 8) << 4), 0 + 8 | (8 << 4)]]
-    # int2: four per byte, stored as q + 2; padding unpacks to 0
+    assert packed.tolist() == [[0b1001 | (0b0111 << 4), 0]]
+    # int2: four per byte; padding is 0
     packed = pack_weight(torch.tensor([[1, -1, 0, 1, -1]], dtype=torch.int8), 2)
-    assert packed.tolist() == [[3 | (1 << 2) | (2 << 4) | (3 << 6), 1 | (2 << 2) | (2 << 4) | (2 << 6)]]
+    assert packed.tolist() == [[0b01 | (0b11 << 2) | (0b00 << 4) | (0b01 << 6), 0b11]]
     assert packed.dtype == torch.uint8
+
+
+def test_flipping_field_sign_bits_converts_from_offset_binary():
+    """Checkpoints before format 3 stored q + 2^(b-1) in each field."""
+    from mixq.quantizers import flip_field_sign_bits
+
+    for bits in (2, 4):
+        q = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (5, 16), dtype=torch.int8)
+        per_byte = 8 // bits
+        offset = ((q.to(torch.int32) + 2 ** (bits - 1)).view(5, -1, per_byte)
+                  << (torch.arange(per_byte) * bits)).sum(-1).to(torch.uint8)
+        assert torch.equal(flip_field_sign_bits(offset, bits), pack_weight(q, bits))
 
 
 def test_packed_sizes_reflect_bits():
