@@ -283,11 +283,13 @@ def packed_weight_table(records: list[dict]) -> list[str]:
     def ratio(value, base):
         return "" if value is None else f"{value:.0f} ({value / base:.2f}x)"
 
-    lines = ["| kernel | tile | w8 | w4 | w2 | w8, cheapest K-step | w4, cheapest | w2, cheapest |", "|" + " --- |" * 8]
+    lines = ["| kernel | tile | w8 | w4 | w2 | w8, cheapest K-step | w4, cheapest | w2, cheapest |",
+             "|" + " --- |" * 8]
     for r in packed_weight_costs(records):
-        lines.append(f"| {r['kernel']} | {r['tile']} | {r['w8_at_128']:.0f} | {ratio(r['w4_at_128'], r['w8_at_128'])} | "
-                     f"{ratio(r['w2_at_128'], r['w8_at_128'])} | {r['w8_best']:.0f} | {ratio(r['w4_best'], r['w8_best'])} | "
-                     f"{ratio(r['w2_best'], r['w8_best'])} |")
+        cells = [r["kernel"], r["tile"], f"{r['w8_at_128']:.0f}", ratio(r["w4_at_128"], r["w8_at_128"]),
+                 ratio(r["w2_at_128"], r["w8_at_128"]), f"{r['w8_best']:.0f}", ratio(r["w4_best"], r["w8_best"]),
+                 ratio(r["w2_best"], r["w8_best"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -305,8 +307,8 @@ def criteria(rows: list[dict], w_bits: int) -> list[str]:
                      f"HBM floor allows at most {pct(r['int8_peak_s'], max(r['int8_peak_s'], e['hbm_floor_s']))})")
     for r in slower:
         e = r[f"w{w_bits}"]
-        lines.append(f"  - not faster than fp16 peak: {r['shape']} ({us(e['gemm_s'])} us against {us(r['fp16_peak_s'])}; "
-                     f"no fp16 kernel beats its roofline, {us(r['fp16_roofline_s'])} us)")
+        lines.append(f"  - not faster than fp16 peak: {r['shape']} ({us(e['gemm_s'])} us against "
+                     f"{us(r['fp16_peak_s'])}; no fp16 kernel beats its roofline, {us(r['fp16_roofline_s'])} us)")
     return lines
 
 
