@@ -32,12 +32,12 @@ OPTIONS = (
     (("--mixq-components",), dict(default=None, help="sdxl-turbo: a diffusers SDXL model folder whose text_encoder/, "
                                                      "text_encoder_2/ and vae/ config.json replace the built-in "
                                                      "SDXL 1.0 configs")),
-    (("--mixq-tokenizer",), dict(default=None, help="a CLIP tokenizer folder (default: mixq's built-in byte-level one)")),
+    (("--mixq-tokenizer",), dict(default=None, help="a CLIP tokenizer folder for tiny / sdxl-turbo (default: mixq's built-in byte-level one)")),
     (("--plan",), dict(default=None, help="mixed-precision plan YAML for the 'plan' variant "
                                           "(default: derived, see benchmarks/plans.py)")),
     (("--mixq-mode",), dict(default="eager", choices=MODES,
                             help="how every variant's UNet runs: eager, torch.compile, or captured in a CUDA graph")),
-    (("--mixq-device",), dict(default=None, help="torch device (default: cuda for sdxl-turbo, cpu for tiny)")),
+    (("--mixq-device",), dict(default=None, help="torch device (default: cuda for sdxl-turbo, cpu for tiny and proving)")),
     (("--mixq-resolution",), dict(default=None, type=int, help="image side in pixels (default: 512 / proving 64 / tiny 32)")),
     (("--mixq-steps",), dict(default=None, type=int, help="denoising steps per image, guidance 0 as SDXL-Turbo "
                                                          "(default: proving 4, others 1)")),
@@ -122,6 +122,9 @@ def bench_config(values: dict) -> BenchConfig:
         raise ValueError("--mixq-config sdxl-turbo needs --unet-config PATH (a diffusers unet/config.json)")
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device")
+    if name == "proving" and values.get("mixq_tokenizer"):
+        raise ValueError("--mixq-tokenizer applies to the tiny and sdxl-turbo configs: the proving pipeline ships "
+                         "its own tokenizer, which its text encoders were trained with")
     mode = values.get("mixq_mode") or "eager"
     if mode == "cuda-graph" and not cuda:
         raise ValueError("--mixq-mode cuda-graph needs a CUDA device")

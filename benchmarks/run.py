@@ -1,7 +1,7 @@
 """Run everything and write the report: the UNet and pipeline suites, fidelity, then the report.
 
     python -m benchmarks.run --out benchmarks/results                  # proving (offline default)
-    python -m benchmarks.run --config tiny --quick --out /tmp/bench      # random-weight tiny, seconds
+    python -m benchmarks.run --config tiny --quick --out bench-out       # random-weight tiny, seconds
     python -m benchmarks.run --config sdxl-turbo --unet-config PATH/unet/config.json \\
         --mixq-mode cuda-graph --prompts PATH/PartiPrompts.tsv --out benchmarks/results
 

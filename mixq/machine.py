@@ -34,8 +34,11 @@ def cpu_features() -> dict[str, bool]:
 
 
 def describe_cpu() -> str:
-    """'AMD EPYC 7B13, 2 cores, int8: avx512_vnni avx_vnni avx512_bf16 (no AMX)'."""
+    """'AMD EPYC 7B13, 2 cores, int8/bf16 features: avx512_vnni avx_vnni avx512_bf16 (no AMX)'; the
+    features read 'unknown' where the OS does not list them (off Linux)."""
     features = cpu_features()
+    if not features:
+        return f"{cpu_model()}, {os.cpu_count()} cores, int8/bf16 features: unknown"
     have = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx512_bf16") if features.get(f)]
-    amx = "" if features.get("amx_int8") or not features else " (no AMX)"
+    amx = "" if features.get("amx_int8") else " (no AMX)"
     return f"{cpu_model()}, {os.cpu_count()} cores, int8/bf16 features: {' '.join(have) or 'none'}{amx}"

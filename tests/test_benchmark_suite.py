@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 REPORT_SECTIONS = ("## Setup", "## Latency: UNet step", "## Latency: Whole pipeline, per image", "## Memory",
                    "## Fidelity against the floating-point pipeline", "## Command and environment")
@@ -41,3 +43,14 @@ def test_tiny_suite_runs_end_to_end_and_reports(tmp_path):
     fidelity = json.loads((results / "fidelity.json").read_text())
     assert set(fidelity["variants"]) >= {"w8a8", "w4a8", "plan"}
     assert "python -m benchmarks.run --config tiny --quick" in report
+
+
+def test_bench_config_refuses_options_that_do_not_apply():
+    from benchmarks.config import bench_config
+
+    assert bench_config({}).name == "proving" and bench_config({}).resolution == 64
+    with pytest.raises(ValueError, match="proving pipeline ships its own tokenizer"):
+        bench_config({"mixq_tokenizer": "some/folder"})
+    assert bench_config({"mixq_config": "tiny", "mixq_tokenizer": "some/folder"}).tokenizer == "some/folder"
+    with pytest.raises(ValueError, match="needs --unet-config"):
+        bench_config({"mixq_config": "sdxl-turbo", "mixq_device": "cpu"})
