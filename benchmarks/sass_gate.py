@@ -12,7 +12,8 @@ into triton.compile. For each cubin we record:
 - shared memory (Triton's dynamic allocation),
 - SASS instructions per K-step of the main loop: the loop is the backward branch whose body
   holds the tensor-core MMAs; Triton's pipeliner does not unroll it, so one pass is one K-step.
-  The body has no inner branches in these kernels, so the static count is the executed count.
+  The body has no inner branches in these kernels, so the static count is the executed count;
+- the instructions of the activation-quantization kernel the launcher runs first (per tile).
 
     python -m benchmarks.sass_gate [--full] [--jobs 2] --out results.json [--only w_bits=2 block_k=64]
 
@@ -220,6 +221,18 @@ def analyse(compiled, variant: Variant) -> dict:
     )
 
 
+def quantize_pass_cost(compiled, kwargs: dict) -> dict:
+    """The quantize kernel is straight-line code, one tile per program: its static instruction count
+    (the division's rarely taken slow paths included, so an upper bound) is what a thread executes."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    instructions, _ = parse_sass(sass)
+    return dict(instructions=len(instructions), num_warps=kwargs["num_warps"],
+                elements_per_program=kwargs["BLOCK_P"] * kwargs["BLOCK_C"])
+
+
 def measure(variant: Variant) -> dict:
     """Compile one variant's GEMM/conv kernel (and check its quantize/epilogue kernels compile)."""
     record = dict(variant=asdict(variant), config=variant.config_name())
@@ -229,7 +242,9 @@ def measure(variant: Variant) -> dict:
         helpers = [c for c in launches if c not in main]
         record.update(analyse(compile_launch(*main[0], variant.target), variant))
         for kernel, args, kwargs in helpers:
-            compile_launch(kernel, args, kwargs, variant.target)
+            compiled = compile_launch(kernel, args, kwargs, variant.target)
+            if kernel.__name__ == "_quantize_kernel":
+                record["quantize"] = quantize_pass_cost(compiled, kwargs)
     except Exception as error:  # a variant that does not compile is a result, reported by the gate
         record.update(compiled=False, error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
     return record

@@ -24,8 +24,10 @@ This is an ESTIMATE, not a measurement. The model, per layer (M, N, K) and kerne
 - "other instructions" are the kernel's static SASS outside the main loop, all counted as executed
   (some are branches not taken), so the fixed cost per program is overestimated;
 - GEMM time = max(compute, memory); the quantize pass that makes the codes (read fp16, write
-  int8) is added at HBM bandwidth, in separate columns: the input was usually just written by the
-  previous op and may still sit in L2, so it is a pessimistic addition. In the UNet totals a layer
+  int8) is added at HBM bandwidth, or at the compiled quantize kernel's issue rate where that is
+  slower (its static instruction count, slow paths of the division included), in separate
+  columns: the input was usually just written by the previous op and may still sit in L2, so it
+  is a pessimistic addition. In the UNet totals a layer
   that reads the tensor the layer before it read (self-attention's to_k and to_v, cross-attention's
   to_v: shared_input in the shapes CSV) reuses those codes and adds no pass, as the Triton backend
   does when the activation parameters are equal (uniform A8 here; a mixed plan may differ).
@@ -125,8 +127,17 @@ def input_pixels(shape: Shape) -> int:
     return shape.m * shape.stride * shape.stride if shape.kind == "conv" else shape.m
 
 
-def quantize_pass_s(shape: Shape, gpu: Gpu = H100) -> float:
-    return input_pixels(shape) * shape.channels * 3 / gpu.hbm_bytes  # fp16 in, int8 out
+def quantize_pass_s(shape: Shape, record: dict | None = None, gpu: Gpu = H100) -> float:
+    """Read fp16, write int8 codes, at HBM bandwidth; or longer, where the compiled quantize kernel
+    (record["quantize"], from the gate) issues more instructions than that time allows."""
+    elements = input_pixels(shape) * shape.channels
+    memory_s = elements * 3 / gpu.hbm_bytes
+    if record is None or "quantize" not in record:
+        return memory_s
+    q = record["quantize"]
+    warp_instructions = math.ceil(elements / q["elements_per_program"]) * q["num_warps"] * q["instructions"]
+    issue_s = warp_instructions / (gpu.sms * gpu.warp_instructions_per_clock_per_sm * gpu.clock_hz)
+    return max(memory_s, issue_s)
 
 
 def hbm_floor_s(shape: Shape, w_bits: int, gpu: Gpu = H100) -> float:
@@ -150,7 +161,8 @@ def gemm_estimate(shape: Shape, record: dict, split: int, w_bits: int, gpu: Gpu 
     gemm_s = max(compute_s, memory_s)
     bound = "memory" if memory_s >= compute_s else ("issue" if issue > tensor else "tensor")
     return dict(config=f"{record['config'].split(' split')[0]}{f' split{split}' if split > 1 else ''}",
-                gemm_s=gemm_s, bound=bound, programs=programs, instructions_per_k_step=per_step)
+                gemm_s=gemm_s, bound=bound, programs=programs, instructions_per_k_step=per_step,
+                quantize_s=quantize_pass_s(shape, record, gpu))
 
 
 def best_estimate(shape: Shape, w_bits: int, records: list[dict], target: str = "sm_90") -> dict | None:
@@ -181,7 +193,7 @@ def layer_rows(shapes: list[Shape], records: list[dict], bits=(8, 4)) -> list[di
                    m=shape.m, n=shape.n, k=shape.k,
                    kind=shape.kind, kept_in_float=shape.kept_in_float, ops=shape.ops(),
                    int8_peak_s=shape.ops() / H100.int8_ops, fp16_peak_s=shape.ops() / H100.fp16_flops,
-                   fp16_roofline_s=fp16_roofline_s(shape), quantize_s=quantize_pass_s(shape))
+                   fp16_roofline_s=fp16_roofline_s(shape))
         for w_bits in bits:
             estimate = None if shape.kept_in_float else best_estimate(shape, w_bits, records)
             if estimate:
@@ -197,7 +209,8 @@ def unet_totals(rows: list[dict], bits=(8, 4)) -> dict:
     for w_bits in bits:
         gemm = sum(r["count"] * (r[f"w{w_bits}"]["gemm_s"] if f"w{w_bits}" in r else r["fp16_roofline_s"])
                    for r in rows)
-        quantize = sum((r["count"] - r["shared_input"]) * r["quantize_s"] for r in rows if f"w{w_bits}" in r)
+        quantize = sum((r["count"] - r["shared_input"]) * r[f"w{w_bits}"]["quantize_s"] for r in rows
+                       if f"w{w_bits}" in r)
         totals[f"W{w_bits}A8 kernels"] = gemm
         totals[f"W{w_bits}A8 kernels + quantize passes"] = gemm + quantize
     return totals
@@ -225,7 +238,7 @@ def shape_table(rows: list[dict], w_bits: int) -> list[str]:
             lines.append(f"| {r['shape']} | {r['count']} | {note} | | | | | | | {us(r['int8_peak_s'])} | "
                          f"{us(r['fp16_peak_s'])} | {us(r['fp16_roofline_s'])} |")
             continue
-        with_quantize = e["gemm_s"] + r["quantize_s"]
+        with_quantize = e["gemm_s"] + e["quantize_s"]
         lines.append(f"| {r['shape']} | {r['count']} | {e['config']} | {e['instructions_per_k_step']} | {e['bound']} | "
                      f"{us(e['gemm_s'])} | {pct(r['int8_peak_s'], e['gemm_s'])} | {us(with_quantize)} | "
                      f"{pct(r['int8_peak_s'], with_quantize)} | {us(r['int8_peak_s'])} | {us(r['fp16_peak_s'])} | "
@@ -326,7 +339,7 @@ def plot(rows: list[dict], path: Path):
     ax.plot(x, [r["fp16_roofline_s"] * 1e6 for r in shown], "rx", label="fp16 roofline (peak or HBM)")
     ax.plot(x, [r["w8"]["gemm_s"] * 1e6 for r in shown], "bo", label="W8A8 estimate")
     ax.plot(x, [r["w4"]["gemm_s"] * 1e6 for r in shown], "g^", label="W4A8 estimate")
-    ax.plot(x, [(r["w4"]["gemm_s"] + r["quantize_s"]) * 1e6 for r in shown], "g.", label="W4A8 + quantize pass")
+    ax.plot(x, [(r["w4"]["gemm_s"] + r["w4"]["quantize_s"]) * 1e6 for r in shown], "g.", label="W4A8 + quantize pass")
     ax.set_yscale("log")
     ax.set_ylabel("time per layer, us (estimate)")
     ax.set_xticks(list(x), [r["shape"] for r in shown], rotation=80, fontsize=7)

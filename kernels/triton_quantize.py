@@ -68,10 +68,11 @@ def _quantize_kernel(
     x = tl.load(x_ptr + batch * stride_xb + (h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc,
                 mask=inside[:, None] & c_valid, other=0.0)
     q = quantize_tile(x, tl.load(x_scale_ptr), tl.load(x_zero_ptr), A_BITS)
-    within = offs_c % GROUP
-    lane_major = offs_c - within + (within % PER_BYTE) * (GROUP // PER_BYTE) + within // PER_BYTE
+    if PER_BYTE > 1:  # lane-major within each group of GROUP channels (BLOCK_C is a multiple of GROUP)
+        q = tl.reshape(q, (BLOCK_P, BLOCK_C // GROUP, GROUP // PER_BYTE, PER_BYTE))
+        q = tl.reshape(tl.permute(q, (0, 1, 3, 2)), (BLOCK_P, BLOCK_C))
     rows = batch * pixels + offs_p
-    tl.store(q_ptr + rows[:, None] * C + lane_major[None, :], q, mask=(offs_p < pixels)[:, None] & c_valid)
+    tl.store(q_ptr + rows[:, None] * C + offs_c[None, :], q, mask=(offs_p < pixels)[:, None] & c_valid)
 
 
 def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: bool, *, pad: int = 0,
@@ -83,6 +84,8 @@ def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: b
     pixels = (h + 2 * pad) * (w + 2 * pad)
     codes = torch.empty((b * pixels, c), device=x.device, dtype=torch.int8)
     block_p, block_c = INTERPRETER_BLOCKS if interpreted else (BLOCK_P, BLOCK_C)
+    if per_byte > 1 and block_c < group:  # a block holds whole groups, reordered in registers
+        block_p, block_c = max(1, block_p * block_c // group), group
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(c, block_c), b)
     _quantize_kernel[grid](
         x, codes, x_scale, x_zero, h, w, c, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
