@@ -45,25 +45,10 @@ from .autotune import (
     tuned_config,
     unmasked_loop,
 )
-from .triton_quantize import quantize_image, shared_codes
+from .triton_quantize import INTERPRETED, quantize_image, shared_codes
 
 # --- building blocks ---------------------------------------------------------------------------
 
-
-def _is_interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
-@triton.jit
-def _probe():
-    pass
-
-
-# Triton decides at decoration time whether kernels run compiled or in its numpy interpreter
-# (TRITON_INTERPRET=1, which also accepts CPU tensors).
-INTERPRETED = _is_interpreted(_probe)
 # Compiled kernels unpack 4 bytes per instruction with inline PTX; the interpreter, which cannot
 # run PTX, evaluates the same bit operations per byte.
 UNPACK_WITH_PTX = tl.constexpr(not INTERPRETED)

@@ -24,13 +24,34 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Adding and subtracting 1.5 * 2^23 rounds an fp32 |v| < 2^22 to an integer, half to even, like
-# torch.round; unlike libdevice's rint it also runs in the interpreter.
+# torch.round: the interpreter's rounding (below).
 ROUND_MAGIC = tl.constexpr(12582912.0)
 # Beyond +-256 every code saturates whatever the zero point (|z| <= 128): clamping there first
 # changes no result and keeps |v| in the range where ROUND_MAGIC is exact.
 SATURATED = tl.constexpr(256.0)
+
+
+def _is_interpreted(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Triton decides at decoration time whether kernels run compiled or in its numpy interpreter
+# (TRITON_INTERPRET=1, which also accepts CPU tensors).
+INTERPRETED = _is_interpreted(_probe)
+# Compiled kernels round with one instruction (cvt.rni); the interpreter, which has no libdevice,
+# with ROUND_MAGIC after clamping to SATURATED. Both round half to even, and the final clamp makes
+# every value beyond the clamp saturate alike.
+RINT_WITH_LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 BLOCK_P, BLOCK_C = 64, 64
 INTERPRETER_BLOCKS = (64, 64)
@@ -40,8 +61,11 @@ INTERPRETER_BLOCKS = (64, 64)
 def quantize_tile(x, x_scale, x_zero, A_BITS: tl.constexpr):
     """Floating-point tile -> int8 codes clamp(round(x / s) + z), as mixq.quantizers does."""
     v = tl.math.div_rn(x.to(tl.float32), x_scale)  # IEEE division: Triton's `/` need not round correctly
-    v = tl.minimum(tl.maximum(v, -SATURATED), SATURATED)
-    v = (v + ROUND_MAGIC) - ROUND_MAGIC
+    if RINT_WITH_LIBDEVICE:
+        v = libdevice.rint(v)
+    else:
+        v = tl.minimum(tl.maximum(v, -SATURATED), SATURATED)
+        v = (v + ROUND_MAGIC) - ROUND_MAGIC
     q = tl.minimum(tl.maximum(v + x_zero, -(1 << (A_BITS - 1))), (1 << (A_BITS - 1)) - 1)
     return q.to(tl.int8)
 
