@@ -235,7 +235,9 @@ def quantize_pass_cost(compiled, kwargs: dict) -> dict:
 
 def measure(variant: Variant) -> dict:
     """Compile one variant's GEMM/conv kernel (and check its quantize/epilogue kernels compile)."""
-    record = dict(variant=asdict(variant), config=variant.config_name())
+    import triton
+
+    record = dict(variant=asdict(variant), config=variant.config_name(), triton_version=triton.__version__)
     try:
         launches = recorded_launches(variant)
         main = [c for c in launches if c[0].__name__ in ("_linear_kernel", "_conv2d_kernel")]

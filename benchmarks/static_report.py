@@ -47,6 +47,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 SHAPES_CSV = Path(__file__).resolve().parent / "sdxl_turbo_shapes.csv"
@@ -364,7 +365,9 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> dict:
     fp16 = totals["fp16 roofline"]
     lines = ["# Static performance report: Triton kernels on H100 (estimate from compiled SASS, no GPU)", "",
              f"Made by `python -m benchmarks.sass_gate --full --out {SWEEP_NAME}` (the compiled variants, "
-             f"{len(records)} here) then `{command}`, on a machine without a GPU.", ""] + ["> " + line for line in model_description().splitlines()] + ["",
+             f"{len(records)} here) then `{command}`, on a machine without a GPU, on {date.today().isoformat()}; "
+             f"compiled with Triton {', '.join(sorted({r.get('triton_version', '?') for r in records}))} and the "
+             "ptxas it bundles.", ""] + ["> " + line for line in model_description().splitlines()] + ["",
              "## Whole UNet (794 Linear/Conv2d layers, SDXL-Turbo 512x512, batch 1)", "",
              "| variant | estimated ms | speed-up vs fp16 roofline |", "| --- | --- | --- |"]
     for name, seconds in totals.items():
