@@ -191,13 +191,18 @@ def resource_usage(cubin: Path) -> dict:
 SPILL_OPCODES = ("STL", "LDL")
 
 
-def analyse(compiled, variant: Variant) -> dict:
-    """The gate's measurements of one compiled kernel."""
+def disassembled(compiled) -> tuple[str, dict]:
+    """The SASS text of a compiled kernel and its resource usage (registers, stack, local memory)."""
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-        usage = resource_usage(cubin)
+        return sass, resource_usage(cubin)
+
+
+def analyse(compiled, variant: Variant) -> dict:
+    """The gate's measurements of one compiled kernel."""
+    sass, usage = disassembled(compiled)
     instructions, labels = parse_sass(sass)
     mma = MMA_OPCODE[variant.target]
     loop = main_loop(instructions, labels, mma) or []
@@ -224,11 +229,7 @@ def analyse(compiled, variant: Variant) -> dict:
 def quantize_pass_cost(compiled, kwargs: dict) -> dict:
     """The quantize kernel is straight-line code, one tile per program: its static instruction count
     (the division's rarely taken slow paths included, so an upper bound) is what a thread executes."""
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = Path(folder) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    instructions, _ = parse_sass(sass)
+    instructions, _ = parse_sass(disassembled(compiled)[0])
     return dict(instructions=len(instructions), num_warps=kwargs["num_warps"],
                 elements_per_program=kwargs["BLOCK_P"] * kwargs["BLOCK_C"])
 

@@ -301,7 +301,7 @@ def quantize_for(x_image, x_scale, x_zero, a_bits: int, w_bits: int, channels: i
     per_byte = 8 // w_bits if unmasked_loop(channels, config, w_bits) else 1
     group = config.block_k if per_byte > 1 else 1
     key = None if input_key is None else (*input_key, pad, per_byte, group)
-    return shared_codes(x_image, key, lambda: quantize_image(x_image, x_scale, x_zero, a_bits, INTERPRETED, pad=pad,
+    return shared_codes(x_image, key, lambda: quantize_image(x_image, x_scale, x_zero, a_bits, pad=pad,
                                                              per_byte=per_byte, group=group))
 
 

@@ -99,7 +99,7 @@ def _quantize_kernel(
     tl.store(q_ptr + rows[:, None] * C + offs_c[None, :], q, mask=(offs_p < pixels)[:, None] & c_valid)
 
 
-def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: bool, *, pad: int = 0,
+def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, *, pad: int = 0,
                    per_byte: int = 1, group: int = 1) -> torch.Tensor:
     """x viewed as [B, H, W, C] (4-D, any strides) -> int8 codes [B * (H + 2 pad) * (W + 2 pad), C],
     dense, with a border of pad pixels holding x_zero and each block of group channels lane-major
@@ -107,7 +107,7 @@ def quantize_image(x: torch.Tensor, x_scale, x_zero, a_bits: int, interpreted: b
     b, h, w, c = x.shape
     pixels = (h + 2 * pad) * (w + 2 * pad)
     codes = torch.empty((b * pixels, c), device=x.device, dtype=torch.int8)
-    block_p, block_c = INTERPRETER_BLOCKS if interpreted else (BLOCK_P, BLOCK_C)
+    block_p, block_c = INTERPRETER_BLOCKS if INTERPRETED else (BLOCK_P, BLOCK_C)
     if per_byte > 1 and block_c < group:  # a block holds whole groups, reordered in registers
         block_p, block_c = max(1, block_p * block_c // group), group
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(c, block_c), b)

@@ -171,8 +171,8 @@ def test_quantize_pass_matches_reference_codes(device, dtype, per_byte, group, p
     b, h, w, c = 2, 5, 3, 128
     x = activations((b, c, h, w), dtype, device, g)  # NCHW, read through a permuted view
     scale, zero = torch.tensor(0.0625, device=device), torch.tensor(-5.0, device=device)
-    codes = triton_quantize.quantize_image(x.permute(0, 2, 3, 1), scale, zero, 8, triton_gemm.INTERPRETED,
-                                           pad=pad, per_byte=per_byte, group=group)
+    codes = triton_quantize.quantize_image(x.permute(0, 2, 3, 1), scale, zero, 8, pad=pad, per_byte=per_byte,
+                                           group=group)
 
     expected = reference.quantize_input(x, scale, zero, 8).permute(0, 2, 3, 1)  # [B, H, W, C]
     expected = torch.nn.functional.pad(expected.float() - zero, (0, 0, pad, pad, pad, pad)) + zero
