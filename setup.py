@@ -12,10 +12,15 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ and calib/ live at the top level of the repository but are installed as
-    # subpackages: other distributions own the top-level names `kernels` and `calib`.
+    # kernels/, calib/ and configs/ live at the top level of the repository and install as
+    # subpackages of mixq, through the links mixq/kernels -> ../kernels (and the same for calib and
+    # configs). They have no __init__.py on purpose: Python run from the repository root has the root
+    # first on sys.path, and a folder without __init__.py is only a namespace portion, which never
+    # takes precedence over an installed package of the same name (PEP 420); so the checkout cannot
+    # shadow distributions that own top-level names such as `kernels` (a dependency of
+    # transformers). The links, unlike package_dir, also resolve `mixq.kernels` from the root, where
+    # `import mixq` finds the checkout's mixq/ first. tests/test_repository_root.py guards both.
     packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
-    package_dir={"mixq": "mixq", "mixq.kernels": "kernels", "mixq.calib": "calib", "mixq.configs": "configs"},
     # The proving-ground pipeline ships as data: diffusers save_pretrained layout, fp16 safetensors.
     package_data={"mixq.configs": ["*.yaml"], "mixq.proving": ["pipeline/*", "pipeline/*/*"]},
     install_requires=[

@@ -38,7 +38,7 @@ def device_slug(device) -> str:
 
 def kernel_backend(device) -> str:
     """The backend mixq's quantized layers dispatch to on this device (MIXQ_BACKEND, auto-resolved)."""
-    from mixq.kernels import selected_backend
+    from mixq.kernels.dispatch import selected_backend
 
     return selected_backend(torch.empty(0, device=device))
 

@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.measure import CudaEventClock  # noqa: E402
-from mixq import kernels  # noqa: E402
+from mixq.kernels import dispatch  # noqa: E402
 from mixq.kernels import reference, triton_gemm  # noqa: E402
 from mixq.modules import conv_weight_as_matrix  # noqa: E402
 from mixq.quantizers import (  # noqa: E402
@@ -108,7 +108,7 @@ def linear_calls(impl, m, k, n, monkeypatch):
         return [lambda w=w: int_mm(w.t()) for w in weight_copies(params.pop("qweight"))]
     monkeypatch.setenv("MIXQ_BACKEND", "triton")
     packed = params.pop("qweight")
-    return [lambda w=w: kernels.quantized_linear(x, w, **params) for w in weight_copies(packed)]
+    return [lambda w=w: dispatch.quantized_linear(x, w, **params) for w in weight_copies(packed)]
 
 
 def conv_calls(impl, c, size, n, kernel, stride, monkeypatch):
@@ -138,7 +138,7 @@ def conv_calls(impl, c, size, n, kernel, stride, monkeypatch):
         return [lambda w=w: int_mm(w.t()) for w in weight_copies(params.pop("qweight"))]
     monkeypatch.setenv("MIXQ_BACKEND", "triton")
     packed = params.pop("qweight")
-    return [lambda w=w: kernels.quantized_conv2d(x, w, **params, **geometry) for w in weight_copies(packed)]
+    return [lambda w=w: dispatch.quantized_conv2d(x, w, **params, **geometry) for w in weight_copies(packed)]
 
 
 @pytest.fixture
@@ -204,7 +204,7 @@ def tiny_linear_call(backend, monkeypatch):
         return lambda: F.linear(x, weight)
     monkeypatch.setenv("MIXQ_BACKEND", backend)
     params = quantized_params(weight, 4)
-    return lambda: kernels.quantized_linear(x, **params)
+    return lambda: dispatch.quantized_linear(x, **params)
 
 
 def tiny_conv_call(backend, monkeypatch):
@@ -216,7 +216,7 @@ def tiny_conv_call(backend, monkeypatch):
         return lambda: F.conv2d(x, weight, None, 1, 1)
     monkeypatch.setenv("MIXQ_BACKEND", backend)
     params = quantized_params(conv_weight_as_matrix(weight), 4)
-    return lambda: kernels.quantized_conv2d(x, **params, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    return lambda: dispatch.quantized_conv2d(x, **params, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
 
 
 interpreter_only = pytest.mark.skipif(not triton_gemm.INTERPRETED, reason="the Triton interpreter is for CPU-only CI")

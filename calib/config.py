@@ -244,7 +244,7 @@ def load_config(source=None) -> Config:
     source = DEFAULT_CONFIG if source is None else source
     path = Path(source)
     if not path.is_file():
-        from mixq.configs import config_path, shipped_configs
+        from mixq.configs.shipped import config_path, shipped_configs
 
         shipped = config_path(str(source))
         if shipped is None:

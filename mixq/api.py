@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mixq import kernels
+from mixq.kernels import dispatch
 from mixq.calibration import Calibration, observing
 from mixq.errors import CalibrationFileError, NonFiniteActivationError
 from mixq.layers import (
@@ -220,7 +220,7 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
                 not_run.append(name)  # never executed: no range to calibrate, leave it as it is
                 continue
             layer = build_quantized_layer(unet.get_submodule(name), info, w, a, calibration, simulate)
-            kernels.prepare_layer(layer)  # the CPU kernels' weight layout, made once, here
+            dispatch.prepare_layer(layer)  # the CPU kernels' weight layout, made once, here
             replacements[name] = layer
             # Peak memory stays at float model + quantized layers + one layer's temporaries.
             release_freed_memory()

@@ -65,7 +65,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from mixq import kernels
+from mixq.kernels import dispatch
 from mixq._version import __version__
 from mixq.api import get_unet
 from mixq.errors import CheckpointError, MixqError
@@ -350,7 +350,7 @@ def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | 
     replacements = build_quantized_layers(manifest["layers"], weights, targets,
                                           offset_binary=manifest.get(OFFSET_BINARY_WEIGHTS, False))
     for layer in replacements.values():
-        kernels.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
+        dispatch.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
 
     for name, layer in replacements.items():
         set_submodule(unet, name, layer)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixq import kernels
+from mixq.kernels import dispatch
 from mixq.quantizers import (
     FLOAT_BITS,
     activation_qparams,
@@ -327,7 +327,7 @@ class QLinear(QuantizedLayer):
             return propagate_non_finite(x, F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias))
         y = self._integer_parts(
             x.reshape(-1, self.in_features),
-            lambda xp, qw, ws, xs, xz, b, key: kernels.quantized_linear(
+            lambda xp, qw, ws, xs, xz, b, key: dispatch.quantized_linear(
                 xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b, input_key=key
             ),
         )
@@ -372,7 +372,7 @@ class QConv2d(QuantizedLayer):
         else:
             y = self._integer_parts(
                 x,
-                lambda xp, qw, ws, xs, xz, b, key: kernels.quantized_conv2d(
+                lambda xp, qw, ws, xs, xz, b, key: dispatch.quantized_conv2d(
                     xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
                     self.kernel_size, self.stride, self.padding, input_key=key,
                 ),

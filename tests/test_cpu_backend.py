@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mixq import kernels
+from mixq.kernels import dispatch
 from mixq.kernels import fallback, onednn, reference
 from mixq.kernels.onednn import CpuBackendFallbackWarning
 from mixq.modules import QConv2d, QLinear, conv_weight_as_matrix
@@ -147,9 +147,9 @@ def test_split_conv_shortcut_matches_reference(w_bits, dtype, monkeypatch):
 
 def test_auto_selects_onednn_on_x86(monkeypatch):
     monkeypatch.delenv("MIXQ_BACKEND", raising=False)
-    assert kernels.selected_backend(torch.zeros(1)) == "onednn"
+    assert dispatch.selected_backend(torch.zeros(1)) == "onednn"
     monkeypatch.setenv("MIXQ_BACKEND", "torch")
-    assert kernels.selected_backend(torch.zeros(1)) == "torch"
+    assert dispatch.selected_backend(torch.zeros(1)) == "torch"
 
 
 @pytest.mark.parametrize("choice", ["auto", "onednn"])
@@ -160,7 +160,7 @@ def test_falls_back_to_reference_with_a_warning(choice, monkeypatch):
     x = activations((4, 8), torch.float32)
     layer = integer_layer(torch.randn(6, 8), x, 8, 8, torch.float32)
     with pytest.warns(CpuBackendFallbackWarning, match="riscv64"):
-        y = kernels.quantized_linear(x, **layer)
+        y = dispatch.quantized_linear(x, **layer)
     assert torch.equal(y, reference.quantized_linear(x, **layer))
 
 
@@ -169,7 +169,7 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
 
     monkeypatch.setenv("MIXQ_BACKEND", "amx")
     with pytest.raises(ConfigError, match="MIXQ_BACKEND"):
-        kernels.selected_backend(torch.zeros(1))
+        dispatch.selected_backend(torch.zeros(1))
 
 
 # --- weight layouts ------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_weights_are_laid_out_once(monkeypatch):
     real = onednn._prepack_linear
     monkeypatch.setattr(onednn, "_prepack_linear", lambda w: calls.append(w.shape) or real(w))
     layer = QLinear.from_float(nn.Linear(32, 16), 8, 8, lows=(-3.0,), highs=(3.0,))
-    kernels.prepare_layer(layer)
+    dispatch.prepare_layer(layer)
     x = torch.randn(5, 32)
     first = layer(x)
     assert torch.equal(layer(x), first)
@@ -194,7 +194,7 @@ def test_weights_are_laid_out_once(monkeypatch):
 def test_layouts_go_with_their_layer():
     layer = QLinear.from_float(nn.Linear(32, 16), 8, 8, lows=(-3.0,), highs=(3.0,))
     before = len(onednn.packed_weights)
-    kernels.prepare_layer(layer)
+    dispatch.prepare_layer(layer)
     assert len(onednn.packed_weights) == before + 1
     del layer
     assert len(onednn.packed_weights) == before
@@ -204,7 +204,7 @@ def test_layouts_go_with_their_layer():
 def test_low_bit_weights_stay_packed(w_bits):
     layer = QLinear.from_float(nn.Linear(64, 16), w_bits, 8, lows=(-3.0,), highs=(3.0,))
     before = len(onednn.packed_weights)
-    kernels.prepare_layer(layer)
+    dispatch.prepare_layer(layer)
     layer(torch.randn(3, 64))
     assert len(onednn.packed_weights) == before  # nothing unpacked is kept
     assert layer.qweight_0.numel() == 16 * 64 * w_bits // 8

@@ -237,7 +237,7 @@ def test_help_examples_run_as_printed(tmp_path, monkeypatch, capsys):
         assert main([*words, "--no-progress"]) == 0, (example, capsys.readouterr().err)
     rebudgeted = yaml.safe_load(Path("runs/proving/plan.yaml").read_text())
     assert rebudgeted["budget"]["w_bits"] == 3.5
-    from mixq.configs import shipped_configs
+    from mixq.configs.shipped import shipped_configs
 
     for example in examples:
         args = parse_args(shlex.split(example)[3:])

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from tests.conftest import capture_unet_call, unet_output  # noqa: E402
 
 import mixq  # noqa: E402
-from mixq import kernels  # noqa: E402
+from mixq.kernels import dispatch  # noqa: E402
 from mixq.kernels import autotune, fallback, reference, triton_backend, triton_conv, triton_gemm, triton_quantize  # noqa: E402
 from mixq.kernels.autotune import Config  # noqa: E402
 from mixq.kernels.triton_backend import TritonFallbackWarning  # noqa: E402
@@ -129,7 +129,7 @@ def test_linear_through_dispatch_takes_batched_strided_input(device, monkeypatch
     layer = quantized_layer(torch.randn(24, 90, generator=g), x, 4, 8, True, torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("error", TritonFallbackWarning)
-        y = kernels.quantized_linear(x, **layer)
+        y = dispatch.quantized_linear(x, **layer)
     expected = reference.quantized_linear(x.reshape(-1, 90), **layer).reshape(3, 11, 24)
     assert torch.equal(y, expected)
 
@@ -377,8 +377,8 @@ def test_input_key_survives_moves_and_casts_but_not_loads():
     layer.to(torch.float16)
     assert layer.input_key(0) == key  # the fp32 scales stay as they were
     layer.load_state_dict(layer.state_dict())
-    assert layer.input_key(0) is None  # copied in: unknown until refreshed (kernels.prepare_layer)
-    kernels.prepare_layer(layer)
+    assert layer.input_key(0) is None  # copied in: unknown until refreshed (dispatch.prepare_layer)
+    dispatch.prepare_layer(layer)
     assert layer.input_key(0) == key
 
 
@@ -394,11 +394,11 @@ def test_unsupported_conv_falls_back_with_one_warning(monkeypatch, recwarn):
     geometry = dict(kernel_size=(5, 5), stride=(1, 1), padding=(2, 2))
 
     with pytest.warns(TritonFallbackWarning, match=r"kernel_size=\(5, 5\)"):
-        y = kernels.quantized_conv2d(x, **layer, **geometry)
+        y = dispatch.quantized_conv2d(x, **layer, **geometry)
     assert torch.equal(y, reference.quantized_conv2d(x, **layer, **geometry))
 
     recwarn.clear()
-    kernels.quantized_conv2d(x, **layer, **geometry)
+    dispatch.quantized_conv2d(x, **layer, **geometry)
     assert not [w for w in recwarn if issubclass(w.category, TritonFallbackWarning)]
 
 
@@ -414,7 +414,7 @@ def test_unsupported_linear_falls_back(dtype, interpreted, reason, monkeypatch):
     x = activations((5, 16), dtype, "cpu", g)
     layer = quantized_layer(torch.randn(8, 16, generator=g), x, 8, 8, False, dtype)
     with pytest.warns(TritonFallbackWarning, match=reason):
-        y = kernels.quantized_linear(x, **layer)
+        y = dispatch.quantized_linear(x, **layer)
     assert torch.equal(y, reference.quantized_linear(x, **layer))
 
 
