@@ -299,7 +299,7 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_unet", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.cpu_unet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet-config", required=True, help="the model's unet/config.json (or its folder)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

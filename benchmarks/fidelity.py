@@ -37,7 +37,7 @@ DEFAULT_NUM_PROMPTS = {"proving": 50, "tiny": 4, "sdxl-turbo": 8}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for fidelity.json and grid.png")
     parser.add_argument("--prompts", default=None, help="prompts file (COCO JSON/CSV, PartiPrompts TSV, ...); "
                                                         "default: mixq's built-in set")

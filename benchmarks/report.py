@@ -301,7 +301,7 @@ def write_report(results_dir, out: Path | None = None) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", required=True, type=Path, help="a results folder written by benchmarks.run")
     parser.add_argument("--out", type=Path, default=None, help="report path (default: <results>.md beside the folder)")
     args = parser.parse_args(argv)

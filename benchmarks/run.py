@@ -33,7 +33,7 @@ TIMING_ONLY = ("mixq_rounds", "mixq_warmup", "mixq_mode")  # fidelity runs eager
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results root folder")
     parser.add_argument("--name", default=None, help="results name (default: <device>-<date>, then -2, -3, ...)")

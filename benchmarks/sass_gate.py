@@ -313,7 +313,7 @@ def run(variants: list[Variant], jobs: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every candidate config (minutes), not the CI subset")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the per-variant records")

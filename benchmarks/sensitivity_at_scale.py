@@ -91,7 +91,7 @@ def main(argv=None):
                                         measure_noise_floor, measurement_precision, noise_floor_probes)
     from mixq.layers import quantizable_layers
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet-config", required=True)
     parser.add_argument("--dtype", default="bfloat16", help="serving dtype of the pipeline")
     parser.add_argument("--size", type=int, default=512)

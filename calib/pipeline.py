@@ -9,7 +9,8 @@ import torch
 
 from mixq.calib.config import ModelConfig
 from mixq.errors import ConfigError, ModelLoadError
-from mixq.hub import load_failure_message, local_folder_problem, looks_like_local_path
+from mixq.hub import (cached_on_disk, hub_offline, hub_reachable, load_failure_message, local_folder_problem,
+                      looks_like_local_path)
 from mixq.proving.model import MODEL_ID as PROVING_MODEL  # the trained pipeline shipped in mixq.proving
 
 OFFLINE_ARCHS = {"offline:tiny-sdxl": "sdxl", "offline:tiny-sd15": "sd15"}
@@ -77,6 +78,12 @@ def from_pretrained(model_id: str, dtype: torch.dtype, variant: str | None = Non
     kwargs = {dtype_keyword(): dtype}
     if variant:
         kwargs["variant"] = variant
+    if not looks_like_local_path(model_id) and not hub_offline() and not hub_reachable():
+        # Without network, huggingface_hub retries each file five times (about a minute of printed
+        # retries) before failing: check the Hub once, then use the local cache alone, or fail now.
+        if not cached_on_disk(model_id):
+            raise ModelLoadError(load_failure_message(model_id, ConnectionError("the Hub is unreachable")))
+        kwargs["local_files_only"] = True
     try:
         with warnings.catch_warnings(), loading_bars(progress):
             # diffusers passes an argument huggingface_hub has deprecated; nothing the user can change.

@@ -34,7 +34,7 @@ from mixq.calib.report import plot_bits, plot_group_averages, plot_sensitivity, 
 from mixq.calib.runfolder import (MEASUREMENT_SECTIONS, RunFolder, digest, file_digest, measurement_inputs,
                                   model_fingerprint)
 from mixq.calib.sensitivity import (Evaluator, candidate_bits, load_measurement, load_table, measure_sensitivity,
-                                    noise_floor_line, swapped_layers)
+                                    noise_floor_line, read_table_file, swapped_layers)
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError, PromptFileError, RunFolderError
 from mixq.io import read_yaml, write_yaml_atomic
@@ -42,11 +42,31 @@ from mixq.layers import quantizable_layers, resolve_keep_fp
 from mixq.metrics import batch_psnr, batch_ssim
 from mixq.plan import architecture_fingerprint
 from mixq.quantizers import FLOAT_BITS
+from mixq.threads import ThreadPolicy
 
 STAGES = ("collect", "sensitivity", "allocate", "report")
 DERIVED_STAGES = ("allocate", "report")  # cheap views of the measurements, kept in step with them
 
-__all__ = ["STAGES", "MEASUREMENT_SECTIONS", "RunFolder", "run", "preflight", "command_line"]
+__all__ = ["STAGES", "MEASUREMENT_SECTIONS", "RunFolder", "RunState", "run", "preflight", "command_line"]
+
+
+@dataclass
+class RunState:
+    """Where a run is, for the one line an interrupted run prints (see mixq.calibrate)."""
+
+    folder: Path | None = None
+    stage: str | None = None  # None: before the first stage (checks, model loading)
+    layers: int = 0
+
+    def interrupted_line(self) -> str:
+        if self.stage is None:
+            return "interrupted before any stage started (nothing was written); rerun the same command to start"
+        detail = ""
+        if self.stage == "sensitivity" and self.folder is not None:
+            table = Path(self.folder) / "sensitivity.yaml"
+            measured = len(read_table_file(table).get("layers") or {}) if table.exists() else 0
+            detail = f" ({measured} of {self.layers} layers measured)"
+        return f"interrupted during {self.stage}{detail}; rerun the same command to resume"
 
 
 @dataclass
@@ -61,6 +81,7 @@ class Session:
     log: object = print
     command: str = "python -m mixq.calibrate"
     timings: dict = field(default_factory=dict)
+    threads: ThreadPolicy | None = None  # None: leave torch's thread count alone (library callers)
 
     @cached_property
     def all_layers(self) -> dict:
@@ -170,7 +191,7 @@ def collect_stage(s: Session):
 
 def sensitivity_stage(s: Session):
     measure_sensitivity(s.pipe, s.layers, s.calibration, s.evaluator, s.config.bits, s.folder.sensitivity,
-                        s.progress, s.log)
+                        s.progress, s.log, threads=s.threads)
 
 
 def allocate_stage(s: Session):
@@ -213,11 +234,12 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
     evaluation = s.config.evaluation
     if not evaluation.content_prompts:
         return None
-    from mixq.calib.content import GRID_COLUMNS, content_comparison
+    from mixq.calib.content import GRID_COLUMNS, ContentCache, content_comparison
     from mixq.proving.evaluate import save_grid
 
+    cache = ContentCache(s.folder.root / "content-cache.safetensors", content_cache_key(s, table))
     rows, grid = content_comparison(s.pipe, s.all_layers, s.calibration, table, plan, evaluation.content_prompts,
-                                    s.config.sampling.seed, s.config.pipeline_kwargs(), s.log)
+                                    s.config.sampling.seed, s.config.pipeline_kwargs(), s.log, cache=cache)
     write_yaml_atomic(s.folder.root / "content.yaml", {"prompts": evaluation.content_prompts, "rows": rows})
     shown = min(evaluation.grid_prompts, evaluation.content_prompts)
     if shown:
@@ -226,6 +248,18 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
                   {name: grid["images"][name][:shown] for name in GRID_COLUMNS},
                   {name: grid["verdicts"][name][:shown] for name in GRID_COLUMNS})
     return rows
+
+
+def content_cache_key(s: Session, table: dict) -> str:
+    """Everything the plan-independent content images depend on: a change to any of them regenerates."""
+    import mixq
+    from mixq.kernels.dispatch import selected_backend
+
+    backend = selected_backend(torch.zeros(1, device=s.pipe.unet.device))
+    return digest("content-images", model_fingerprint(s.pipe.unet), file_digest(s.folder.ranges),
+                  [(n, row["group"]) for n, row in table.items()], s.config.evaluation.content_prompts,
+                  s.config.sampling.seed, sorted(s.config.pipeline_kwargs().items()), backend, torch.__version__,
+                  mixq.__version__)
 
 
 STAGE_FUNCTIONS = {"collect": collect_stage, "sensitivity": sensitivity_stage, "allocate": allocate_stage,
@@ -281,12 +315,18 @@ def should_run(s: Session, stage: str, requested, forced: bool) -> bool:
     return True
 
 
-def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, command: str | None = None) -> Path:
+def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, command: str | None = None,
+        threads: ThreadPolicy | None = None, state: RunState | None = None) -> Path:
+    """Run the stages into the folder `out`. `threads` chooses torch's CPU threads at each stage (and
+    during sensitivity, as the machine's load changes); `state` is kept up to date with the stage."""
     folder = RunFolder(out)
     stages = tuple(stages)
+    state = state if state is not None else RunState()
+    state.folder = folder.root
     prompts = preflight(config, folder, stages)
     pipe = load_pipeline(config.model, progress)
-    s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate")
+    s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate", threads=threads)
+    state.layers = len(s.layers)
     folder.check_inputs(measurement_inputs(config, prompts, model_fingerprint(pipe.unet)))
     check_budget_against_layers(config, s.layers)
     log(f"{config.name}: {len(s.all_layers)} Linear/Conv2d layers, {len(s.layers)} quantizable "
@@ -299,6 +339,9 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
     for stage in STAGES:
         runs_here = world.is_main or stage == "sensitivity"
         if runs_here and should_run(s, stage, stages, forced):
+            state.stage = stage
+            if threads is not None and pipe.device.type == "cpu":
+                threads.choose()
             started = time.monotonic()
             STAGE_FUNCTIONS[stage](s)
             s.timings[stage] = time.monotonic() - started

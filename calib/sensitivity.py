@@ -344,7 +344,7 @@ def check_no_stale_rows(rows: dict, layers: dict, where):
 
 
 def measured_rows(evaluator: Evaluator, todo: list[str], layers: dict, calibration: Calibration, bits_config,
-                  progress: bool, say, world: World):
+                  progress: bool, say, world: World, threads=None):
     """(name, row) for every layer of `todo`, with a progress bar and, after the first few layers, the
     measured time per layer and the expected rest."""
     from tqdm.auto import tqdm
@@ -361,12 +361,14 @@ def measured_rows(evaluator: Evaluator, todo: list[str], layers: dict, calibrati
         yield name, row
         groups_left = [layers[n].group for n in todo[index + 1:]]
         if clock.count == ESTIMATE_AFTER_LAYERS and groups_left:
-            say(estimate_line(clock, groups_left, world))
-        bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left", refresh=False)
+            say(f"{estimate_line(clock, groups_left, world)}, {torch.get_num_threads()} threads")
+        threads_now = threads.maybe_rechoose() if threads is not None else torch.get_num_threads()
+        bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left, {threads_now} threads",
+                            refresh=False)
 
 
 def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibration, evaluator: Evaluator,
-                        bits_config, table_path, progress: bool = True, log=print) -> dict:
+                        bits_config, table_path, progress: bool = True, log=print, threads=None) -> dict:
     """Fills (or resumes) the sensitivity table at `table_path`; returns layer -> row.
 
     Under torchrun every process measures its share of the layers into its own shard, and process 0
@@ -407,7 +409,7 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
                 say(f"sensitivity: measured in {measurement['dtype']}; noise floor SQNR {floor['sqnr_db']:.1f} dB, "
                     f"SSIM 1 - {1 - floor['ssim']:.1e}")
             for name, row in measured_rows(precise, todo, layers, calibration, bits_config,
-                                           progress and world.is_main, say, world):
+                                           progress and world.is_main, say, world, threads):
                 mine[name] = row
                 save()
     if todo:

@@ -78,7 +78,7 @@ def tiny_demo(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mixq", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mixq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["proving", *TINY], default="proving")
     parser.add_argument("--num-prompts", type=int, default=16, help="calibration prompts")

@@ -22,10 +22,11 @@ Then: mixq.quantize(pipe, plan="runs/turbo/plan.yaml", calibration="runs/turbo")
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from mixq.errors import MixqError
+from mixq.errors import ConfigError, MixqError
 
 
 def parse_args(argv):
@@ -35,7 +36,7 @@ def parse_args(argv):
     def sets(flag):
         return f" (sets {OVERRIDES[flag]})"
 
-    parser = argparse.ArgumentParser(prog="python -m mixq.calibrate", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mixq.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="a config YAML, or a shipped config name (proving, tiny-sdxl, sdxl-turbo, lcm-lora-sdxl, "
@@ -50,8 +51,16 @@ def parse_args(argv):
     parser.add_argument("--prompts", help="prompts file: COCO captions JSON/CSV, PartiPrompts TSV, JSON list or text"
                         + sets("prompts"))
     parser.add_argument("--num-prompts", type=int, help="number of calibration prompts (first N)" + sets("num_prompts"))
-    parser.add_argument("--w-bits", type=float, help="weight budget: size-weighted average bits" + sets("w_bits"))
-    parser.add_argument("--a-bits", type=float, help="activation budget: size-weighted average bits" + sets("a_bits"))
+    parser.add_argument("--w-bits", type=float,
+                        help="weight budget, a size-weighted average: the bit-width of the quantized layers' weights, weighted by "
+                             "their parameter counts; from the smallest candidate (2; the run states the exact floor, "
+                             "3.375 for proving) to 8. Default 4" + sets("w_bits"))
+    parser.add_argument("--a-bits", type=float,
+                        help="activation budget, a size-weighted average: the bit-width of the layers' inputs, weighted by their "
+                             "element counts; 4 to 8. Default 8" + sets("a_bits"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the cores other processes leave free, chosen again as the "
+                             "load changes; OMP_NUM_THREADS also fixes it)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name or model folder name>)")
     parser.add_argument("--stage", choices=("all",) + STAGES, default="all",
                         help="run this stage even if up to date (earlier stages' files must exist in --out); "
@@ -79,21 +88,48 @@ def resolve_config(args):
     return config, args.out or f"runs/{config.name}"
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the main thread is, so that it unwinds like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from mixq.calib.distributed import maybe_init
-    from mixq.calib.run import STAGES, command_line, run
+    from mixq.calib.run import STAGES, RunState, command_line, run
+    from mixq.threads import ThreadPolicy
 
+    state = RunState()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if is_main_thread() else None
     try:
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give at least 1 (or leave it out to use the free cores)")
         config, out = resolve_config(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
         with maybe_init():  # joins torchrun's process group when there is one
-            run(config, out, stages=stages, progress=not args.no_progress, command=command_line(argv))
+            run(config, out, stages=stages, progress=not args.no_progress, command=command_line(argv),
+                threads=ThreadPolicy(args.threads, log=print), state=state)
     except (MixqError, FileNotFoundError) as err:  # bad input: the message says what and how to fix it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as stop:
+        # Every file is written atomically, so an interrupted run leaves finished work for the rerun.
+        print(("" if args.no_progress else "\n") + state.interrupted_line(), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

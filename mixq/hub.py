@@ -38,6 +38,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def cached_on_disk(repo_id: str, filename: str = MODEL_INDEX) -> bool:
+    """Whether the Hub cache already holds `filename` of `repo_id` (so a load can work without network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except (ImportError, ValueError):  # an id huggingface_hub refuses is not in its cache either
+        return False
+
+
 def local_folder_problem(path: str, required: str = MODEL_INDEX,
                          made_by: str = "pipe.save_pretrained(folder)") -> str | None:
     """Why `path` is not a usable local folder (None when it is, or when it is not meant as one)."""

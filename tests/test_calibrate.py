@@ -195,23 +195,30 @@ def test_killed_process_resumes_without_remeasuring(tmp_path):
     assert (out / "plan.yaml").exists()
 
 
-def test_proving_default_reports_content_of_every_configuration(tmp_path):
-    """The offline default's model and prompt set, shrunk (most layers kept float, few prompts): the
-    report gains the content table (float, uniform W8A8/W4A8, W2A8 content-only, the plan, the plan
-    without BOS handling), content.yaml and the verdict grid."""
-    from mixq.calib.content import PLAN_NAME
-
-    default = load_config(None)
-    assert default.model.id == "offline:proving" and default.evaluation.content_prompts >= 200
-    config = write_config(tmp_path / "proving.yaml", name="proving-test", model={"id": "offline:proving"},
+@pytest.fixture(scope="module")
+def proving_run(tmp_path_factory):
+    """The offline default's model and prompt set, shrunk (most layers kept float, few prompts)."""
+    root = tmp_path_factory.mktemp("proving")
+    config = write_config(root / "proving.yaml", name="proving-test", model={"id": "offline:proving"},
                           sampling={"num_inference_steps": 4, "guidance_scale": 0.0, "height": 64, "width": 64,
                                     "seed": 1},
                           calibration={"prompts": "proving:calibration", "num_prompts": 4, "sensitivity_prompts": 2,
                                        "batch_size": 4},
                           keep_fp=["conv_in", "conv_out", "down_blocks.*", "up_blocks.*"],
                           evaluation={"content_prompts": 6, "grid_prompts": 2})
-    out = tmp_path / "run"
+    out = root / "run"
     assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_proving_default_reports_content_of_every_configuration(proving_run):
+    """The report gains the content table (float, uniform W8A8/W4A8, W2A8 content-only, the plan, the
+    plan without BOS handling), content.yaml and the verdict grid."""
+    from mixq.calib.content import PLAN_NAME
+
+    default = load_config(None)
+    assert default.model.id == "offline:proving" and default.evaluation.content_prompts >= 200
+    out = proving_run
     content = yaml.safe_load((out / "content.yaml").read_text())
     names = [row["name"] for row in content["rows"]]
     assert names == ["float", "uniform W8A8", "uniform W4A8", "W2A8 content group only", PLAN_NAME,
@@ -226,3 +233,27 @@ def test_proving_default_reports_content_of_every_configuration(tmp_path):
     assert "## Content on held-out prompts" in report and "![content grid](content_grid.png)" in report
     assert "uniform W4A8 (4.00 bits): " in report
     assert (out / "content_grid.png").stat().st_size > 0
+
+
+def test_rebudget_reuses_the_plan_independent_content_rows(proving_run, monkeypatch, capsys):
+    """A new budget generates only the plan and its no-BOS twin; the cached rows equal fresh ones, and
+    a cache under another key (here: damaged) is regenerated, not trusted."""
+    from mixq.calib.content import PLAN_INDEPENDENT
+
+    out = proving_run
+    first = yaml.safe_load((out / "content.yaml").read_text())["rows"]
+    capsys.readouterr()
+    assert main(["--out", str(out), "--stage", "allocate", "--w-bits", "5", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    reused = [line for line in said.splitlines() if line.endswith("(reused)")]
+    assert len(reused) == len(PLAN_INDEPENDENT), said
+    again = yaml.safe_load((out / "content.yaml").read_text())["rows"]
+    assert again[:len(PLAN_INDEPENDENT)] == first[:len(PLAN_INDEPENDENT)]
+    assert yaml.safe_load((out / "plan.yaml").read_text())["budget"]["w_bits"] == 5.0
+
+    (out / "content-cache.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["--out", str(out), "--stage", "allocate", "--w-bits", "4", "--no-progress"]) == 0
+    assert "(reused)" not in capsys.readouterr().out
+    regenerated = yaml.safe_load((out / "content.yaml").read_text())["rows"]
+    assert regenerated[:len(PLAN_INDEPENDENT)] == first[:len(PLAN_INDEPENDENT)]
+    assert regenerated == first  # back at the first budget: the same plan, the same rows

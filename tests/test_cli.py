@@ -230,3 +230,36 @@ def test_load_failure_message_names_the_cause_and_the_fix(monkeypatch, offline, 
     message = hub.load_failure_message("someone/private-model", OSError("401 Client Error"))
     assert message.startswith("cannot load the pipeline 'someone/private-model'") and expected in message
     assert "Fix:" in message
+
+
+def test_hub_id_without_network_fails_fast_with_one_clear_error(tmp_path):
+    """No network and nothing cached: one line, no retry loop (huggingface_hub retries each file)."""
+    result = run_cli(["--model", "stabilityai/sdxl-turbo", "--out", "run"], cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Retrying" not in result.stderr + result.stdout
+    message = result.stderr.strip()
+    assert message.startswith("error: cannot load the pipeline 'stabilityai/sdxl-turbo'"), message
+    assert "could not be reached" in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    """`--w-bit 4` must not silently mean `--w-bits 4`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--w-bit", "4", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --w-bit" in capsys.readouterr().err
+
+
+def test_help_states_budget_ranges_and_threads(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "size-weighted average" in text and "--threads" in text and "4 to 8" in text
+
+
+def test_zero_threads_is_one_clear_error(tmp_path, capsys):
+    assert main(["--threads", "0", "--out", str(tmp_path / "run")]) == 2
+    assert "--threads 0: give at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

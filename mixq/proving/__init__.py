@@ -11,9 +11,9 @@ quantization does to what an image shows.
 
 from .content import Verdict, accuracy, background_noise, check, edge_sharpness, find_objects
 from .evaluate import evaluation_prompts, generate, save_grid, score_images
-from .model import PIPELINE_FOLDER, load_pipeline
+from .model import PIPELINE_FOLDER, SAMPLING, load_pipeline
 from .scenes import Scene, Shape, caption, paraphrases, parse_caption, random_scene, render, scenes
 
-__all__ = ["PIPELINE_FOLDER", "Scene", "Shape", "Verdict", "accuracy", "background_noise", "caption", "check",
+__all__ = ["PIPELINE_FOLDER", "SAMPLING", "Scene", "Shape", "Verdict", "accuracy", "background_noise", "caption", "check",
            "edge_sharpness", "evaluation_prompts", "find_objects", "generate", "load_pipeline", "paraphrases",
            "parse_caption", "random_scene", "render", "save_grid", "scenes", "score_images"]

@@ -210,7 +210,7 @@ def reconstruction_accuracy(vae, count: int, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixq.proving.train", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mixq.proving.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,98 @@
+"""CPU threads that fit what the machine has free, for long CPU runs (calibration).
+
+PyTorch starts one OpenMP thread per core. When another process keeps some of those cores busy, the
+threads that share a core with it are descheduled while the others spin at every barrier: on a
+2-core machine with one busy core, calibration measured 25-60x slower with 2 threads than with 1. So
+long runs choose their thread count from the cores this process may use (its CPU affinity) minus the
+cores other processes keep busy, measured over a short window from /proc/stat, and choose again
+from time to time as the load changes. `--threads N` (or OMP_NUM_THREADS) fixes the count instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+MEASURE_SECONDS = 0.3
+RECHOOSE_EVERY_SECONDS = 30.0
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cpu_busy_seconds(cpus: list[int]) -> float | None:
+    """Seconds the given CPUs have spent busy since boot (all processes), from /proc/stat; None off Linux."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return None
+    wanted, ticks = {f"cpu{c}" for c in cpus}, 0
+    for line in stat.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] in wanted:
+            values = [int(v) for v in fields[1:]]
+            ticks += sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest is inside user)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores_of_others(seconds: float = MEASURE_SECONDS) -> float | None:
+    """How many of this process's usable cores other processes kept busy over the last `seconds`."""
+    cpus = usable_cpus()
+    start_all, start_own, start = cpu_busy_seconds(cpus), time.process_time(), time.monotonic()
+    if start_all is None:
+        return None
+    time.sleep(seconds)
+    end_all, end_own, elapsed = cpu_busy_seconds(cpus), time.process_time(), time.monotonic() - start
+    others = (end_all - start_all) - (end_own - start_own)
+    return max(0.0, others / elapsed)
+
+
+def fitting_threads(cores: int, busy_elsewhere: float | None) -> int:
+    """Threads for `cores` usable cores of which `busy_elsewhere` are busy with other processes: the
+    free cores, rounded, at least one."""
+    if busy_elsewhere is None:
+        return cores
+    return max(1, min(cores, round(cores - busy_elsewhere)))
+
+
+class ThreadPolicy:
+    """Sets torch's intra-op threads to what fits now, and again at most every RECHOOSE_EVERY_SECONDS.
+
+    `fixed` (from --threads or OMP_NUM_THREADS) turns the choice off."""
+
+    def __init__(self, fixed: int | None = None, log=None):
+        if fixed is None and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+            fixed = int(os.environ["OMP_NUM_THREADS"])
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"threads must be at least 1, got {fixed}")
+        self.fixed, self.log = fixed, log
+        self.threads: int | None = None
+        self.chosen_at = -float("inf")
+
+    @property
+    def reason(self) -> str:
+        return "fixed" if self.fixed is not None else "free cores"
+
+    def choose(self) -> int:
+        """Choose now (also when chosen recently); returns the thread count."""
+        cores = len(usable_cpus())
+        threads = self.fixed if self.fixed is not None else fitting_threads(cores, busy_cores_of_others())
+        self.chosen_at = time.monotonic()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        if threads != self.threads and self.log is not None:
+            self.log(f"threads: {threads} of {cores} cores ({self.reason})")
+        self.threads = threads
+        return threads
+
+    def maybe_rechoose(self) -> int:
+        """Choose again if the last choice is old (the load of other processes may have changed)."""
+        if self.fixed is None and time.monotonic() - self.chosen_at >= RECHOOSE_EVERY_SECONDS:
+            return self.choose()
+        return self.threads
