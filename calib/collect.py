@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mixq.calib.pipeline import encode_prompts, generate
-from mixq.io import atomic_path
+from mixq.io import atomic_path, storage_errors
 
 REFERENCE_FILENAME = "reference.safetensors"
 
@@ -133,7 +133,7 @@ class Reference:
                 for i, (args, kwargs, out) in enumerate(self.unet_calls)
             ],
         }
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, storage_errors(path):
             save_file(tensors, str(tmp), metadata={"structure": json.dumps(structure)})
 
     @classmethod

@@ -129,14 +129,14 @@ class ContentCache:
 
         from safetensors.numpy import save_file
 
-        from mixq.io import atomic_path
+        from mixq.io import atomic_path, storage_errors
 
         arrays = {}
         for name, (images, verdicts, _) in entries.items():
             arrays[f"images/{name}"] = np.ascontiguousarray(images)
             arrays[f"verdicts/{name}"] = np.array([astuple(v) for v in verdicts], dtype=np.uint8)
         rows = json.dumps({name: row for name, (_, _, row) in entries.items()})
-        with atomic_path(self.path) as tmp:
+        with atomic_path(self.path) as tmp, storage_errors(self.path):
             save_file(arrays, str(tmp), metadata={"key": self.key, "rows": rows})
 
 

@@ -118,15 +118,20 @@ def read_shard(path) -> dict:
     return (read_yaml(path) or {}) if path.exists() else {}
 
 
-def read_all_shards(table_path) -> list[dict]:
-    """Every shard visible here (several after a change of process count, or on a shared disk)."""
+def shard_paths(table_path) -> list[Path]:
+    """Every shard file visible here (several after a change of process count, or on a shared disk)."""
     folder = shard_folder(table_path)
-    return [read_shard(p) for p in sorted(folder.glob("rank*.yaml"))] if folder.is_dir() else []
+    return sorted(folder.glob("rank*.yaml")) if folder.is_dir() else []
 
 
-def write_shard(table_path, rank: int, rows: dict, measurement: dict | None = None):
+def read_all_shards(table_path) -> list[dict]:
+    return [read_shard(p) for p in shard_paths(table_path)]
+
+
+def write_shard(table_path, rank: int, rows: dict, measurement: dict | None = None, run: str | None = None):
+    """`run`: the key of the inputs the rows were measured from; shards of other inputs are never merged."""
     data = {"measurement": measurement} if measurement else {}
-    write_yaml_atomic(shard_path(table_path, rank), {**data, "layers": rows})
+    write_yaml_atomic(shard_path(table_path, rank), {**({"run": run} if run else {}), **data, "layers": rows})
 
 
 def remove_shards(table_path, shards_of_ranks):

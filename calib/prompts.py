@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import random
+import warnings
 from pathlib import Path
 
 from mixq.errors import ConfigError, PromptFileError
@@ -81,7 +82,7 @@ def load_prompts(source=None, num_prompts: int | None = None, seed: int | None =
                 raise PromptFileError(f"prompt {i} is {type(p).__name__}, not a string: pass a list of strings")
     else:
         prompts = read_prompt_file(Path(source), all_captions=all_captions)
-    prompts = [p.strip() for p in prompts if p and p.strip()]
+    prompts = capped_prompts([p.strip() for p in prompts if p and p.strip()])
     if not prompts:
         raise PromptFileError(f"no prompts in {source!r}: give at least one non-empty prompt, or None for the "
                               "built-in set")
@@ -112,12 +113,53 @@ def proving_prompts(source: str, num_prompts: int | None) -> list[str]:
     return [text for _, text in scenes(split, count, seed=0)]
 
 
+# A CLIP text encoder reads 77 tokens, a few hundred characters; text beyond cannot change an image but
+# costs memory and time to tokenize (a 50 MB line took 10.7 GB). Whitespace runs are collapsed first,
+# as CLIP's tokenizer does, so the cap counts characters that could become tokens.
+MAX_PROMPT_CHARS = 4096
+MAX_PROMPT_FILE_BYTES = 512 << 20  # COCO's largest captions file (train 2017) is 92 MB
+
+
+def capped_prompts(prompts: list[str]) -> list[str]:
+    """Prompts with whitespace runs collapsed and cut to MAX_PROMPT_CHARS, with one short warning."""
+    capped = [" ".join(p.split()) if len(p) > MAX_PROMPT_CHARS else p for p in prompts]
+    long = sum(len(p) > MAX_PROMPT_CHARS for p in capped)
+    if long:
+        warnings.warn(f"{long} prompt(s) longer than {MAX_PROMPT_CHARS} characters were cut to that length (a text "
+                      "encoder reads at most 77 tokens)", stacklevel=3)
+    return [p[:MAX_PROMPT_CHARS] for p in capped]
+
+
+def fit_prompts_to_text_encoder(pipe, prompts: list[str]) -> list[str]:
+    """Prompts the pipeline's tokenizer would truncate, cut to the tokens it keeps, with one short
+    warning (diffusers' own warning would print the cut text, however long)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(limit, int) or limit > 100_000:
+        return list(prompts)
+    keep = limit - 2  # the begin and end tokens
+    fitted, cut = [], 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
+        if len(ids) > keep:
+            prompt, cut = tokenizer.decode(ids[:keep]), cut + 1
+        fitted.append(prompt)
+    if cut:
+        warnings.warn(f"{cut} prompt(s) longer than the text encoder's {limit} tokens were cut to fit (the text beyond "
+                      "cannot change the image)", stacklevel=3)
+    return fitted
+
+
 def read_prompt_file(path: Path, all_captions: bool = False) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(
             f"prompts file {path} does not exist: pass a COCO captions JSON/CSV, a PartiPrompts TSV, "
             "a JSON list or a text file with one prompt per line"
         )
+    if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise PromptFileError(f"prompts file {path} has {path.stat().st_size:,} bytes, more than the "
+                              f"{MAX_PROMPT_FILE_BYTES >> 20} MiB mixq reads: pass a smaller file (calibration "
+                              "needs tens of prompts, the report a few thousand at most)")
     text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".json":

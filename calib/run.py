@@ -29,7 +29,7 @@ from mixq.calib.config import Config, validate
 from mixq.calib.distributed import current_world
 from mixq.calib.pipeline import check_model_source, load_pipeline
 from mixq.calib.planner import SIDES, build_plan, check_budget_feasible, group_averages, sizes_for
-from mixq.calib.prompts import load_prompts
+from mixq.calib.prompts import fit_prompts_to_text_encoder, load_prompts
 from mixq.calib.report import plot_bits, plot_group_averages, plot_sensitivity, write_report
 from mixq.calib.runfolder import (MEASUREMENT_SECTIONS, RunFolder, digest, file_digest, measurement_inputs,
                                   model_fingerprint)
@@ -37,8 +37,9 @@ from mixq.calib.sensitivity import (Evaluator, candidate_bits, load_measurement,
                                     noise_floor_line, read_table_file, swapped_layers)
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError, PromptFileError, RunFolderError
-from mixq.io import read_yaml, write_yaml_atomic
+from mixq.io import read_yaml, require_utf8_path, write_yaml_atomic
 from mixq.layers import quantizable_layers, resolve_keep_fp
+from mixq.locks import folder_lock
 from mixq.metrics import batch_psnr, batch_ssim
 from mixq.plan import architecture_fingerprint
 from mixq.quantizers import FLOAT_BITS
@@ -139,6 +140,7 @@ def preflight(config: Config, folder: RunFolder, stages) -> list[str] | None:
     """Every check that needs no model, in the order a user would fix them. Returns the prompts when
     the collect stage will need them. Raises a MixqError; writes nothing."""
     validate(config)
+    require_utf8_path(folder.root, RunFolderError)
     check_model_source(config.model)
     needs_prompts = "collect" in stages and (len(stages) == 1 or not folder.collected())
     prompts = prompts_for(config) if needs_prompts else None
@@ -175,7 +177,8 @@ def check_budget_against_layers(config: Config, layers: dict):
 
 def collect_stage(s: Session):
     cal, folder = s.config.calibration, s.folder
-    prompts = s.prompts if s.prompts is not None else prompts_for(s.config)
+    given = s.prompts if s.prompts is not None else prompts_for(s.config)  # recorded as given, below
+    prompts = fit_prompts_to_text_encoder(s.pipe, given)
     s.log(f"collect: activation ranges over {len(prompts)} prompts")
     calibration = calibrate_ranges(s.pipe, prompts, batch_size=cal.batch_size, seed=s.config.sampling.seed,
                                    progress=s.progress, layers=s.all_layers, **s.config.pipeline_kwargs())
@@ -186,12 +189,12 @@ def collect_stage(s: Session):
                       cal.batch_size).save(folder.reference)
     s.__dict__.pop("calibration", None)  # reload what was just written
     s.__dict__.pop("evaluator", None)
-    record_measurement_inputs(s, prompts)
+    record_measurement_inputs(s, given)
 
 
 def sensitivity_stage(s: Session):
     measure_sensitivity(s.pipe, s.layers, s.calibration, s.evaluator, s.config.bits, s.folder.sensitivity,
-                        s.progress, s.log, threads=s.threads)
+                        s.progress, s.log, threads=s.threads, run=digest("inputs", s.folder.recorded_inputs()))
 
 
 def allocate_stage(s: Session):
@@ -327,11 +330,24 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
     pipe = load_pipeline(config.model, progress)
     s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate", threads=threads)
     state.layers = len(s.layers)
-    folder.check_inputs(measurement_inputs(config, prompts, model_fingerprint(pipe.unet)))
+    inputs = measurement_inputs(config, prompts, model_fingerprint(pipe.unet))
+    folder.check_inputs(inputs)
     check_budget_against_layers(config, s.layers)
     log(f"{config.name}: {len(s.all_layers)} Linear/Conv2d layers, {len(s.layers)} quantizable "
         f"({len(s.keep)} kept in floating point)")
+    world = current_world()
+    if not world.is_main:  # process 0 holds the folder for all of them
+        return run_stages(s, stages, threads, state)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    # One run at a time per folder: two runs (say, two re-budgets) would otherwise interleave their
+    # plan, config and report. A second run waits, then checks the folder again as it now is.
+    with folder_lock(folder.root, what="running", say=log):
+        folder.check_inputs(inputs)
+        return run_stages(s, stages, threads, state)
 
+
+def run_stages(s: Session, stages: tuple, threads: ThreadPolicy | None, state: RunState) -> Path:
+    folder, pipe, config = s.folder, s.pipe, s.config
     forced = len(stages) == 1
     # Under torchrun: process 0 collects while the others wait, every process measures its share of
     # the sensitivity table, and process 0 alone allocates and reports.

@@ -123,12 +123,19 @@ class RunFolder:
         write_yaml_atomic(self.config, config)
 
     def history_path(self, budget: dict) -> Path:
-        return self.plans / f"w{float(budget['w_bits']):.2f}-a{float(budget['a_bits']):.2f}.yaml"
+        """plans/w4.00-a8.00.yaml; a budget with more digits keeps them all (w3.996-a8.00), so two
+        budgets never share a file."""
+        return self.plans / f"w{budget_text(budget['w_bits'])}-a{budget_text(budget['a_bits'])}.yaml"
 
     def write_plan(self, plan: dict):
         """plan.yaml, and the same plan under plans/ by budget (earlier budgets' plans stay there)."""
         write_yaml_atomic(self.history_path(plan["budget"]), plan)
         write_yaml_atomic(self.plan, plan)
+
+
+def budget_text(bits) -> str:
+    bits = float(bits)
+    return f"{bits:.2f}" if round(bits, 2) == bits else repr(bits)
 
 
 # --- fingerprints -------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ import torch
 
 from mixq.api import build_quantized_layer
 from mixq.calib.collect import Reference, run_unet, to_device
-from mixq.calib.distributed import (World, current_world, merge_shard_rows, read_all_shards, remove_all_shards,
-                                    remove_shards, shard, write_shard)
+from mixq.calib.distributed import (World, current_world, merge_shard_rows, remove_all_shards, remove_shards,
+                                    shard, shard_paths, write_shard)
 from mixq.calib.pipeline import generate
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError
@@ -302,6 +302,10 @@ class LayerClock:
         return sum(self.per_layer(group) for group in groups_left)
 
 
+def thread_count_text(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
+
+
 def format_duration(seconds: float) -> str:
     if math.isnan(seconds):
         return "unknown"
@@ -361,27 +365,50 @@ def measured_rows(evaluator: Evaluator, todo: list[str], layers: dict, calibrati
         yield name, row
         groups_left = [layers[n].group for n in todo[index + 1:]]
         if clock.count == ESTIMATE_AFTER_LAYERS and groups_left:
-            say(f"{estimate_line(clock, groups_left, world)}, {torch.get_num_threads()} threads")
+            say(f"{estimate_line(clock, groups_left, world)}, {thread_count_text(torch.get_num_threads())}")
         threads_now = threads.maybe_rechoose() if threads is not None else torch.get_num_threads()
-        bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left, {threads_now} threads",
-                            refresh=False)
+        bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left, "
+                            f"{thread_count_text(threads_now)}", refresh=False)
+
+
+def matching_shards(table_path: Path, run: str | None, say) -> dict[Path, dict]:
+    """The shard files measured from this run's inputs (`run`, the key of run.yaml's inputs), each
+    checked like sensitivity.yaml; shards of other inputs (a leftover of an earlier run, a copied
+    folder) are reported and never merged."""
+    found = {}
+    for path in shard_paths(table_path):
+        data = read_yaml(path, error=CalibrationFileError)
+        if not isinstance(data, dict):
+            raise CalibrationFileError(f"{path}: expected a mapping with a 'layers' mapping of layer -> row, got "
+                                       f"{type(data).__name__}; delete the file and rerun")
+        if run is None or data.get("run") != run:
+            say(f"sensitivity: ignoring {path}: it was not measured from this folder's inputs (model, config, "
+                "prompts, candidates); delete it if it is a leftover")
+            continue
+        checked_table(data, path)
+        found[path] = data
+    return found
 
 
 def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibration, evaluator: Evaluator,
-                        bits_config, table_path, progress: bool = True, log=print, threads=None) -> dict:
+                        bits_config, table_path, progress: bool = True, log=print, threads=None,
+                        run: str | None = None) -> dict:
     """Fills (or resumes) the sensitivity table at `table_path`; returns layer -> row.
 
     Under torchrun every process measures its share of the layers into its own shard, and process 0
-    writes the merged table (the same file a single process writes)."""
+    writes the merged table (the same file a single process writes). `run` keys the inputs the rows
+    are measured from: shards under another key are ignored."""
     world = current_world()
     table_path = Path(table_path)
-    stored, shards = read_table_file(table_path), read_all_shards(table_path)
-    known = {**load_table(table_path), **{n: r for s in shards for n, r in (s.get("layers") or {}).items()}}
+    say = lambda message: log(world.log_prefix + message)  # noqa: E731
+    stored, shards = read_table_file(table_path), matching_shards(table_path, run, say)
+    # The table's own rows win over shard rows (a shard can only add layers the table lacks).
+    known = {**{n: r for s in shards.values() for n, r in (s.get("layers") or {}).items()}, **load_table(table_path)}
     check_no_stale_rows(known, layers, table_path)
-    measurement = stored.get("measurement") or next((s["measurement"] for s in shards if s.get("measurement")), None)
+    measurement = stored.get("measurement") or next((s["measurement"] for s in shards.values()
+                                                     if s.get("measurement")), None)
     done = set().union(*world.all_gather(sorted(known)))
     todo = [name for name in shard(list(layers), world) if name not in done]
-    say = lambda message: log(world.log_prefix + message)  # noqa: E731
     if done:
         say(f"sensitivity: resuming, {len(done)} of {len(layers)} layers already measured")
 
@@ -392,7 +419,8 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
         if world.size == 1:
             write_table(table_path, measurement, in_layer_order(mine, layers))
         else:
-            write_shard(table_path, world.rank, in_layer_order(mine, layers), measurement if world.is_main else None)
+            write_shard(table_path, world.rank, in_layer_order(mine, layers), measurement if world.is_main else None,
+                        run)
 
     started, serving_dtype = time.monotonic(), pipe.unet.dtype
     needs_floor = world.is_main and measurement is None
@@ -415,6 +443,11 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
     if todo:
         say(f"sensitivity: measured {len(todo)} layers in {time.monotonic() - started:.1f} s")
     if world.size == 1:
+        if shards:  # their rows are in the table now: the shards go
+            save()
+            for path in shards:
+                path.unlink(missing_ok=True)
+            remove_shards(table_path, [])  # the shard folder, once empty
         return in_layer_order(mine, layers)
     return merge_shards(world, table_path, layers, known, mine, measurement)
 

@@ -106,10 +106,10 @@ def run_pipeline(pipe, prompts, batch_size=8, seed=0, progress=True, desc="calib
 def calibrate_ranges(pipe, prompts=None, num_prompts=None, *, batch_size=8, seed=0, progress=True,
                      layers: dict[str, LayerInfo] | None = None, **pipeline_kwargs) -> Calibration:
     """Observe every quantizable layer's input range while the pipeline generates from `prompts`."""
-    from mixq.calib.prompts import load_prompts
+    from mixq.calib.prompts import fit_prompts_to_text_encoder, load_prompts
 
     unet = get_unet(pipe)
-    prompt_list = load_prompts(prompts, num_prompts)
+    prompt_list = fit_prompts_to_text_encoder(pipe, load_prompts(prompts, num_prompts))
     layers = quantizable_layers(unet) if layers is None else layers
     calibration = Calibration(meta={
         "model": architecture_fingerprint(unet),

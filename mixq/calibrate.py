@@ -103,7 +103,9 @@ def main(argv=None) -> int:
     from mixq.calib.run import STAGES, RunState, command_line, run
     from mixq.threads import ThreadPolicy
 
-    state = RunState()
+    import torch
+
+    state, threads_before = RunState(), torch.get_num_threads()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if is_main_thread() else None
     try:
         if args.threads is not None and args.threads < 1:
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
         print(("" if args.no_progress else "\n") + state.interrupted_line(), file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     finally:
+        torch.set_num_threads(threads_before)  # a caller in this process keeps its own setting
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0

@@ -56,7 +56,7 @@ class Calibration:
     def save(self, path):
         from safetensors.torch import save_file
 
-        from mixq.io import atomic_path
+        from mixq.io import atomic_path, storage_errors
 
         tensors, index = {}, {}
         for name, r in self.layers.items():
@@ -65,7 +65,7 @@ class Calibration:
             if r.bos_input is not None:
                 tensors[f"{name}:bos_input"] = r.bos_input.detach().float().cpu().contiguous()
             index[name] = {"numel": r.numel, "bos_constant": r.bos_constant, "calls": r.calls}
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, storage_errors(path):
             save_file(tensors, str(tmp), metadata={"layers": json.dumps(index), "meta": json.dumps(self.meta)})
 
     @classmethod

@@ -44,6 +44,10 @@ Saving is atomic as a whole. The tensor file is named by the first hex digits of
 manifest, which names it, is written last with one rename: until that rename the old manifest and its
 tensor file are untouched, after it the new pair is complete. The old tensor file and temporaries of
 interrupted saves are removed after the switch (and by the next save, if the process dies first).
+Two processes: a save holds the folder exclusively and a load holds it shared (mixq.locks), so a
+second save waits for the first and a load sees one whole checkpoint. The tensor file's metadata also
+records the manifest's format version and layer entries, so a manifest edited after saving is refused
+even when its hashes were recomputed to match.
 Format 1 checkpoints (the fixed name mixq_unet.safetensors, no name in the manifest) still load, and
 formats 1 and 2 (offset-binary packed weights) are converted to format 3's two's-complement fields as
 they load.
@@ -69,8 +73,9 @@ from mixq.kernels import dispatch
 from mixq._version import __version__
 from mixq.api import get_unet
 from mixq.errors import CheckpointError, MixqError
-from mixq.io import TEMP_SUFFIX, publish, temporary_sibling
+from mixq.io import TEMP_SUFFIX, publish, require_utf8_path, storage_errors, temporary_sibling
 from mixq.layers import find_lora_layers, find_quantized_layers, float_only_reason, set_submodule
+from mixq.locks import folder_lock
 from mixq.modules import (BOS_MODES, FakeQuantConv2d, FakeQuantLinear, QConv2d, QLinear, QuantizedLayer,
                           is_supported_conv)
 from mixq.plan import architecture_fingerprint
@@ -151,19 +156,23 @@ def save_quantized(pipe, path) -> Path:
         "mixq_info": getattr(unet, "mixq_info", {}),
     })
     folder = Path(path)
+    require_utf8_path(folder, CheckpointError)
     folder.mkdir(parents=True, exist_ok=True)
-    save_step("start")
-    remove_stale_temporaries(folder)
-    save_step("temporaries removed")
-    manifest["weights_file"] = write_tensor_file(folder, tensors, manifest_hash(manifest))
-    save_step("tensors written")
-    with temporary_sibling(folder / MANIFEST_NAME) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        save_step("manifest staged")
-        publish(tmp, folder / MANIFEST_NAME)  # the switch from the old checkpoint to the new one
-    save_step("manifest written")
-    remove_unreferenced_tensor_files(folder, keep=manifest["weights_file"]["name"])
-    save_step("done")
+    # One saver at a time, and no loader beside it: the cleanup below deletes every tensor file the new
+    # manifest does not name, which is only safe while nobody else writes or reads the folder.
+    with folder_lock(folder, what="saving"):
+        save_step("start")
+        remove_stale_temporaries(folder)
+        save_step("temporaries removed")
+        manifest["weights_file"] = write_tensor_file(folder, tensors, tensor_file_metadata(manifest))
+        save_step("tensors written")
+        with temporary_sibling(folder / MANIFEST_NAME) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+            save_step("manifest staged")
+            publish(tmp, folder / MANIFEST_NAME)  # the switch from the old checkpoint to the new one
+        save_step("manifest written")
+        remove_unreferenced_tensor_files(folder, keep=manifest["weights_file"]["name"])
+        save_step("done")
     return folder
 
 
@@ -176,12 +185,24 @@ def save_step(step: str):
     """Called at each step boundary of save_quantized; a no-op (tests replace it to crash the save there)."""
 
 
-def write_tensor_file(folder: Path, tensors: dict, manifest_sha256: str) -> dict:
+# Copied into the tensor file's metadata at save: the loader refuses a manifest whose format version or
+# layer entries differ from these (a hand-edited manifest with recomputed hashes would otherwise load a
+# different model: another activation bit-width, or weights read in the wrong packing).
+TENSOR_FILE_FORMAT_KEY, TENSOR_FILE_LAYERS_KEY = "mixq_format_version", "mixq_layers"
+
+
+def tensor_file_metadata(manifest: dict) -> dict[str, str]:
+    return {MANIFEST_HASH_KEY: manifest_hash(manifest), TENSOR_FILE_FORMAT_KEY: str(manifest["format_version"]),
+            TENSOR_FILE_LAYERS_KEY: json.dumps(manifest["layers"], sort_keys=True, separators=(",", ":"))}
+
+
+def write_tensor_file(folder: Path, tensors: dict, metadata: dict[str, str]) -> dict:
     """The tensors as a file named by its content hash; returns the manifest's record of it."""
     from safetensors.torch import save_file
 
     with temporary_sibling(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={MANIFEST_HASH_KEY: manifest_sha256})
+        with storage_errors(folder / WEIGHTS_NAME):
+            save_file(tensors, str(tmp), metadata=metadata)
         sha256 = file_sha256(tmp)
         record = {"name": versioned_weights_name(sha256), "bytes": tmp.stat().st_size, "sha256": sha256}
         save_step("tensors staged")
@@ -335,12 +356,22 @@ def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | 
         `revision` (branch, tag or commit), `subfolder` and `token` are passed to the download.
     """
     folder = checkpoint_folder(path, revision=revision, subfolder=subfolder, token=token)
+    require_utf8_path(folder, CheckpointError)
+    # Shared with other loaders, never beside a save: the manifest and the tensor file it names are read
+    # as one pair, even while another process saves into the folder.
+    with folder_lock(folder, shared=True, what="loading"):
+        return load_checkpoint_into(pipe, folder, path)
+
+
+def load_checkpoint_into(pipe, folder: Path, path):
     manifest = read_manifest(folder)
     check_format_version(manifest)
+    check_stored_fields(manifest, folder / MANIFEST_NAME)
     weights = weights_path(folder, manifest)
     check_integrity(weights, manifest)
     manifest = upgrade_manifest(manifest)
     check_manifest_fields(manifest, str(folder / MANIFEST_NAME))
+    check_layers_match_tensor_file(manifest, folder / MANIFEST_NAME, weights)
 
     unet = get_unet(pipe)
     check_loadable(unet)
@@ -485,10 +516,64 @@ def check_integrity(path: Path, manifest: dict):
     except RecursionError as err:
         raise CheckpointError(f"{folder / MANIFEST_NAME} is nested too deeply to be a mixq manifest: the checkpoint is "
                               "damaged; save or download it again") from err
-    if stored_manifest_hash(path) != expected_hash:
+    stored = tensor_file_metadata_of(path)
+    if stored.get(MANIFEST_HASH_KEY) != expected_hash:
         raise CheckpointError(f"{folder / MANIFEST_NAME} was edited after saving (it no longer matches the hash "
                               f"recorded in {path.name}): restore the original manifest or save the checkpoint "
                               "again")
+    if TENSOR_FILE_FORMAT_KEY in stored and stored[TENSOR_FILE_FORMAT_KEY] != str(manifest.get("format_version")):
+        raise CheckpointError(f"{folder / MANIFEST_NAME}: field 'format_version' is {manifest.get('format_version')!r} "
+                              f"but {path.name} was saved as format {stored[TENSOR_FILE_FORMAT_KEY]}: the manifest was "
+                              "edited; restore the original or save the checkpoint again")
+
+
+def check_layers_match_tensor_file(manifest: dict, where: Path, tensor_file: Path):
+    """The layer entries the tensor file was saved with (checkpoints saved before they were recorded
+    there are checked by their hashes alone). Run after the entries' own checks, which name
+    malformed values more precisely."""
+    stored = tensor_file_metadata_of(tensor_file)
+    if TENSOR_FILE_LAYERS_KEY in stored:
+        try:
+            saved_layers = json.loads(stored[TENSOR_FILE_LAYERS_KEY])
+            if not isinstance(saved_layers, dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{tensor_file} has unreadable layer metadata: the file is damaged; save or "
+                                  "download the checkpoint again") from None
+        layers = manifest.get("layers")
+        if layers != saved_layers:
+            field = first_layer_difference(layers, saved_layers)
+            raise CheckpointError(f"{where}: field {field} differs from what {tensor_file.name} was saved with: the "
+                                  "manifest was edited; restore the original or save the checkpoint again")
+
+
+def first_layer_difference(layers, saved: dict) -> str:
+    """The first field at which two manifests' layer entries differ, e.g. "layers['x'].a_bits"."""
+    if not isinstance(layers, dict):
+        return "layers"
+    for name in sorted(set(layers) | set(saved), key=str):
+        mine, theirs = layers.get(name), saved.get(name)
+        if mine != theirs:
+            if isinstance(mine, dict) and isinstance(theirs, dict):
+                key = next(k for k in sorted(set(mine) | set(theirs), key=str) if mine.get(k) != theirs.get(k))
+                return f"layers[{name!r}].{key}"
+            return f"layers[{name!r}]"
+    return "layers"
+
+
+# Top-level fields a stored manifest of a format version may have; anything else (for example the
+# offset_binary_weights flag that only a migration sets, in memory) is refused.
+STORED_FIELDS = {1: set(MANIFEST_FIELDS) | {"weights_file"}, 2: set(MANIFEST_FIELDS) | {"weights_file"},
+                 3: set(MANIFEST_FIELDS) | {"weights_file"}}
+
+
+def check_stored_fields(manifest: dict, where: Path):
+    allowed = STORED_FIELDS.get(manifest["format_version"], set(MANIFEST_FIELDS))
+    unknown = sorted(str(k) for k in manifest if k not in allowed)
+    if unknown:
+        raise CheckpointError(f"{where}: field {unknown[0]!r} does not belong to a format-{manifest['format_version']} "
+                              "manifest: the manifest was edited or written by another tool; restore the original or "
+                              "save the checkpoint again")
 
 
 @contextmanager
@@ -506,9 +591,9 @@ def open_tensor_file(path: Path):
                               "save or download it again") from err
 
 
-def stored_manifest_hash(weights_path: Path) -> str | None:
+def tensor_file_metadata_of(weights_path: Path) -> dict:
     with open_tensor_file(weights_path) as f:
-        return (f.metadata() or {}).get(MANIFEST_HASH_KEY)
+        return dict(f.metadata() or {})
 
 
 def check_manifest_fields(manifest: dict, where: str = MANIFEST_NAME):

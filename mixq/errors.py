@@ -61,3 +61,8 @@ __all__ = [
     "ModelLoadError",
     "RunFolderError",
 ]
+
+
+class StorageError(MixqError, OSError):
+    """A file that could not be written or opened: a full disk, permissions, a path the file format cannot
+    name (safetensors needs UTF-8 paths)."""

@@ -53,11 +53,15 @@ def architecture_fingerprint(unet) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+# A plan of the full SDXL UNet (794 layers, plan.yaml with its averages) is about 100 KB.
+MAX_PLAN_BYTES = 1 << 20  # ten times that: a larger file is refused before the (slow) parse
+
+
 def read_plan(plan) -> tuple[dict[str, tuple[int, int]], dict]:
     """A mapping or YAML path -> ({name: (w_bits, a_bits)}, metadata)."""
     source = plan
     if isinstance(plan, (str, Path)):
-        plan = read_yaml(plan, error=PlanMismatchError)
+        plan = read_yaml(plan, error=PlanMismatchError, max_bytes=MAX_PLAN_BYTES)
     if not isinstance(plan, dict):
         raise PlanMismatchError(f"plan {source!r} must be a mapping of layer name -> {{w_bits, a_bits}}")
     meta = {}

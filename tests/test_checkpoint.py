@@ -278,7 +278,8 @@ def rewrite_as_older_format(folder: Path, version: int) -> Path:
         del manifest["weights_file"]["name"]
         new_path = folder / checkpoint.WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
-        metadata = {**f.metadata(), checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
+        # What older mixq wrote: only the manifest's hash (the format and layer records came with format 3).
+        metadata = {checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
     path.unlink()
     save_file(tensors, str(new_path), metadata=metadata)
     manifest["weights_file"].update(bytes=new_path.stat().st_size, sha256=checkpoint.file_sha256(new_path))

@@ -20,6 +20,7 @@ import yaml
 import mixq
 from mixq import checkpoint
 from mixq.errors import MixqError
+from tests.conftest import capture_unet_call, unet_output
 
 QUICK = dict(num_prompts=2, num_inference_steps=1, guidance_scale=0.0, progress=False)
 CASES = {"manifest": 180, "tensor_file": 40, "plan": 90, "sensitivity": 90, "prompts": 120}  # 520 in all
@@ -202,8 +203,12 @@ def fresh_copy(pristine: Path, target: Path) -> Path:
 
 
 def test_hostile_manifests_are_refused_cleanly(pristine, _tiny_sdxl_master, tmp_path):
+    """Each edited manifest is refused with a mixq error, or loads the very model that was saved:
+    never a silently different one."""
     rng, guard, outcomes = random.Random(13), PipeGuard(_tiny_sdxl_master), []
     original = json.loads((pristine / checkpoint.MANIFEST_NAME).read_text())
+    call = capture_unet_call(_tiny_sdxl_master, prompts=("a red bus on a bridge",))
+    expected = unet_output(mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), pristine).unet, call)
     for case in range(CASES["manifest"]):
         folder = fresh_copy(pristine, tmp_path / "case")
         manifest = copy.deepcopy(original)
@@ -221,6 +226,8 @@ def test_hostile_manifests_are_refused_cleanly(pristine, _tiny_sdxl_master, tmp_
         (folder / checkpoint.MANIFEST_NAME).write_text(text)
         label = f"manifest case {case}"
         outcome = run_case(label, lambda: mixq.load_quantized(guard.pipe, folder))
+        if outcome == "ok":
+            assert torch.equal(unet_output(guard.pipe.unet, call), expected), f"{label}: loaded a different model"
         guard.check(label, outcome)
         outcomes.append(outcome)
     guard.check_state()

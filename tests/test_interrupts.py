@@ -4,7 +4,6 @@ with the files an uninterrupted run writes."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,0 +1,45 @@
+"""The README works as written: short, its offline snippet runs, its links and the docs' links resolve."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_cli import subprocess_env
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+
+def section(text: str, heading: str) -> str:
+    return text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    text = README.read_text()
+    assert len(text.splitlines()) < 200
+    commands = re.findall(r"```bash\n(.*?)```", section(text, "Two commands"), re.S)
+    assert commands[0].strip() == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m mixq.calibrate'
+    assert commands[1].strip() == "python -m pytest tests benchmarks --benchmark-disable -q"
+    assert "python -m pytest tests benchmarks --benchmark-disable -q" in (REPO / ".ci" / "run").read_text()
+    assert "mixq-calibrate" in text
+
+
+def test_make_an_image_snippet_runs_as_written(tmp_path):
+    code = re.findall(r"```python\n(.*?)```", section(README.read_text(), "Make an image"), re.S)[0]
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "shapes.png").stat().st_size > 0
+    assert result.stdout.startswith("Verdict(count=")
+
+
+def test_relative_links_resolve():
+    broken = []
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
