@@ -388,8 +388,15 @@ def write_report(records: list[dict], out_dir: Path, command: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    records = json.loads(Path(argv[0]).read_text())
-    totals = write_report(records, Path(argv[1]), "python -m benchmarks.static_report " + " ".join(argv))
+    import argparse
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.static_report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("records", help="the JSON that `python -m benchmarks.sass_gate --full --out ...` wrote")
+    parser.add_argument("out_dir", help="folder for report.md, estimates.json and estimates.png")
+    args = parser.parse_args(argv)
+    records = json.loads(Path(args.records).read_text())
+    totals = write_report(records, Path(args.out_dir), "python -m benchmarks.static_report " + " ".join(argv))
     for name, seconds in totals.items():
         print(f"{name}: {seconds * 1e3:.3f} ms")
     return 0

@@ -81,13 +81,13 @@ def _conv2d_kernel(
                 k0 = tap * C + c0
                 packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :])
-            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t)
+            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t, out_dtype=tl.int32)
         else:
             offs_c = c0 + tl.arange(0, BLOCK_K)
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=(offs_c < C)[None, :], other=0)
             # Channels past C would read the next tap's weights: gather_weights zeroes them.
             w = gather_weights(w_ptr, w_rows, stride_wn, tap * C + c0, tap * C + C, W_BITS, BLOCK_K)
-            acc_t = tl.dot(w, tl.trans(a), acc_t)
+            acc_t = tl.dot(w, tl.trans(a), acc_t, out_dtype=tl.int32)
     acc = tl.trans(acc_t)
     if EVEN_K:
         acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it

@@ -242,12 +242,12 @@ def _linear_kernel(
             else:
                 packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
                 a = tl.load(a_rows_ptr + (k0 + tl.arange(0, BLOCK_K))[None, :])
-            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t)
+            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t, out_dtype=tl.int32)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_rows_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
             w = gather_weights(w_ptr, w_rows, stride_wn, k0, K, W_BITS, BLOCK_K)
-            acc_t = tl.dot(w, tl.trans(a), acc_t)
+            acc_t = tl.dot(w, tl.trans(a), acc_t, out_dtype=tl.int32)
     acc = tl.trans(acc_t)
     if EVEN_K:
         acc = acc >> (8 - W_BITS)  # the lanes' scale 2^(8 - W_BITS); every sum is a multiple of it
