@@ -121,13 +121,19 @@ MAX_PROMPT_FILE_BYTES = 512 << 20  # COCO's largest captions file (train 2017) i
 
 
 def capped_prompts(prompts: list[str]) -> list[str]:
-    """Prompts with whitespace runs collapsed and cut to MAX_PROMPT_CHARS, with one short warning."""
-    capped = [" ".join(p.split()) if len(p) > MAX_PROMPT_CHARS else p for p in prompts]
-    long = sum(len(p) > MAX_PROMPT_CHARS for p in capped)
-    if long:
-        warnings.warn(f"{long} prompt(s) longer than {MAX_PROMPT_CHARS} characters were cut to that length (a text "
+    """Prompts longer than MAX_PROMPT_CHARS with whitespace runs collapsed and cut to that length, with
+    one short warning. Only a prefix is collapsed, so a huge line costs no more than a short one."""
+    capped, cut = [], 0
+    for prompt in prompts:
+        if len(prompt) > MAX_PROMPT_CHARS:
+            prompt = " ".join(prompt[:16 * MAX_PROMPT_CHARS].split())
+            cut += len(prompt) > MAX_PROMPT_CHARS
+            prompt = prompt[:MAX_PROMPT_CHARS]
+        capped.append(prompt)
+    if cut:
+        warnings.warn(f"{cut} prompt(s) longer than {MAX_PROMPT_CHARS} characters were cut to that length (a text "
                       "encoder reads at most 77 tokens)", stacklevel=3)
-    return [p[:MAX_PROMPT_CHARS] for p in capped]
+    return capped
 
 
 def fit_prompts_to_text_encoder(pipe, prompts: list[str]) -> list[str]:
