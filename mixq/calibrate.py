@@ -52,12 +52,12 @@ def parse_args(argv):
                         + sets("prompts"))
     parser.add_argument("--num-prompts", type=int, help="number of calibration prompts (first N)" + sets("num_prompts"))
     parser.add_argument("--w-bits", type=float,
-                        help="weight budget, a size-weighted average: the bit-width of the quantized layers' weights, weighted by "
-                             "their parameter counts; from the smallest candidate (2; the run states the exact floor, "
-                             "3.375 for proving) to 8. Default 4" + sets("w_bits"))
+                        help="weight budget, a size-weighted average: the bit-width of the quantized layers' weights, "
+                             "weighted by their parameter counts; from the smallest candidate (2; the run states the "
+                             "exact floor, 3.375 for proving) to 8. Default 4" + sets("w_bits"))
     parser.add_argument("--a-bits", type=float,
-                        help="activation budget, a size-weighted average: the bit-width of the layers' inputs, weighted by their "
-                             "element counts; 4 to 8. Default 8" + sets("a_bits"))
+                        help="activation budget, a size-weighted average: the bit-width of the layers' inputs, "
+                             "weighted by their element counts; 4 to 8. Default 8" + sets("a_bits"))
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the cores other processes leave free, chosen again as the "
                              "load changes; OMP_NUM_THREADS also fixes it)")
@@ -99,11 +99,11 @@ def raise_terminated(signum, frame):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    import torch
+
     from mixq.calib.distributed import maybe_init
     from mixq.calib.run import STAGES, RunState, command_line, run
     from mixq.threads import ThreadPolicy
-
-    import torch
 
     state, threads_before = RunState(), torch.get_num_threads()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if is_main_thread() else None

@@ -36,8 +36,9 @@ def holders(folder: Path) -> list[int]:
     pids = []
     for line in lines:
         fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (fields shift by one for "->" waiters)
-        if "FLOCK" in fields and "->" not in fields and len(fields) >= 6 and fields[-3].rsplit(":", 1)[-1] == str(inode):
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters read "1: -> FLOCK ..."
+        held = "FLOCK" in fields and "->" not in fields and len(fields) >= 6
+        if held and fields[-3].rsplit(":", 1)[-1] == str(inode):
             pid = fields[-4]
             if pid.isdigit() and int(pid) != os.getpid():
                 pids.append(int(pid))

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -158,15 +159,26 @@ def test_concurrent_rebudgets_leave_config_plan_and_report_in_agreement(tmp_path
     first = subprocess.run([*command, "--config", config, "--out", str(out)], env=subprocess_env(),
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    budgets = ("3.5", "5.0")
-    processes = [subprocess.Popen([*command, "--out", str(out), "--stage", "allocate", "--w-bits", b],
-                                  env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for b in budgets]
+    # The first re-budget lingers in its report stage, so that the second surely arrives while it runs.
+    slow_report = textwrap.dedent(f"""
+        import sys, time
+        import mixq.calib.run as run
+        write_report = run.write_report
+        run.write_report = lambda *a, **k: (time.sleep(5), write_report(*a, **k))
+        from mixq.calibrate import main
+        sys.exit(main({["--no-progress", "--out", str(out), "--stage", "allocate", "--w-bits", "3.5"]!r}))
+    """)
+    first_rebudget = subprocess.Popen([sys.executable, "-c", slow_report], env=subprocess_env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    second_rebudget = subprocess.Popen([*command, "--out", str(out), "--stage", "allocate", "--w-bits", "5.0"],
+                                       env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    processes = [first_rebudget, second_rebudget]
     outputs = [p.communicate(timeout=600) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert any("waiting until it is done" in out_ for out_, _ in outputs), "the two re-budgets did not take turns"
+    assert "waiting until it is done" in outputs[1][0], "the second re-budget did not wait for the first"
     plan = yaml.safe_load((out / "plan.yaml").read_text())["budget"]["w_bits"]
-    assert plan in (3.5, 5.0)
+    assert plan == 5.0  # the second re-budget ran after the first
     assert_folder_agrees(out, plan)
     # A plain rerun finds the folder consistent and current: nothing to redo.
     rerun = subprocess.run([*command, "--out", str(out)], env=subprocess_env(), capture_output=True, text=True,
