@@ -4,6 +4,8 @@ The cache is one JSON file, MIXQ_AUTOTUNE_CACHE or ~/.cache/mixq/autotune.json, 
 (kernel, shape, dtypes, GPU name, Triton version) to the fastest config. It is written atomically
 (temporary file + rename), so several processes may share it and a second process never tunes a
 shape again. MIXQ_AUTOTUNE=0 turns tuning off: cached choices are still used, else the default.
+MIXQ_AUTOTUNE_SECONDS bounds the tuning of one shape: the default config is measured first, then
+candidates until the time is up.
 Tuning is skipped while a CUDA graph is being captured (timing would break the capture).
 """
 
@@ -13,6 +15,7 @@ import functools
 import json
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -167,6 +170,16 @@ def tuning_enabled() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def tuning_budget_s() -> float:
+    """Seconds of tuning per shape (MIXQ_AUTOTUNE_SECONDS; unlimited by default): the candidates
+    measured in that time, the default among them, compete."""
+    value = os.environ.get("MIXQ_AUTOTUNE_SECONDS", "").strip()
+    try:
+        return float(value) if value else float("inf")
+    except ValueError:
+        return float("inf")
+
+
 class ConfigCache:
     """Configs by key, backed by a JSON file; reads it once, merges with it on every write."""
 
@@ -233,8 +246,12 @@ def tuned_config(key: str, candidates: Iterable[Config], measure: Callable[[Conf
         return cached
     if not tuning_enabled():
         return default
-    timings = {}
+    timings, started, budget = {}, time.monotonic(), tuning_budget_s()
+    if budget < float("inf"):
+        candidates = dict.fromkeys([default, *candidates])  # the default first: any budget covers it
     for config in candidates:
+        if timings and time.monotonic() - started > budget:
+            break  # out of time: the best so far (compiling a candidate takes seconds)
         try:
             timings[config] = measure(config)
         except OutOfResources:

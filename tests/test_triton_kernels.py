@@ -481,6 +481,17 @@ def test_autotune_off_and_unreadable_cache(cache_file, monkeypatch):
     assert autotune.ConfigCache(cache_file).get("k") == FAST
 
 
+def test_a_tuning_budget_measures_the_default_first_and_stops_in_time(cache_file, monkeypatch):
+    monkeypatch.delenv("MIXQ_AUTOTUNE", raising=False)
+    monkeypatch.setenv("MIXQ_AUTOTUNE_SECONDS", "0")
+    timer = Timer({FAST: 1.0, SLOW: 2.0, MEDIUM: 1.5})
+    assert autotune.tuned_config("budget", [FAST, SLOW], timer, default=MEDIUM) == MEDIUM
+    assert timer.calls == 1  # only the default: the budget was spent before the candidates
+    monkeypatch.setenv("MIXQ_AUTOTUNE_SECONDS", "60")
+    assert autotune.tuned_config("budget2", [FAST, SLOW], timer, default=MEDIUM) == FAST
+    assert timer.calls == 4
+
+
 def test_unwritable_autotune_cache_warns_and_keeps_the_choice(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

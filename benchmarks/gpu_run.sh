@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU run as one command, from the repository root:   benchmarks/gpu_run.sh OUT [--dry-run]
+#
+# A lent GPU machine's image has torch, triton, transformers and peft but not diffusers. Carry its
+# wheels in .whl/ (ignored by git), filled beforehand on a machine with network access:
+#     pip download --no-deps -d .whl diffusers importlib_metadata
+# mixq itself needs no install: run from the root, `import mixq` finds the checkout (mixq/kernels and
+# mixq/calib are links to kernels/ and calib/). Everything lands in OUT (benchmarks/gpu_run.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install --no-index --find-links .whl diffusers
+fi
+exec python3 -m benchmarks.gpu_run "$@"
