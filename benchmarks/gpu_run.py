@@ -13,7 +13,7 @@ Everything goes into the folder OUT, at most 8 files (FILES), so that they can a
 - kernels.json: per shape, mixq W8A8 / W4A8 (autotuned, the cache written to autotune.json in OUT)
   against cuBLAS fp16 (`F.linear` / `F.conv2d`) and `torch._int_mm`; triton.testing.do_bench medians;
 - unet.json: the full SDXL-Turbo UNet architecture (random weights, 64x64 latents = 512x512, batch 1,
-  one step) captured in a CUDA graph: fp16, W8A8, W4A8 and the benchmarks' mixed plan; median of
+  one step) captured in a CUDA graph: fp16, W8A8, W4A8 and a plan with the weight shares of the offline default's 4-bit plan; median of
   ROUNDS replays timed with CUDA events after warm-up, and peak memory;
 - report.md: the measurements beside the static estimates (benchmarks/results/static);
 - log.txt: what the run printed.
@@ -235,7 +235,7 @@ def unet_timings(device: str, rounds: int) -> dict:
 
     import mixq
     from benchmarks.cpu_unet import calibrate, unet_inputs
-    from benchmarks.plans import derived_plan
+    from benchmarks.plans import mixed_4bit_plan
     from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
 
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -246,7 +246,7 @@ def unet_timings(device: str, rounds: int) -> dict:
               for k, v in unet_inputs(base, latent, dtype).items()}
     calibration = calibrate(base, inputs)
     variants = {"fp16": None, "W8A8": dict(w_bit=8, a_bit=8), "W4A8": dict(w_bit=4, a_bit=8),
-                "mixed plan (derived)": dict(plan=derived_plan(base))}
+                "4-bit mixed plan": dict(plan=mixed_4bit_plan(base))}
     results = {"latents": latent, "dtype": str(dtype), "graph": device == "cuda", "variants": {}}
     for name, options in variants.items():
         unet = base if options is None else copy.deepcopy(base)

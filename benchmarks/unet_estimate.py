@@ -193,20 +193,58 @@ def quantize_passes(static_layers: list[dict]) -> int:
     return sum(row["count"] - row["shared_input"] for row in static_layers if not row["kept_in_float"])
 
 
-def quantized_h100(kernels: list[Kernel], static: dict) -> dict:
-    """H100 whole-UNet estimates: fp16, and W8A8 / W4A8 with the Linear/Conv2d layers' fp16 roofline
-    replaced by the static report's compiled-kernel estimate, quantize passes included (each pass also
-    one more kernel launch)."""
+def plan_layers_seconds(static_layers: list[dict], layers: list[dict], w_bits: dict[str, int]) -> tuple[float, int]:
+    """(seconds, quantize passes) of the Linear/Conv2d layers under a per-layer plan: each layer at its
+    shape's compiled-kernel estimate for its weight width (W2 at W4's: the gate compiles both main
+    loops to nearly the same length, and the static report has no W2 rows), plus its quantize pass
+    unless it reuses the previous layer's codes; layers in floating point at the fp16 roofline."""
+    by_shape = {(r["kind"], r["m"], r["k"], r["n"]): r for r in static_layers}
+    seconds, passes = 0.0, 0
+    for layer in layers:
+        row = by_shape[(layer["kind"], layer["m"], layer["k"], layer["n"])]
+        bits = w_bits.get(layer["name"], 16)
+        if bits >= 16 or row["kept_in_float"] or "w4" not in row:
+            seconds += row["fp16_roofline_s"]
+            continue
+        estimate = row["w8" if bits == 8 else "w4"]
+        seconds += estimate["gemm_s"]
+        if not layer["shared"]:
+            seconds, passes = seconds + estimate["quantize_s"], passes + 1
+    return seconds, passes
+
+
+def mixed_plan_bits(config: dict) -> dict[str, int]:
+    """Weight bits of the benchmarks' 4-bit mixed plan (the offline default's shares per group)."""
+    from benchmarks.plans import DEFAULT_RUN_WEIGHT_SHARES, proportional_bits
+    from mixq.layers import DEFAULT_KEEP_FP, quantizable_layers
+
+    with torch.device("meta"):
+        from diffusers import UNet2DConditionModel
+
+        layers = {n: i for n, i in quantizable_layers(UNet2DConditionModel(**config)).items() if n not in DEFAULT_KEEP_FP}
+    return proportional_bits({n: i.params for n, i in layers.items()}, {n: i.group for n, i in layers.items()},
+                             DEFAULT_RUN_WEIGHT_SHARES)
+
+
+def quantized_h100(kernels: list[Kernel], static: dict, layers: list[dict] | None = None,
+                   plan_bits: dict[str, int] | None = None) -> dict:
+    """H100 whole-UNet estimates: fp16, and W8A8 / W4A8 (and a mixed plan, given the per-layer shapes
+    and its bits) with the Linear/Conv2d layers' fp16 roofline replaced by the static report's
+    compiled-kernel estimate, quantize passes included (each pass also one more kernel launch)."""
     fp16 = predict(kernels, GPUS["H100 SXM"])
     others = fp16["total"] - static["totals"]["fp16 roofline"]
     result = {"fp16": fp16["total"]}
     for name in ("W8A8", "W4A8"):
         result[name] = (others + static["totals"][f"{name} kernels + quantize passes"]
                         + LAUNCH_S * quantize_passes(static["layers"]))
+    if layers is not None and plan_bits is not None:
+        seconds, passes = plan_layers_seconds(static["layers"], layers, plan_bits)
+        result["4-bit mixed plan"] = others + seconds + LAUNCH_S * passes
     return result
 
 
-def report(kernels: list[Kernel], static: dict | None) -> tuple[str, dict]:
+def report(kernels: list[Kernel], static: dict | None, layers: list[dict] | None = None,
+           plan_bits: dict[str, int] | None = None) -> tuple[str, dict]:
     checked = validation(kernels)
     ratio = max(1.0, checked["ratio"])
     ratios = sorted(max(1.0, r["ratio"]) for r in checked["gpus"].values())
@@ -241,7 +279,7 @@ def report(kernels: list[Kernel], static: dict | None) -> tuple[str, dict]:
     result = {"kernels": len(kernels), "launch_s": LAUNCH_S, "validation": checked, "h100_fp16": h100}
     if static is not None:
         gemm_fp16 = static["totals"]["fp16 roofline"]
-        estimates = quantized_h100(kernels, static)
+        estimates = quantized_h100(kernels, static, layers, plan_bits)
         lines += ["", "Whole UNet on H100 (Linear/Conv2d layers from the compiled-SASS estimate of "
                   "benchmarks/results/static/report.md, quantize passes included, each one more kernel; the rest of "
                   "the forward as in fp16):", "",
@@ -276,9 +314,12 @@ def main(argv=None) -> int:
     parser.add_argument("--static", type=Path, default=Path("benchmarks/results/static/estimates.json"),
                         help="the static report's estimates.json (the quantized Linear/Conv2d layers)")
     args = parser.parse_args(argv)
-    kernels = trace_kernels(sdxl_turbo_unet_config())
+    from benchmarks.sdxl_shapes import layer_shapes
+
+    config = sdxl_turbo_unet_config()
+    kernels = trace_kernels(config)
     static = json.loads(args.static.read_text()) if args.static.is_file() else None
-    text, result = report(kernels, static)
+    text, result = report(kernels, static, layer_shapes(config), mixed_plan_bits(config))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "unet-estimate.md").write_text(text)
     (args.out / "unet-estimate.json").write_text(json.dumps(

@@ -30,7 +30,7 @@ def test_dry_run_writes_every_file_and_passes(tmp_path):
     assert {c["dtype"] for c in checks} == {"float16", "bfloat16"} and any(c["split_k"] > 1 for c in checks)
     assert {c["kind"] for c in checks} == {"linear", "conv"}
     unet = json.loads((out / "unet.json").read_text())
-    assert set(unet["variants"]) == {"fp16", "W8A8", "W4A8", "mixed plan (derived)"}
+    assert set(unet["variants"]) == {"fp16", "W8A8", "W4A8", "4-bit mixed plan"}
     report = (out / "report.md").read_text()
     assert "bit for bit the reference" in report and "## Whole UNet" in report
     assert "correctness:" in (out / "log.txt").read_text()
@@ -60,3 +60,14 @@ def test_without_a_gpu_the_real_run_says_to_use_dry_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", str(tmp_path / "x")], cwd=REPO,
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+def test_proportional_bits_split_each_group_by_its_shares():
+    from benchmarks.plans import proportional_bits
+
+    params = {f"c{i}": 10 for i in range(10)} | {f"q{i}": 10 for i in range(4)}
+    groups = {n: "content" if n.startswith("c") else "quality" for n in params}
+    bits = proportional_bits(params, groups, {"content": {8: 0.2, 4: 0.3, 2: 0.5}, "quality": {8: 0.5, 4: 0.5}})
+    content = [bits[f"c{i}"] for i in range(10)]
+    assert content.count(8) == 2 and content.count(4) == 3 and content.count(2) == 5
+    assert [bits[f"q{i}"] for i in range(4)] == [8, 8, 4, 4]

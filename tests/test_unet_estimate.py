@@ -54,3 +54,19 @@ def test_quantize_passes_skip_shared_inputs_and_float_layers():
     layers = [{"count": 10, "shared_input": 3, "kept_in_float": False},
               {"count": 1, "shared_input": 0, "kept_in_float": True}]
     assert quantize_passes(layers) == 7
+
+
+def test_a_uniform_plan_reproduces_the_static_report_totals():
+    """Per-layer pricing of a plan (mixed plans) agrees with the static report's per-shape totals."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.sdxl_shapes import layer_shapes
+    from benchmarks.unet_estimate import plan_layers_seconds, sdxl_turbo_unet_config
+
+    static = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/static/estimates.json").read_text())
+    layers = layer_shapes(sdxl_turbo_unet_config())
+    for bits in (8, 4):
+        seconds, passes = plan_layers_seconds(static["layers"], layers, {layer["name"]: bits for layer in layers})
+        assert seconds == pytest.approx(static["totals"][f"W{bits}A8 kernels + quantize passes"], rel=1e-9)
+        assert passes == quantize_passes(static["layers"])
