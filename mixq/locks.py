@@ -64,9 +64,20 @@ def folder_lock(folder, shared: bool = False, what: str = "writing", say=None):
             _release(key)
         return
     fd = _open_folder(folder)
-    if fd is None:
-        yield
+    if fd is None or not _acquire(fd, folder, shared, what, say):
+        yield  # no flock here: unlocked
         return
+    with _guard:
+        _held[key] = (fd, 1, "shared" if shared else "exclusive")
+    try:
+        yield
+    finally:
+        _release(key)
+
+
+def _acquire(fd: int, folder: Path, shared: bool, what: str, say) -> bool:
+    """Take the flock on `fd`, waiting (with one message) while another process holds it; False, with
+    `fd` closed, where the filesystem does not support flock."""
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
@@ -76,19 +87,13 @@ def folder_lock(folder, shared: bool = False, what: str = "writing", say=None):
             who = f"process {', '.join(map(str, pids))}" if pids else "another process"
             (say or _stderr)(f"{folder}: {who} is using it; waiting until it is done before {what}")
             fcntl.flock(fd, mode)
-        except OSError:  # the filesystem does not support flock: go on unlocked
-            os.close(fd)
-            yield
-            return
-    except BaseException:
+    except OSError:
+        os.close(fd)
+        return False
+    except BaseException:  # interrupted while waiting
         os.close(fd)
         raise
-    with _guard:
-        _held[key] = (fd, 1, "shared" if shared else "exclusive")
-    try:
-        yield
-    finally:
-        _release(key)
+    return True
 
 
 def _release(key: str):
