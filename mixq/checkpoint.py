@@ -368,10 +368,10 @@ def load_checkpoint_into(pipe, folder: Path, path):
     check_format_version(manifest)
     check_stored_fields(manifest, folder / MANIFEST_NAME)
     weights = weights_path(folder, manifest)
-    check_integrity(weights, manifest)
+    stored = check_integrity(weights, manifest)
     manifest = upgrade_manifest(manifest)
     check_manifest_fields(manifest, str(folder / MANIFEST_NAME))
-    check_layers_match_tensor_file(manifest, folder / MANIFEST_NAME, weights)
+    check_layers_match_tensor_file(manifest, stored, folder / MANIFEST_NAME, weights)
 
     unet = get_unet(pipe)
     check_loadable(unet)
@@ -496,8 +496,9 @@ def weights_path(folder: Path, manifest: dict) -> Path:
     return folder / name
 
 
-def check_integrity(path: Path, manifest: dict):
-    """The tensor file at `path` is the one the manifest was saved with, whole, and the manifest is unedited."""
+def check_integrity(path: Path, manifest: dict) -> dict:
+    """The tensor file at `path` is the one the manifest was saved with, whole, and the manifest is
+    unedited; returns the tensor file's metadata."""
     record, folder = manifest["weights_file"], path.parent
     if not path.is_file():
         raise CheckpointError(f"{folder} has a manifest but no {path.name}: copy or download the whole folder")
@@ -525,13 +526,13 @@ def check_integrity(path: Path, manifest: dict):
         raise CheckpointError(f"{folder / MANIFEST_NAME}: field 'format_version' is {manifest.get('format_version')!r} "
                               f"but {path.name} was saved as format {stored[TENSOR_FILE_FORMAT_KEY]}: the manifest was "
                               "edited; restore the original or save the checkpoint again")
+    return stored
 
 
-def check_layers_match_tensor_file(manifest: dict, where: Path, tensor_file: Path):
-    """The layer entries the tensor file was saved with (checkpoints saved before they were recorded
-    there are checked by their hashes alone). Run after the entries' own checks, which name
-    malformed values more precisely."""
-    stored = tensor_file_metadata_of(tensor_file)
+def check_layers_match_tensor_file(manifest: dict, stored: dict, where: Path, tensor_file: Path):
+    """The layer entries the tensor file was saved with (`stored`: its metadata; checkpoints saved
+    before they were recorded there are checked by their hashes alone). Run after the entries' own
+    checks, which name malformed values more precisely."""
     if TENSOR_FILE_LAYERS_KEY in stored:
         try:
             saved_layers = json.loads(stored[TENSOR_FILE_LAYERS_KEY])
@@ -561,15 +562,10 @@ def first_layer_difference(layers, saved: dict) -> str:
     return "layers"
 
 
-# Top-level fields a stored manifest of a format version may have; anything else (for example the
-# offset_binary_weights flag that only a migration sets, in memory) is refused.
-STORED_FIELDS = {1: set(MANIFEST_FIELDS) | {"weights_file"}, 2: set(MANIFEST_FIELDS) | {"weights_file"},
-                 3: set(MANIFEST_FIELDS) | {"weights_file"}}
-
-
 def check_stored_fields(manifest: dict, where: Path):
-    allowed = STORED_FIELDS.get(manifest["format_version"], set(MANIFEST_FIELDS))
-    unknown = sorted(str(k) for k in manifest if k not in allowed)
+    """A stored manifest has MANIFEST_FIELDS and nothing else, in every format: anything more (for
+    example the offset_binary_weights flag that only a migration sets, in memory) is refused."""
+    unknown = sorted(str(k) for k in manifest if k not in MANIFEST_FIELDS)
     if unknown:
         raise CheckpointError(f"{where}: field {unknown[0]!r} does not belong to a format-{manifest['format_version']} "
                               "manifest: the manifest was edited or written by another tool; restore the original or "
