@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mixq.errors import ConfigError, MixqError
+from mixq.errors import MixqError
 
 
 def parse_args(argv):
@@ -108,13 +108,12 @@ def main(argv=None) -> int:
     state, threads_before = RunState(), torch.get_num_threads()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if is_main_thread() else None
     try:
-        if args.threads is not None and args.threads < 1:
-            raise ConfigError(f"--threads {args.threads}: give at least 1 (or leave it out to use the free cores)")
+        threads = ThreadPolicy(args.threads, log=print)
         config, out = resolve_config(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
         with maybe_init():  # joins torchrun's process group when there is one
             run(config, out, stages=stages, progress=not args.no_progress, command=command_line(argv),
-                threads=ThreadPolicy(args.threads, log=print), state=state)
+                threads=threads, state=state)
     except (MixqError, FileNotFoundError) as err:  # bad input: the message says what and how to fix it
         print(f"error: {err}", file=sys.stderr)
         return 2

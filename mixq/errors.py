@@ -45,6 +45,10 @@ class ModelLoadError(MixqError, OSError):
     """A pipeline that could not be loaded (Hub unreachable, offline mode, a folder without a model)."""
 
 
+class StorageError(MixqError, OSError):
+    """A file that could not be written: a full disk or another I/O error reported by safetensors."""
+
+
 class RunFolderError(MixqError, ValueError):
     """A calibration run folder whose recorded inputs differ from the ones given now."""
 
@@ -60,9 +64,5 @@ __all__ = [
     "NonFiniteActivationError",
     "ModelLoadError",
     "RunFolderError",
+    "StorageError",
 ]
-
-
-class StorageError(MixqError, OSError):
-    """A file that could not be written or opened: a full disk, permissions, a path the file format cannot
-    name (safetensors needs UTF-8 paths)."""

@@ -2,7 +2,8 @@
 
 PyTorch starts one OpenMP thread per core. When another process keeps some of those cores busy, the
 threads that share a core with it are descheduled while the others spin at every barrier: on a
-2-core machine with one busy core, calibration measured 25-60x slower with 2 threads than with 1. So
+2-core Xeon with one core busy, calibration took about 13 s per layer with 2 threads against 1.2 s
+with 1 (benchmarks/results/cpu-calibration-threads-2026-12-06.md). So
 long runs choose their thread count from the cores this process may use (its CPU affinity) minus the
 cores other processes keep busy, measured over a short window from /proc/stat, and choose again
 from time to time as the load changes. `--threads N` (or OMP_NUM_THREADS) fixes the count instead.
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mixq.errors import ConfigError
 
 MEASURE_SECONDS = 0.3
 RECHOOSE_EVERY_SECONDS = 30.0
@@ -67,10 +70,11 @@ class ThreadPolicy:
     `fixed` (from --threads or OMP_NUM_THREADS) turns the choice off."""
 
     def __init__(self, fixed: int | None = None, log=None):
+        source = "--threads"
         if fixed is None and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-            fixed = int(os.environ["OMP_NUM_THREADS"])
+            fixed, source = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
         if fixed is not None and fixed < 1:
-            raise ValueError(f"threads must be at least 1, got {fixed}")
+            raise ConfigError(f"{source} {fixed}: give at least 1 (or leave it out to use the free cores)")
         self.fixed, self.log = fixed, log
         self.threads: int | None = None
         self.chosen_at = -float("inf")
