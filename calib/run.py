@@ -55,7 +55,7 @@ __all__ = ["STAGES", "MEASUREMENT_SECTIONS", "RunFolder", "RunState", "run", "pr
 class RunState:
     """Where a run is, for the one line an interrupted run prints (see mixq.calibrate)."""
 
-    folder: Path | None = None
+    folder: RunFolder | None = None
     stage: str | None = None  # None: before the first stage (checks, model loading)
     layers: int = 0
 
@@ -64,8 +64,7 @@ class RunState:
             return "interrupted before any stage started (nothing was written); rerun the same command to start"
         detail = ""
         if self.stage == "sensitivity" and self.folder is not None:
-            table = Path(self.folder) / "sensitivity.yaml"
-            measured = len(read_table_file(table).get("layers") or {}) if table.exists() else 0
+            measured = len(read_table_file(self.folder.sensitivity).get("layers") or {})
             detail = f" ({measured} of {self.layers} layers measured)"
         return f"interrupted during {self.stage}{detail}; rerun the same command to resume"
 
@@ -194,7 +193,7 @@ def collect_stage(s: Session):
 
 def sensitivity_stage(s: Session):
     measure_sensitivity(s.pipe, s.layers, s.calibration, s.evaluator, s.config.bits, s.folder.sensitivity,
-                        s.progress, s.log, threads=s.threads, run=digest("inputs", s.folder.recorded_inputs()))
+                        s.progress, s.log, threads=s.threads, run=s.folder.inputs_key())
 
 
 def allocate_stage(s: Session):
@@ -255,14 +254,14 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
 
 def content_cache_key(s: Session, table: dict) -> str:
     """Everything the plan-independent content images depend on: a change to any of them regenerates."""
-    import mixq
     from mixq.kernels.dispatch import selected_backend
 
     backend = selected_backend(torch.zeros(1, device=s.pipe.unet.device))
-    return digest("content-images", model_fingerprint(s.pipe.unet), file_digest(s.folder.ranges),
-                  [(n, row["group"]) for n, row in table.items()], s.config.evaluation.content_prompts,
-                  s.config.sampling.seed, sorted(s.config.pipeline_kwargs().items()), backend, torch.__version__,
-                  mixq.__version__)
+    # The recorded inputs cover the model's fingerprint, the sampling, keep-fp and candidate settings and
+    # the mixq version (run() has checked them against this pipeline); the table gives layers and groups.
+    return digest("content-images", s.folder.inputs_key(), file_digest(s.folder.ranges),
+                  [(n, row["group"]) for n, row in table.items()], s.config.evaluation.content_prompts, backend,
+                  torch.__version__)
 
 
 STAGE_FUNCTIONS = {"collect": collect_stage, "sensitivity": sensitivity_stage, "allocate": allocate_stage,
@@ -325,7 +324,7 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
     folder = RunFolder(out)
     stages = tuple(stages)
     state = state if state is not None else RunState()
-    state.folder = folder.root
+    state.folder = folder
     prompts = preflight(config, folder, stages)
     pipe = load_pipeline(config.model, progress)
     s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate", threads=threads)
@@ -337,17 +336,17 @@ def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, co
         f"({len(s.keep)} kept in floating point)")
     world = current_world()
     if not world.is_main:  # process 0 holds the folder for all of them
-        return run_stages(s, stages, threads, state)
+        return run_stages(s, stages, state)
     folder.root.mkdir(parents=True, exist_ok=True)
     # One run at a time per folder: two runs (say, two re-budgets) would otherwise interleave their
     # plan, config and report. A second run waits, then checks the folder again as it now is.
     with folder_lock(folder.root, what="running", say=log):
         folder.check_inputs(inputs)
-        return run_stages(s, stages, threads, state)
+        return run_stages(s, stages, state)
 
 
-def run_stages(s: Session, stages: tuple, threads: ThreadPolicy | None, state: RunState) -> Path:
-    folder, pipe, config = s.folder, s.pipe, s.config
+def run_stages(s: Session, stages: tuple, state: RunState) -> Path:
+    folder, pipe, config, threads = s.folder, s.pipe, s.config, s.threads
     forced = len(stages) == 1
     # Under torchrun: process 0 collects while the others wait, every process measures its share of
     # the sensitivity table, and process 0 alone allocates and reports.

@@ -88,6 +88,11 @@ class RunFolder:
         stored = self.stored_config() or {}
         return {"config": {s: stored.get(s) for s in MEASUREMENT_SECTIONS}} if stored else {}
 
+    def inputs_key(self) -> str:
+        """A digest of the recorded inputs: what results derived from this folder's measurements
+        (sensitivity shards, cached report rows) are keyed by."""
+        return digest("inputs", self.recorded_inputs())
+
     def check_inputs(self, inputs: dict):
         """Refuse inputs that differ from the recorded ones, naming every difference. Keys absent
         from `inputs` (e.g. the model fingerprint before the model has loaded) are not compared."""
