@@ -236,12 +236,12 @@ def unet_timings(device: str, rounds: int) -> dict:
     import mixq
     from benchmarks.cpu_unet import calibrate, unet_inputs
     from benchmarks.plans import mixed_4bit_plan
-    from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
+    from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config, unet_from_config
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     config = dict(SDXL_UNET_STRUCTURE) if device == "cuda" else shrink_unet_config(dict(SDXL_UNET_STRUCTURE))
     latent = 64 if device == "cuda" else 16
-    base = random_unet(config, dtype, device)
+    base = unet_from_config(config, seed=0, dtype=dtype, device=device)  # made in place on the GPU
     inputs = {k: v.to(device) if hasattr(v, "to") else {a: b.to(device) for a, b in v.items()}
               for k, v in unet_inputs(base, latent, dtype).items()}
     calibration = calibrate(base, inputs)
@@ -257,22 +257,6 @@ def unet_timings(device: str, rounds: int) -> dict:
         if unet is not base:
             del unet
     return results
-
-
-def random_unet(config: dict, dtype, device: str):
-    """The UNet with seeded random weights, made in place on the device (2.6 B parameters at full size:
-    building it on the CPU in float32 first would take minutes of the GPU's time)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return UNet2DConditionModel(**config).eval()
-    finally:
-        torch.set_default_dtype(default)
 
 
 def forward_time(unet, inputs, device: str, rounds: int) -> dict:

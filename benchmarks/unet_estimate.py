@@ -143,15 +143,9 @@ def sdxl_turbo_unet_config() -> dict:
 
 def trace_kernels(config: dict, latent: int = 64, batch: int = 1, dtype=torch.float16) -> list[Kernel]:
     """The kernels of one UNet forward (SDXL conditioning: 77 text tokens, pooled embeds, time ids)."""
-    from diffusers import UNet2DConditionModel
+    from mixq.offline import unet_from_config
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters made in `dtype` (a later .to() would print a diffusers note)
-    try:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**config)
-    finally:
-        torch.set_default_dtype(default)
+    unet = unet_from_config(config, dtype=dtype, device="meta")
     with torch.device("meta"):
         sample = torch.randn(batch, config["in_channels"], latent, latent, dtype=dtype)
         text = torch.randn(batch, 77, config["cross_attention_dim"], dtype=dtype)
@@ -215,15 +209,11 @@ def plan_layers_seconds(static_layers: list[dict], layers: list[dict], w_bits: d
 
 def mixed_plan_bits(config: dict) -> dict[str, int]:
     """Weight bits of the benchmarks' 4-bit mixed plan (the offline default's shares per group)."""
-    from benchmarks.plans import DEFAULT_RUN_WEIGHT_SHARES, proportional_bits
-    from mixq.layers import DEFAULT_KEEP_FP, quantizable_layers
+    from benchmarks.plans import mixed_4bit_plan
+    from mixq.offline import unet_from_config
 
-    with torch.device("meta"):
-        from diffusers import UNet2DConditionModel
-
-        layers = {n: i for n, i in quantizable_layers(UNet2DConditionModel(**config)).items() if n not in DEFAULT_KEEP_FP}
-    return proportional_bits({n: i.params for n, i in layers.items()}, {n: i.group for n, i in layers.items()},
-                             DEFAULT_RUN_WEIGHT_SHARES)
+    plan = mixed_4bit_plan(unet_from_config(config, device="meta"))
+    return {name: entry["w_bits"] for name, entry in plan["layers"].items()}
 
 
 def quantized_h100(kernels: list[Kernel], static: dict, layers: list[dict] | None = None,

@@ -91,11 +91,19 @@ def shrink_unet_config(config: dict, base_width: int = 16, text_width: int = TIN
 
 
 def unet_from_config(config: dict, seed: int = 0, dtype=torch.float32, device="cpu"):
+    """The UNet of `config` with seeded random weights, made in place in `dtype` on `device` (a
+    full-size UNet is never built in float32 on the CPU first; "meta" gives shapes without memory)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    return _to(UNet2DConditionModel(**cfg), device, dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a .to(dtype) afterwards would also print a diffusers notice
+    try:
+        with torch.device(device):
+            return UNet2DConditionModel(**cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _to(module, device, dtype):
