@@ -77,3 +77,27 @@ def unet_output(unet, call) -> torch.Tensor:
     from mixq.calib.collect import run_unet
 
     return run_unet(unet, call)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A finished `python -m mixq.calibrate` run of the small test config at budget 4 (read-only: tests
+    that change a run folder take `folder`, a copy)."""
+    from mixq.calibrate import main
+    from tests.test_cli import write_small_config
+
+    root = tmp_path_factory.mktemp("finished")
+    config = write_small_config(root / "small.yaml")
+    out = root / "run"
+    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture
+def folder(finished, tmp_path):
+    """A copy of the finished small run, for a test to change."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy

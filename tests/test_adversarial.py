@@ -30,21 +30,6 @@ QUICK = dict(progress=False, num_inference_steps=1, guidance_scale=0.0)
 # --- sensitivity shards ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    root = tmp_path_factory.mktemp("measured")
-    config = write_small_config(root / "config.yaml")
-    out = root / "run"
-    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-def fresh_folder(measured: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(measured, out)
-    return out
-
-
 def plant_shard(out: Path, data) -> Path:
     folder = out / "sensitivity-shards"
     folder.mkdir(exist_ok=True)
@@ -53,60 +38,56 @@ def plant_shard(out: Path, data) -> Path:
     return path
 
 
-def test_a_stale_shard_is_ignored_reported_and_never_moves_the_plan(measured, tmp_path, capsys):
-    out = fresh_folder(measured, tmp_path)
-    plan_before = (out / "plan.yaml").read_bytes()
-    table = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]
+def test_a_stale_shard_is_ignored_reported_and_never_moves_the_plan(folder, capsys):
+    plan_before = (folder / "plan.yaml").read_bytes()
+    table = yaml.safe_load((folder / "sensitivity.yaml").read_text())["layers"]
     name, row = next(iter(table.items()))
     forged = copy.deepcopy(row)
     forged["weight"] = {bits: 999.0 for bits in row["weight"]}
-    shard = plant_shard(out, {"layers": {name: forged}})  # no run key: a leftover of another run
+    shard = plant_shard(folder, {"layers": {name: forged}})  # no run key: a leftover of another run
     capsys.readouterr()
-    assert main(["--out", str(out), "--stage", "sensitivity", "--no-progress"]) == 0
+    assert main(["--out", str(folder), "--stage", "sensitivity", "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert f"ignoring {shard}" in said
-    assert yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"][name] == row
-    assert (out / "plan.yaml").read_bytes() == plan_before
+    assert yaml.safe_load((folder / "sensitivity.yaml").read_text())["layers"][name] == row
+    assert (folder / "plan.yaml").read_bytes() == plan_before
 
 
-def test_a_matching_shard_with_a_bad_row_is_an_error_naming_the_shard(measured, tmp_path, capsys):
-    from mixq.calib.runfolder import RunFolder, digest
+def test_a_matching_shard_with_a_bad_row_is_an_error_naming_the_shard(folder, capsys):
+    from mixq.calib.runfolder import RunFolder
 
-    out = fresh_folder(measured, tmp_path)
-    table = yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"]
+    table = yaml.safe_load((folder / "sensitivity.yaml").read_text())["layers"]
     name, row = next(iter(table.items()))
     bad = {**row, "weight": {bits: "abc" for bits in row["weight"]}}
-    run_key = digest("inputs", RunFolder(out).recorded_inputs())
-    shard = plant_shard(out, {"run": run_key, "layers": {name: bad}})
-    assert main(["--out", str(out), "--stage", "sensitivity", "--no-progress"]) == 2
+    run_key = RunFolder(folder).inputs_key()
+    shard = plant_shard(folder, {"run": run_key, "layers": {name: bad}})
+    assert main(["--out", str(folder), "--stage", "sensitivity", "--no-progress"]) == 2
     message = capsys.readouterr().err
     assert str(shard) in message and "not a finite number" in message and "sensitivity.yaml:" not in message
 
 
-def test_a_shard_that_is_a_list_is_an_error_naming_it(measured, tmp_path, capsys):
-    out = fresh_folder(measured, tmp_path)
-    shard = plant_shard(out, [1, 2, 3])
-    assert main(["--out", str(out), "--stage", "sensitivity", "--no-progress"]) == 2
+def test_a_shard_that_is_a_list_is_an_error_naming_it(folder, capsys):
+    shard = plant_shard(folder, [1, 2, 3])
+    assert main(["--out", str(folder), "--stage", "sensitivity", "--no-progress"]) == 2
     message = capsys.readouterr().err
     assert str(shard) in message and "Traceback" not in message
 
 
-def test_matching_shard_rows_are_merged_then_removed(measured, tmp_path, capsys):
+def test_matching_shard_rows_are_merged_then_removed(folder, capsys):
     """A single-process run finishing what a sharded one left: rows of this run's inputs are used,
     and the shard goes once they are in the table."""
-    from mixq.calib.runfolder import RunFolder, digest
+    from mixq.calib.runfolder import RunFolder
 
-    out = fresh_folder(measured, tmp_path)
-    table_file = yaml.safe_load((out / "sensitivity.yaml").read_text())
+    table_file = yaml.safe_load((folder / "sensitivity.yaml").read_text())
     name, row = list(table_file["layers"].items())[-1]
     del table_file["layers"][name]
-    (out / "sensitivity.yaml").write_text(yaml.safe_dump(table_file, sort_keys=False))
-    shard = plant_shard(out, {"run": digest("inputs", RunFolder(out).recorded_inputs()), "layers": {name: row}})
-    assert main(["--out", str(out), "--stage", "sensitivity", "--no-progress"]) == 0
+    (folder / "sensitivity.yaml").write_text(yaml.safe_dump(table_file, sort_keys=False))
+    shard = plant_shard(folder, {"run": RunFolder(folder).inputs_key(), "layers": {name: row}})
+    assert main(["--out", str(folder), "--stage", "sensitivity", "--no-progress"]) == 0
     said, count = capsys.readouterr().out, len(table_file["layers"]) + 1
     assert f"resuming, {count} of {count} layers already measured" in said  # the shard had the missing row
     assert "sensitivity: measured 1 layers" not in said
-    assert yaml.safe_load((out / "sensitivity.yaml").read_text())["layers"][name] == row
+    assert yaml.safe_load((folder / "sensitivity.yaml").read_text())["layers"][name] == row
     assert not shard.exists() and not shard.parent.exists()
 
 
@@ -198,12 +179,11 @@ def test_a_plan_far_larger_than_any_model_is_refused_before_parsing(tmp_path, _t
         mixq.quantize(copy.deepcopy(_tiny_sdxl_master), plan=path, **QUICK)
 
 
-def test_a_budget_with_more_digits_never_overwrites_another_plan(measured, tmp_path):
-    out = fresh_folder(measured, tmp_path)
-    four = (out / "plans" / "w4.00-a8.00.yaml").read_bytes()
-    assert main(["--out", str(out), "--stage", "allocate", "--w-bits", "3.996", "--no-progress"]) == 0
-    assert (out / "plans" / "w4.00-a8.00.yaml").read_bytes() == four
-    assert yaml.safe_load((out / "plans" / "w3.996-a8.00.yaml").read_text())["budget"]["w_bits"] == 3.996
+def test_a_budget_with_more_digits_never_overwrites_another_plan(folder):
+    four = (folder / "plans" / "w4.00-a8.00.yaml").read_bytes()
+    assert main(["--out", str(folder), "--stage", "allocate", "--w-bits", "3.996", "--no-progress"]) == 0
+    assert (folder / "plans" / "w4.00-a8.00.yaml").read_bytes() == four
+    assert yaml.safe_load((folder / "plans" / "w3.996-a8.00.yaml").read_text())["budget"]["w_bits"] == 3.996
 
 
 NON_UTF8 = os.fsdecode(b"run-\xff")

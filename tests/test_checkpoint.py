@@ -259,7 +259,6 @@ def test_older_format_versions_migrate_or_say_why_not(w4a8, _tiny_sdxl_master, m
 def rewrite_as_older_format(folder: Path, version: int) -> Path:
     """The checkpoint in `folder` as mixq wrote it in format `version` (1 or 2): packed weights
     offset-binary; format 1 also with the fixed tensor-file name and no stored BOS inputs."""
-    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from mixq.quantizers import flip_field_sign_bits
@@ -277,9 +276,8 @@ def rewrite_as_older_format(folder: Path, version: int) -> Path:
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".bos_input")}
         del manifest["weights_file"]["name"]
         new_path = folder / checkpoint.WEIGHTS_NAME
-    with safe_open(str(path), framework="pt") as f:
-        # What older mixq wrote: only the manifest's hash (the format and layer records came with format 3).
-        metadata = {checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
+    # What older mixq wrote: only the manifest's hash (the format and layer records came later).
+    metadata = {checkpoint.MANIFEST_HASH_KEY: checkpoint.manifest_hash(manifest)}
     path.unlink()
     save_file(tensors, str(new_path), metadata=metadata)
     manifest["weights_file"].update(bytes=new_path.stat().st_size, sha256=checkpoint.file_sha256(new_path))

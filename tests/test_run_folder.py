@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,23 +19,6 @@ import mixq.calib.run as run_module
 from mixq.calib import sensitivity as sensitivity_module
 from mixq.calibrate import main, parse_args
 from tests.test_cli import save_tiny_pipeline, write_small_config
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished small run at budget 4 (copied by tests that change it)."""
-    root = tmp_path_factory.mktemp("finished")
-    config = write_small_config(root / "small.yaml")
-    out = root / "run"
-    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture
-def folder(finished, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(finished, copy)
-    return copy
 
 
 @pytest.fixture
