@@ -9,17 +9,22 @@ from mixq.quiet import silence_torchvision_fallback_notice
 silence_torchvision_fallback_notice()  # before diffusers/transformers load (see mixq/quiet.py)
 
 from mixq._version import __version__
-from mixq.api import calibrate_ranges, quantize, summary
+from mixq.api import calibrate_ranges, quantize, quantize_unet, summary
 from mixq.calibration import Calibration, NonFiniteActivationError
 from mixq.checkpoint import load_quantized, save_quantized
+from mixq.diffusers_quantizer import MixqConfig, register as _register_diffusers_backend
 from mixq.errors import CheckpointError, MixqError
 from mixq.modules import QConv2d, QLinear
 from mixq.plan import PlanMismatchError
 from mixq.quantizers import ACTIVATION_BITS, WEIGHT_BITS, sqnr_db
 
+_register_diffusers_backend()  # UNet2DConditionModel.from_pretrained(..., quantization_config=MixqConfig(...))
+
 __all__ = [
     "__version__",
     "quantize",
+    "quantize_unet",
+    "MixqConfig",
     "summary",
     "save_quantized",
     "load_quantized",

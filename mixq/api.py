@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from mixq.kernels import dispatch
 from mixq.calibration import Calibration, observing
-from mixq.errors import CalibrationFileError, NonFiniteActivationError
+from mixq.errors import CalibrationFileError, ConfigError, NonFiniteActivationError
 from mixq.layers import (
     LayerInfo,
     find_lora_layers,
@@ -80,7 +80,7 @@ def warn_float_only(unet: nn.Module) -> dict[str, str]:
         name, reason = next(iter(float_only.items()))
         warnings.warn(
             f"{len(float_only)} Linear/Conv2d layer(s) stay in floating point, e.g. {name!r}: {reason}; "
-            "mixq.summary(pipe) lists them with the reason", stacklevel=3)
+            "mixq.summary(pipe) lists them with the reason", stacklevel=4)
     return float_only
 
 
@@ -198,18 +198,49 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
     Nothing in the pipeline changes until every layer has been built, so a failure leaves it as it was.
     """
     unet = get_unet(pipe)
+    layers, bits, keep = resolve_layer_bits(unet, w_bit, a_bit, keep_fp, plan)
+    if calibration is None:
+        calibration = calibrate_ranges(pipe, prompts, num_prompts, batch_size=batch_size, seed=seed,
+                                       progress=progress, layers=layers, **pipeline_kwargs)
+    replace_layers(unet, layers, bits, keep, calibration, simulate, settings=dict(w_bit=w_bit, a_bit=a_bit, plan=plan,
+                                                                             keep_fp=keep_fp))
+    return pipe
+
+
+def quantize_unet(unet: nn.Module, w_bit: int = 8, a_bit: int = 8, *, calibration=None, plan=None, keep_fp=None,
+                  simulate: bool = False) -> nn.Module:
+    """Quantize a UNet in place from recorded activation ranges (`calibration`: a Calibration, a run folder
+    or its activation_ranges.safetensors); what `quantize` does once it has them. Weight-only bits
+    (a_bit=16 everywhere) need no calibration. Used where there is no pipeline to calibrate with, e.g.
+    UNet2DConditionModel.from_pretrained(..., quantization_config=mixq.MixqConfig(...))."""
+    layers, bits, keep = resolve_layer_bits(unet, w_bit, a_bit, keep_fp, plan)
+    if calibration is None:
+        if any(a != FLOAT_BITS for _, a in bits.values()):
+            raise ConfigError("quantizing activations needs their recorded ranges: pass calibration= (a run folder of "
+                              "`python -m mixq.calibrate`, its activation_ranges.safetensors or a mixq.Calibration), "
+                              "or quantize the whole pipeline with mixq.quantize(pipe, ...), which calibrates it")
+        calibration = Calibration(meta={"model": architecture_fingerprint(unet)})
+    replace_layers(unet, layers, bits, keep, calibration, simulate, settings=dict(w_bit=w_bit, a_bit=a_bit, plan=plan,
+                                                                             keep_fp=keep_fp))
+    return unet
+
+
+def resolve_layer_bits(unet: nn.Module, w_bit, a_bit, keep_fp, plan) -> tuple[dict[str, LayerInfo], dict, set[str]]:
+    """The layers to quantize and each one's (w_bits, a_bits), after checking the UNet can be quantized."""
     check_quantizable(unet)
     layers = quantizable_layers(unet)
     keep = resolve_keep_fp(keep_fp, layers)
     bits = resolve_bits(list(layers), keep, w_bit, a_bit, plan=plan, unet=unet)
     check_finite_weights(unet, [n for n in layers if bits[n] != (FLOAT_BITS, FLOAT_BITS)])
-    float_only = warn_float_only(unet)
-    if calibration is None:
-        calibration = calibrate_ranges(pipe, prompts, num_prompts, batch_size=batch_size, seed=seed,
-                                       progress=progress, layers=layers, **pipeline_kwargs)
-    else:
-        calibration = load_calibration(calibration, unet)
+    return layers, bits, keep
 
+
+def replace_layers(unet: nn.Module, layers: dict[str, LayerInfo], bits: dict, keep: set[str], calibration,
+                   simulate: bool,
+                   settings: dict):
+    """Build every quantized layer, then swap them all in (a failure leaves the UNet as it was)."""
+    float_only = warn_float_only(unet)
+    calibration = load_calibration(calibration, unet)
     replacements, not_run = {}, []
     with torch.no_grad():
         for name, info in layers.items():
@@ -233,7 +264,7 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
             f"token 0 of the text embedding differed between calibration prompts in {len(fallback)} cross-attention "
             "layer(s) (a non-causal text encoder, or classifier-free guidance with zeroed negative embeddings): "
             "computing token 0 in floating point on every call instead of caching it. With SDXL-Turbo/LCM, "
-            "calibrate with the guidance you serve with (e.g. guidance_scale=0.0).", stacklevel=2)
+            "calibrate with the guidance you serve with (e.g. guidance_scale=0.0).", stacklevel=3)
     unet.mixq_info = {
         "model": architecture_fingerprint(unet),
         "bits": {n: list(bits[n]) for n in layers},
@@ -244,7 +275,10 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
         "simulate": simulate,
         "calibration": calibration.meta,
     }
-    return pipe
+    if not simulate:
+        from mixq.diffusers_quantizer import attach_quantizer
+
+        attach_quantizer(unet, settings)
 
 
 # --- summary -------------------------------------------------------------------------------------

@@ -142,19 +142,7 @@ def save_quantized(pipe, path) -> Path:
     layers = layers_to_save(unet)
     tensors = {f"{name}.{key}": tensor.detach().contiguous().cpu()
                for name, layer in layers.items() for key, tensor in layer.state_dict().items()}
-    base = base_state(unet, layers)
-    manifest = json_normalized({
-        "format_version": FORMAT_VERSION,
-        "mixq_version": __version__,
-        "model": {
-            "class": type(unet).__name__,
-            "fingerprint": architecture_fingerprint(unet),
-            "config": unet_config(unet),
-            "base_hash": base_hash_record(base),
-        },
-        "layers": {name: layer_entry(layer) for name, layer in layers.items()},
-        "mixq_info": getattr(unet, "mixq_info", {}),
-    })
+    manifest = build_manifest(unet, layers)
     folder = Path(path)
     require_utf8_path(folder, CheckpointError)
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,6 +162,23 @@ def save_quantized(pipe, path) -> Path:
         remove_unreferenced_tensor_files(folder, keep=manifest["weights_file"]["name"])
         save_step("done")
     return folder
+
+
+def build_manifest(unet: nn.Module, layers: dict[str, QuantizedLayer]) -> dict:
+    """Everything a loader checks and needs besides the tensors (weights_file is added once they are
+    written). The diffusers backend stores the same record in config.json (mixq.diffusers_quantizer)."""
+    return json_normalized({
+        "format_version": FORMAT_VERSION,
+        "mixq_version": __version__,
+        "model": {
+            "class": type(unet).__name__,
+            "fingerprint": architecture_fingerprint(unet),
+            "config": unet_config(unet),
+            "base_hash": base_hash_record(base_state(unet, layers)),
+        },
+        "layers": {name: layer_entry(layer) for name, layer in layers.items()},
+        "mixq_info": getattr(unet, "mixq_info", {}),
+    })
 
 
 # The step boundaries of save_quantized, in order (the fault-injection tests crash the save at each).
@@ -276,7 +281,8 @@ def layer_float_dtype(layer: QuantizedLayer) -> torch.dtype | None:
 
 
 def unet_config(unet) -> dict:
-    return json_normalized({k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")})
+    config = dict(getattr(unet, "config", {}))
+    return json_normalized({k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"})
 
 
 # --- hashes --------------------------------------------------------------------------------------
@@ -562,10 +568,10 @@ def first_layer_difference(layers, saved: dict) -> str:
     return "layers"
 
 
-def check_stored_fields(manifest: dict, where: Path):
-    """A stored manifest has MANIFEST_FIELDS and nothing else, in every format: anything more (for
-    example the offset_binary_weights flag that only a migration sets, in memory) is refused."""
-    unknown = sorted(str(k) for k in manifest if k not in MANIFEST_FIELDS)
+def check_stored_fields(manifest: dict, where, fields=MANIFEST_FIELDS):
+    """A stored manifest has `fields` and nothing else, in every format: anything more (for example
+    the offset_binary_weights flag that only a migration sets, in memory) is refused."""
+    unknown = sorted(str(k) for k in manifest if k not in fields)
     if unknown:
         raise CheckpointError(f"{where}: field {unknown[0]!r} does not belong to a format-{manifest['format_version']} "
                               "manifest: the manifest was edited or written by another tool; restore the original or "
@@ -592,10 +598,10 @@ def tensor_file_metadata_of(weights_path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def check_manifest_fields(manifest: dict, where: str = MANIFEST_NAME):
+def check_manifest_fields(manifest: dict, where: str = MANIFEST_NAME, fields=MANIFEST_FIELDS):
     """Every field the loader reads has the type and range it needs, checked before the pipe is touched
     (hashes prove a manifest unedited, not well-formed: a re-hashed or hand-made one reaches here)."""
-    missing = [f for f in MANIFEST_FIELDS if f not in manifest]
+    missing = [f for f in fields if f not in manifest]
     model = manifest.get("model")
     if isinstance(model, dict):
         missing += [f"model.{f}" for f in MODEL_FIELDS if f not in model]
