@@ -22,7 +22,7 @@ setup(
     # `import mixq` finds the checkout's mixq/ first. tests/test_repository_root.py guards both.
     packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
     # The proving-ground pipeline ships as data: diffusers save_pretrained layout, fp16 safetensors.
-    package_data={"mixq.configs": ["*.yaml"], "mixq.proving": ["pipeline/*", "pipeline/*/*"]},
+    package_data={"mixq.configs": ["*.yaml"], "mixq.proving": ["pipeline/*", "pipeline/*/*", "color-swap-lora/*"]},
     install_requires=[
         "torch>=2.3",
         "diffusers>=0.30",

@@ -13,12 +13,14 @@ from mixq.api import calibrate_ranges, quantize, quantize_unet, summary
 from mixq.calibration import Calibration, NonFiniteActivationError
 from mixq.checkpoint import load_quantized, save_quantized
 from mixq.diffusers_quantizer import MixqConfig, register as _register_diffusers_backend
+from mixq.lora import LoraError, register as _register_lora_layers
 from mixq.errors import CheckpointError, MixqError
 from mixq.modules import QConv2d, QLinear
 from mixq.plan import PlanMismatchError
 from mixq.quantizers import ACTIVATION_BITS, WEIGHT_BITS, sqnr_db
 
 _register_diffusers_backend()  # UNet2DConditionModel.from_pretrained(..., quantization_config=MixqConfig(...))
+_register_lora_layers()  # pipe.load_lora_weights(...) on a quantized pipeline (mixq.lora)
 
 __all__ = [
     "__version__",
@@ -37,6 +39,7 @@ __all__ = [
     "ACTIVATION_BITS",
     "MixqError",
     "CheckpointError",
+    "LoraError",
     "NonFiniteActivationError",
     "PlanMismatchError",
 ]

@@ -247,6 +247,11 @@ def layers_to_save(unet: nn.Module) -> dict[str, QuantizedLayer]:
             f"{len(fake)} layer(s) are fake-quant simulations (quantize(..., simulate=True)), e.g. {fake[0]!r}: they "
             "hold float weights, not a deployable model; quantize with simulate=False to save")
     lora = find_lora_layers(unet)
+    if lora and any(isinstance(unet.get_submodule(n).get_base_layer(), QuantizedLayer) for n in lora):
+        raise CheckpointError(
+            f"the quantized UNet holds LoRA adapters ({len(lora)} layers, e.g. {lora[0]!r}), which are not part of a "
+            "mixq checkpoint: unload them first (pipe.unload_lora_weights()), save, and load the LoRA again after "
+            "loading the checkpoint")
     if lora:
         raise CheckpointError(
             f"the UNet holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}), which a checkpoint of the "

@@ -28,6 +28,7 @@ interrupted save leaves a folder that is refused on load, never one that loads w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import weakref
 from enum import Enum
@@ -36,7 +37,30 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mixq.api import quantize_unet
+from mixq.checkpoint import (
+    MANIFEST_HASH_KEY,
+    TENSOR_FILE_FORMAT_KEY,
+    base_state,
+    build_manifest,
+    check_architecture,
+    check_base_hash,
+    check_format_version,
+    check_layers_match_tensor_file,
+    check_manifest_fields,
+    check_stored_fields,
+    empty_quantized_layer,
+    layers_to_replace,
+    layers_to_save,
+    manifest_hash,
+    tensor_file_metadata,
+    tensor_file_metadata_of,
+    upgrade_manifest,
+)
 from mixq.errors import CheckpointError, ConfigError
+from mixq.kernels import dispatch
+from mixq.layers import set_submodule
+from mixq.modules import QuantizedLayer
 from mixq.quantizers import check_activation_bits, check_weight_bits
 
 QUANT_METHOD = "mixq"
@@ -131,8 +155,6 @@ class MixqConfig(_diffusers_config_base()):
 
 
 def manifest_of(model: nn.Module) -> dict:
-    from mixq.checkpoint import build_manifest, layers_to_save
-
     return build_manifest(model, layers_to_save(model))
 
 
@@ -182,13 +204,8 @@ class MixqQuantizer(_diffusers_quantizer_base()):
     def _process_model_before_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             return model
-        from mixq.checkpoint import empty_quantized_layer, layers_to_replace
-        from mixq.layers import set_submodule
-
         manifest = checked_config_manifest(self.quantization_config.manifest, self.file_metadata,
                                            self.checkpoint_files[0] if self.checkpoint_files else "the weights file")
-        from mixq.checkpoint import check_architecture
-
         check_architecture(manifest["model"], model)
         targets = layers_to_replace(manifest["layers"], model)
         for name, float_layer in targets.items():
@@ -200,8 +217,6 @@ class MixqQuantizer(_diffusers_quantizer_base()):
     # --- while loading: a quantized layer's buffers, exactly as stored -------------------------------------
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
-        from mixq.modules import QuantizedLayer
-
         module_name, _, _ = param_name.rpartition(".")
         return self.pre_quantized and isinstance(model.get_submodule(module_name), QuantizedLayer)
 
@@ -231,10 +246,6 @@ class MixqQuantizer(_diffusers_quantizer_base()):
     # --- after loading -------------------------------------------------------------------------------
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from mixq.api import quantize_unet
-        from mixq.kernels import dispatch
-        from mixq.modules import QuantizedLayer
-
         if self.pre_quantized:
             verify_loaded_model(model, self.manifest, self.file_metadata)
             for layer in model.modules():
@@ -255,8 +266,6 @@ class MixqQuantizer(_diffusers_quantizer_base()):
     # --- saving --------------------------------------------------------------------------------------
 
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
-        from mixq.checkpoint import tensor_file_metadata
-
         if not safe_serialization:
             raise CheckpointError("mixq saves safetensors only: call save_pretrained(..., safe_serialization=True) "
                                   "(the default)")
@@ -309,10 +318,6 @@ def bind(config: MixqConfig, model: nn.Module, manifest: dict | None = None):
 def checked_config_manifest(manifest: dict, metadata: dict | None, weights_file: str) -> dict:
     """The manifest of a saved folder, checked as load_quantized checks its manifest file: format version,
     fields, and (from the weights file's metadata) that config.json was not edited after saving."""
-    from mixq.checkpoint import (check_format_version, check_layers_match_tensor_file, check_manifest_fields,
-                                 check_stored_fields, manifest_hash, upgrade_manifest, MANIFEST_HASH_KEY,
-                                 TENSOR_FILE_FORMAT_KEY)
-
     where = "config.json (quantization_config.manifest)"
     check_format_version(manifest)
     check_stored_fields(manifest, where, fields=CONFIG_MANIFEST_FIELDS)
@@ -332,8 +337,6 @@ def checked_config_manifest(manifest: dict, metadata: dict | None, weights_file:
 def verify_loaded_model(model: nn.Module, manifest: dict, metadata: dict):
     """After diffusers filled the model: the base model is the one quantized (the same base hash as
     load_quantized checks) and every tensor is the one saved."""
-    from mixq.checkpoint import base_state, check_base_hash
-
     check_base_hash(manifest["model"]["base_hash"], base_state(model, manifest["layers"]))
     if state_sha256(model.state_dict()) != metadata[STATE_HASH_KEY]:
         raise CheckpointError("the weights file's tensors do not match the sha256 recorded when it was saved: it is "
@@ -343,8 +346,6 @@ def verify_loaded_model(model: nn.Module, manifest: dict, metadata: dict):
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over (key, dtype, shape, bytes) of every tensor, floats as float32 (so a model loaded into a
     wider dtype hashes as saved; half-precision values are exact in float32)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for key in sorted(state):
         tensor = state[key].detach()
@@ -357,8 +358,6 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def read_file_metadata(path: str) -> dict:
-    from mixq.checkpoint import tensor_file_metadata_of
-
     if not str(path).endswith(".safetensors"):
         raise CheckpointError(f"{path} is not a safetensors file: mixq models are saved and loaded as safetensors")
     return tensor_file_metadata_of(Path(path))

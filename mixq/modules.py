@@ -269,6 +269,12 @@ class QuantizedLayer(nn.Module):
             self._input_key = (self._input_key[0], self._parameter_stamp())
         return self
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight of the first input part (the float weight when w_bits == 16): where PEFT, like
+        other libraries that wrap quantized layers, looks for a layer's device."""
+        return self._buffers["weight"] if self.w_bits == FLOAT_BITS else self.qweight_0
+
     def state_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 

@@ -43,3 +43,24 @@ def test_relative_links_resolve():
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+def test_with_diffusers_snippet_runs_as_written(tmp_path):
+    """On a run folder made here (activation ranges from 4 prompts, a mixed plan), as the first command's
+    runs/proving would be."""
+    import mixq
+    from mixq.proving import load_pipeline
+    from tests.test_diffusers_backend import mixed_plan, write_plan
+
+    run = tmp_path / "runs" / "proving"
+    pipe = load_pipeline()
+    mixq.calibrate_ranges(pipe, "proving:calibration", 4, progress=False, num_inference_steps=2,
+                          guidance_scale=0.0, height=64, width=64).save(run / "activation_ranges.safetensors")
+    write_plan(run / "plan.yaml", mixed_plan(pipe.unet))
+    code = re.findall(r"```python\n(.*?)```", section(README.read_text(), "With diffusers: from_pretrained, "
+                                                                           "save_pretrained, LoRA"), re.S)[0]
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "swapped.png").stat().st_size > 0
+    assert (tmp_path / "proving-mixq" / "config.json").is_file()

@@ -1,0 +1,70 @@
+"""torch.compile of quantized models in an ordinary process: after a calibration ran in it, on layers
+built by load_quantized and by the diffusers backend, with LoRA adapters, and with mode="max-autotune".
+These run in the pytest process itself, after whatever ran before them (no fresh interpreter)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mixq
+from mixq.kernels import onednn
+from mixq.modules import QuantizedLayer
+from tests.test_cpu_backend import DTYPES, SmallQuantizedModel, small_input
+
+pytestmark = pytest.mark.skipif(onednn.unavailable_reason() is not None,
+                                reason=f"oneDNN int8 kernels unavailable: {onednn.unavailable_reason()}")
+
+
+def assert_compiles_like_eager(model, x, **compile_kwargs):
+    """No graph break, and the compiled model's output is eager's (inductor may reorder the float math
+    around the integer ops: within fp32 rounding of the output's scale)."""
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, **compile_kwargs)(x)
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+    else:
+        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2 * float(eager.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiles_in_the_process_that_calibrated(finished, dtype):
+    """`finished` ran `python -m mixq.calibrate` (sensitivity, allocation, report) in this process."""
+    assert (finished / "plan.yaml").is_file()
+    assert_compiles_like_eager(SmallQuantizedModel(dtype), small_input(dtype))
+
+
+def test_compiles_layers_built_by_load_quantized_and_the_diffusers_backend(_tiny_sdxl_master, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pipe = mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, progress=False, num_prompts=2)
+    mixq.save_quantized(pipe, tmp_path / "ckpt")
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    loaded = mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), tmp_path / "ckpt").unet
+    from_diffusers = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    for unet in (loaded, from_diffusers):
+        name, layer = next((n, m) for n, m in unet.named_modules() if isinstance(m, QuantizedLayer)
+                           and m.kind == "linear" and m.bos_mode == "none")
+        x = torch.randn(2, 7, layer.in_features, generator=torch.Generator().manual_seed(0))
+        assert_compiles_like_eager(layer, x)
+
+
+def test_compiles_with_lora_adapters():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = SmallQuantizedModel(torch.float32)
+    model.anchor = nn.Parameter(torch.zeros(1))  # PEFT reads a model's device from its first parameter
+    torch.manual_seed(1)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["conv", "linear", "low_bit"],
+                                       init_lora_weights=False), model)
+    assert_compiles_like_eager(model, small_input(torch.float32))
+
+
+def test_compiles_with_max_autotune():
+    assert_compiles_like_eager(SmallQuantizedModel(torch.float32), small_input(torch.float32), mode="max-autotune")
