@@ -93,8 +93,7 @@ def report(results: dict) -> str:
     machine = results["machine"]
     lines = [f"# Eager vs torch.compile on CPU ({results['date'][:10]})", "",
              f"Command: `{results['command']}`", "",
-             f"Machine: {machine['cpu']}; int8 features: {', '.join(machine['features']) or 'none'}. "
-             f"Versions: {results['environment'].get('versions')}.", ""]
+             f"Machine: {machine['cpu']}. Versions: {results['environment'].get('versions')}.", ""]
     for section, title in (("proving", "Proving pipeline UNet, float32, batch of 16x16 latents"),
                            ("full_size", "Full-size SDXL-Turbo architecture UNet, bf16, 32x32 latents, batch 1")):
         rows = results.get(section)
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(["python -m benchmarks.compile_cpu", *(argv if argv is not None else sys.argv[1:])]),
-               "machine": {"cpu": environment("cpu")["device"], "features": cpu_features()},
+               "machine": {"cpu": environment("cpu")["device"], "int8_features": cpu_features()},
                "environment": environment("cpu")}
     results["proving"] = proving_rows(args.proving_run, args.batch, args.rounds)
     if args.unet_config:

@@ -111,7 +111,12 @@ def prepare_layer(layer) -> None:
     if hasattr(layer, "refresh_input_key"):
         layer.refresh_input_key()
     qweight = getattr(layer, "qweight_0", None)  # None for fake-quant twins and weight-float layers
-    if qweight is None or qweight.is_cuda or layer.w_bits != 8 or layer.a_bits == 16:
+    if qweight is None or qweight.is_cuda:
+        return
+    # Probed here, once, for 4/2-bit layers too: a first probe inside torch.compile's trace would break
+    # its graph (the probe runs a oneDNN op that dynamo does not trace).
+    onednn.unavailable_reason()
+    if layer.w_bits != 8 or layer.a_bits == 16:
         return
     for p, size in enumerate(layer.part_sizes):
         qweight = getattr(layer, f"qweight_{p}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import weakref
 from enum import Enum
 from pathlib import Path
 
@@ -126,20 +125,18 @@ class MixqConfig(_diffusers_config_base()):
         self.calibration = None if calibration is None else str(calibration)
         self.keep_fp = None if keep_fp is None else [keep_fp] if isinstance(keep_fp, str) else list(keep_fp)
         self.manifest = manifest
-        self._model = None  # the quantized model this config describes (weak), see to_dict
+        # The quantized model this config describes, see to_dict. A plain reference (the model holds this
+        # config too): copy.deepcopy(pipe) then gives a copy whose config describes the copy.
+        self._model = None
 
     @property
     def is_quantized(self) -> bool:
-        return self.manifest is not None or self._quantized_model() is not None
-
-    def _quantized_model(self):
-        return self._model() if self._model is not None else None
+        return self.manifest is not None or self._model is not None
 
     def to_dict(self) -> dict:
-        """JSON-ready; for a quantized model, its manifest as it is now (save_pretrained writes config.json
-        first, from this)."""
-        model = self._quantized_model()
-        manifest = self.manifest if model is None else manifest_of(model)
+        """JSON-ready; for a quantized model, its manifest as it is now, e.g. after a cast to float16
+        (save_pretrained writes config.json first, from this)."""
+        manifest = self.manifest if self._model is None else manifest_of(self._model)
         return {"quant_method": QUANT_METHOD, "w_bit": self.w_bit, "a_bit": self.a_bit, "plan": self.plan,
                 "calibration": self.calibration, "keep_fp": self.keep_fp, "manifest": manifest}
 
@@ -269,7 +266,7 @@ class MixqQuantizer(_diffusers_quantizer_base()):
         if not safe_serialization:
             raise CheckpointError("mixq saves safetensors only: call save_pretrained(..., safe_serialization=True) "
                                   "(the default)")
-        model = self.quantization_config._quantized_model()
+        model = self.quantization_config._model
         manifest = manifest_of(model) if model is not None else self.quantization_config.manifest
         metadata = tensor_file_metadata(manifest)
         metadata[STATE_HASH_KEY] = state_sha256(state_dict)
@@ -306,7 +303,7 @@ def attach_quantizer(unet: nn.Module, settings: dict):
 
 
 def bind(config: MixqConfig, model: nn.Module, manifest: dict | None = None):
-    config._model = weakref.ref(model)
+    config._model = model
     if manifest is not None:
         config.manifest = manifest
     model.register_to_config(quantization_config=config)

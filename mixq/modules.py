@@ -52,11 +52,16 @@ class BosMismatchWarning(UserWarning):
     """Token 0 of the text embedding differs from the one the cached BOS rows were calibrated with."""
 
 
-def bos_row_matches(rows: torch.Tensor, reference: torch.Tensor) -> bool:
-    """Every row of `rows` [B, K] is the calibrated token-0 input `reference` [K], within tolerance."""
+def bos_rows_match(rows: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Every row of `rows` [B, K] is the calibrated token-0 input `reference` [K], within tolerance
+    (a 0-dim bool tensor: no host sync)."""
     reference = reference.to(rows.device, torch.float32)
     deviation = (rows.float() - reference).abs().amax()
-    return bool(deviation <= BOS_RELATIVE_TOLERANCE * reference.abs().amax().clamp_min(1e-6))
+    return deviation <= BOS_RELATIVE_TOLERANCE * reference.abs().amax().clamp_min(1e-6)
+
+
+def bos_row_matches(rows: torch.Tensor, reference: torch.Tensor) -> bool:
+    return bool(bos_rows_match(rows, reference))
 
 
 def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None) -> torch.Tensor:
@@ -67,18 +72,39 @@ def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None) -> torch.T
     host sync: a row-wise flag for Linear (any non-finite feature poisons the row), the input's non-finite
     map pushed through the convolution's window for Conv2d (`conv` = (kernel_size, stride, padding)).
     Where float would give +-Inf this gives NaN: non-finite either way."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(x.sum(dtype=torch.float32).isfinite()):
-        # CPU, eager: one reduction settles the common case, where a host sync costs nothing. A sum of
-        # finite values is never NaN; one that overflows to Inf only sends the call to the exact map below.
-        return y
+    if x.device.type == "cpu":
+        # CPU: one reduction settles the common case, where a host sync costs nothing. A sum of finite
+        # values is never NaN; one that overflows to Inf only sends the call to the exact map below.
+        all_finite = x.sum(dtype=torch.float32).isfinite()
+        if torch.compiler.is_compiling():  # the same decision, taken as the compiled graph runs
+            poisoned = torch.cond(all_finite, functools.partial(nothing_poisoned, conv=conv),
+                                  functools.partial(non_finite_map, conv=conv), (x,))
+            return y.masked_fill(poisoned, float("nan"))
+        if bool(all_finite):
+            return y
+    return y.masked_fill(non_finite_map(x, conv), float("nan"))
+
+
+def non_finite_map(x: torch.Tensor, conv=None) -> torch.Tensor:
+    """Where the layer's output depends on a non-finite input element: [..., 1] for Linear, [B, 1, Ho, Wo]
+    for Conv2d (bool, broadcast against the output)."""
     if conv is None:
-        poisoned = ~torch.isfinite(x).all(dim=-1, keepdim=True)
+        return ~torch.isfinite(x).all(dim=-1, keepdim=True)
+    kernel_size, stride, padding = conv
+    bad = (~torch.isfinite(x)).any(dim=1, keepdim=True).float()
+    window = torch.ones(1, 1, *kernel_size, device=x.device)
+    return F.conv2d(bad, window, stride=stride, padding=padding) > 0
+
+
+def nothing_poisoned(x: torch.Tensor, conv=None) -> torch.Tensor:
+    """An all-False map of non_finite_map's shape (torch.cond's branch for finite inputs)."""
+    if conv is None:
+        shape = (*x.shape[:-1], 1)
     else:
-        kernel_size, stride, padding = conv
-        bad = (~torch.isfinite(x)).any(dim=1, keepdim=True).float()
-        window = torch.ones(1, 1, *kernel_size, device=x.device)
-        poisoned = F.conv2d(bad, window, stride=stride, padding=padding) > 0
-    return y.masked_fill(poisoned, float("nan"))
+        (kh, kw), (sh, sw), (ph, pw) = conv
+        b, _, h, w = x.shape
+        shape = (b, 1, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    return torch.zeros(shape, dtype=torch.bool, device=x.device)
 
 
 @torch.no_grad()
@@ -309,8 +335,20 @@ class QLinear(QuantizedLayer):
         return self._body(x)
 
     def _bos_rows(self, x):
+        if self.bos_mode == "cached" and self.bos_input is not None and torch.compiler.is_compiling():
+            # A compiled graph takes no host decision: both rows are traced and the check picks one as it
+            # runs (without the warning eager mode gives).
+            return torch.cond(bos_rows_match(x[:, 0], self.bos_input), self._stored_bos_rows, self._computed_bos_rows,
+                              (x,))
         if self.bos_mode == "cached" and self._bos_input_is_calibrated(x[:, 0]):
-            return self.bos_output.to(x.dtype).expand(x.shape[0], 1, -1)
+            return self._stored_bos_rows(x)
+        return self._computed_bos_rows(x)
+
+    def _stored_bos_rows(self, x):
+        rows = self.bos_output.to(x.dtype).expand(x.shape[0], 1, -1)
+        return rows.clone() if torch.compiler.is_compiling() else rows  # (torch.cond branches return no views)
+
+    def _computed_bos_rows(self, x):
         return F.linear(x[:, :1], self.float_weight(x.dtype), self.bias)
 
     def _bos_input_is_calibrated(self, rows) -> bool:

@@ -68,3 +68,55 @@ def test_compiles_with_lora_adapters():
 
 def test_compiles_with_max_autotune():
     assert_compiles_like_eager(SmallQuantizedModel(torch.float32), small_input(torch.float32), mode="max-autotune")
+
+
+def test_a_whole_quantized_unet_traces_as_one_graph(_tiny_sdxl_master):
+    """BOS-cached cross-attention layers and the non-finite check decide on data as the graph runs
+    (torch.cond), not on the host: no graph break anywhere in a quantized UNet."""
+    from tests.conftest import capture_unet_call
+
+    pipe = copy.deepcopy(_tiny_sdxl_master)
+    args, kwargs = capture_unet_call(pipe)
+    mixq.quantize(pipe, 4, 8, progress=False, num_prompts=2, guidance_scale=0.0)
+    assert any(getattr(m, "bos_mode", "none") == "cached" for m in pipe.unet.modules())
+    explanation = torch._dynamo.explain(pipe.unet)(*args, **kwargs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons[:3]
+
+
+def test_compiled_bos_rows_follow_the_input_like_eager():
+    from mixq.modules import QLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    bos = torch.randn(16)
+    layer = QLinear.from_float(linear, 8, 8, (-4.0,), (4.0,), bos_mode="cached", bos_input=bos)
+    calibrated = torch.cat([bos.expand(2, 1, 16), torch.randn(2, 5, 16)], dim=1)
+    other = calibrated.clone()
+    other[:, 0] += 3.0  # token 0 differs from the calibrated one: computed from the input
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad(), pytest.warns(mixq.modules.BosMismatchWarning):
+        eager_other = layer(other)
+    with torch.no_grad():
+        for x, eager in ((calibrated, layer(calibrated)), (other, eager_other)):
+            torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(eager_other[:, 0], layer(calibrated)[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_compiled_layers_propagate_non_finite_inputs_like_eager(kind):
+    from mixq.modules import QConv2d, QLinear
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = QLinear.from_float(nn.Linear(16, 8), 8, 8, (-4.0,), (4.0,)), torch.randn(2, 5, 16)
+        x[1, 2, 3] = float("nan")
+    else:
+        layer, x = QConv2d.from_float(nn.Conv2d(8, 4, 3, padding=1), 8, 8, (-4.0,), (4.0,)), torch.randn(1, 8, 6, 6)
+        x[0, 2, 3, 3] = float("inf")
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for inputs in (x.nan_to_num(), x):
+            eager, out = layer(inputs), compiled(inputs)
+            assert torch.equal(torch.isnan(out), torch.isnan(eager))
+            torch.testing.assert_close(out.nan_to_num(), eager.nan_to_num(), rtol=1e-5, atol=1e-5)
+    assert torch.isnan(eager).any() and not torch.isnan(eager).all()

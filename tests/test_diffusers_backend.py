@@ -4,6 +4,7 @@ push_to_hub, and the same refusals as load_quantized."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -210,6 +211,31 @@ def test_half_precision_load_keeps_scales_in_float32(quantized):
     layer = next(m for m in unet.modules() if isinstance(m, QuantizedLayer) and m.bias is not None)
     assert layer.w_scale.dtype == layer.x_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
     assert unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def cast_floats(value, dtype):
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    return value
+
+
+def test_a_copy_cast_to_bfloat16_saves_itself(quantized, tmp_path):
+    """The config of a deep-copied pipeline describes the copy (its dtype here), not the original."""
+    from diffusers import UNet2DConditionModel
+
+    copy_ = copy.deepcopy(quantized["pipe"])
+    copy_.unet.to(torch.bfloat16)
+    assert copy_.unet.config.quantization_config is not quantized["pipe"].unet.config.quantization_config
+    copy_.unet.save_pretrained(tmp_path / "bf16")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
+    call = cast_floats(quantized["inputs"], torch.bfloat16)
+    assert torch.equal(run(loaded, call), run(copy_.unet, call))
+    layer = next(m for m in quantized["pipe"].unet.modules() if isinstance(m, QuantizedLayer) and m.bias is not None)
+    assert layer.bias.dtype == torch.float32  # the original is untouched
 
 
 def test_pipeline_quantization_config_quantizes_the_unet(quantized):

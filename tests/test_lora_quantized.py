@@ -223,3 +223,39 @@ def test_lora_of_another_width_is_refused(setting, tmp_path):
     folder = save_lora(type(setting["master"]), state, tmp_path / "bad")
     assert_refused_and_unchanged(copy.deepcopy(setting["quantized"]), setting["call"], folder,
                                  match="made for another model")
+
+
+# --- the proving ground's colour-swap LoRA -----------------------------------------------------------
+
+
+def test_shipped_color_swap_lora_swaps_colours_and_keeps_them_at_w8a8():
+    """The measured table (benchmarks/results/lora-content-*.md, 400 prompts) in small: the base pipeline
+    never swaps, the LoRA mostly does, and W8A8 + the same LoRA file about as often."""
+    from mixq.proving import SAMPLING, load_pipeline
+    from mixq.proving.lora import load_lora, swap_prompts, swap_verdicts
+
+    pairs = swap_prompts("evaluation", 40)
+    base = load_pipeline()
+    assert sum(swap_verdicts(base, pairs)) <= 2
+    with_lora = sum(swap_verdicts(load_lora(copy.deepcopy(base)), pairs))
+    assert with_lora >= 28
+    quantized = mixq.quantize(base, 8, 8, prompts="proving:calibration", num_prompts=16, progress=False, **SAMPLING)
+    assert sum(swap_verdicts(load_lora(quantized), pairs)) >= with_lora - 4
+
+
+def test_color_swap_training_runs_and_resumes(tmp_path):
+    from mixq.proving import load_pipeline
+    from mixq.proving.lora import ADAPTER, adapter_modules, save_lora, train
+
+    pipe = load_pipeline()
+    train(pipe, 2, tmp_path / "work", batch=4, pool_size=16, quiet=True)
+    trained = [p.detach().clone() for p in adapter_modules(pipe.unet).parameters()]
+    b_weights = [m.weight for n, m in pipe.unet.named_modules() if n.endswith(f"lora_B.{ADAPTER}")]
+    assert b_weights and any(w.abs().sum() > 0 for w in b_weights)  # B starts at zero; two steps move it
+    again = load_pipeline()
+    train(again, 2, tmp_path / "work", batch=4, pool_size=16, quiet=True)  # resumes: finished, nothing to do
+    assert all(torch.equal(a, b) for a, b in zip(trained, adapter_modules(again.unet).parameters()))
+    save_lora(again, tmp_path / "lora", record={"steps": 2})
+    fresh = load_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "lora"), adapter_name=ADAPTER)
+    assert (tmp_path / "lora" / "training.json").is_file()
