@@ -9,7 +9,14 @@ skipped or failed benchmarks with their reasons (the report lists them).
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# As in tests/conftest.py: Triton's interpreter is chosen before anything (diffusers, via mixq) imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.config import OPTIONS, add_options, bench_config, option_dest
 

@@ -14,6 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton's interpreter (tests/test_triton_kernels.py) must be chosen before Triton is first imported, and
+# `import mixq` imports diffusers, which imports Triton: so here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
