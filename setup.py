@@ -25,7 +25,7 @@ setup(
     package_data={"mixq.configs": ["*.yaml"], "mixq.proving": ["pipeline/*", "pipeline/*/*", "color-swap-lora/*"]},
     install_requires=[
         "torch>=2.3",
-        "diffusers>=0.30",
+        "diffusers>=0.39",  # the quantizer hooks mixq's backend uses (tested on 0.39.0 and 0.42.1)
         "accelerate",  # diffusers loads weights once, in place (low_cpu_mem_usage), only with it
         "transformers>=4.40",
         "triton>=3.6",  # the kernels are compiled and gated under 3.6 and 3.9 (benchmarks/results/static)

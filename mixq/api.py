@@ -202,8 +202,8 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
     if calibration is None:
         calibration = calibrate_ranges(pipe, prompts, num_prompts, batch_size=batch_size, seed=seed,
                                        progress=progress, layers=layers, **pipeline_kwargs)
-    replace_layers(unet, layers, bits, keep, calibration, simulate, settings=dict(w_bit=w_bit, a_bit=a_bit, plan=plan,
-                                                                             keep_fp=keep_fp))
+    replace_layers(unet, layers, bits, keep, calibration, simulate,
+                   settings={"w_bit": w_bit, "a_bit": a_bit, "plan": plan, "keep_fp": keep_fp})
     return pipe
 
 
@@ -220,8 +220,8 @@ def quantize_unet(unet: nn.Module, w_bit: int = 8, a_bit: int = 8, *, calibratio
                               "`python -m mixq.calibrate`, its activation_ranges.safetensors or a mixq.Calibration), "
                               "or quantize the whole pipeline with mixq.quantize(pipe, ...), which calibrates it")
         calibration = Calibration(meta={"model": architecture_fingerprint(unet)})
-    replace_layers(unet, layers, bits, keep, calibration, simulate, settings=dict(w_bit=w_bit, a_bit=a_bit, plan=plan,
-                                                                             keep_fp=keep_fp))
+    replace_layers(unet, layers, bits, keep, calibration, simulate,
+                   settings={"w_bit": w_bit, "a_bit": a_bit, "plan": plan, "keep_fp": keep_fp})
     return unet
 
 
@@ -236,9 +236,10 @@ def resolve_layer_bits(unet: nn.Module, w_bit, a_bit, keep_fp, plan) -> tuple[di
 
 
 def replace_layers(unet: nn.Module, layers: dict[str, LayerInfo], bits: dict, keep: set[str], calibration,
-                   simulate: bool,
-                   settings: dict):
-    """Build every quantized layer, then swap them all in (a failure leaves the UNet as it was)."""
+                   simulate: bool, settings: dict):
+    """Build every quantized layer, then swap them all in (a failure leaves the UNet as it was).
+    `settings` (w_bit, a_bit, plan, keep_fp as the caller gave them) go to the diffusers quantization
+    config the UNet gets, so that save_pretrained records them."""
     float_only = warn_float_only(unet)
     calibration = load_calibration(calibration, unet)
     replacements, not_run = {}, []
