@@ -55,7 +55,10 @@ def same_safetensors(a: Path, b: Path) -> bool:
 
 
 def run(command, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    # The child gets SIGINT's default disposition, as a command started from a terminal has: pytest itself
+    # may run as a background job, whose children inherit an ignored SIGINT (and never see Ctrl-C).
+    return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def cli_args(config: str, out: Path) -> list[str]:
