@@ -93,6 +93,8 @@ def test_registration_fails_loudly_if_diffusers_moves_its_mappings(monkeypatch):
     monkeypatch.setattr(auto, "AUTO_QUANTIZER_MAPPING", tuple(auto.AUTO_QUANTIZER_MAPPING.items()))
     with pytest.raises(RuntimeError, match="not supported by this mixq version"):
         register()
+    with pytest.warns(UserWarning, match="diffusers quantization backend .* is unavailable"):  # import mixq warns
+        mixq._register(register, "the diffusers quantization backend (MixqConfig)")
 
 
 def test_config_round_trips_through_dict_and_json():
