@@ -31,6 +31,7 @@ from torch import nn
 from mixq.machine import describe_cpu
 
 from .scenes import Scene, render, scenes
+from .train import ScenePool
 
 LORA_FOLDER = Path(__file__).resolve().parent / "color-swap-lora"
 ADAPTER = "color_swap"
@@ -60,7 +61,7 @@ def swap_prompts(split: str, count: int, seed: int = 0) -> list[tuple[Scene, str
 # --- training ------------------------------------------------------------------------------------------
 
 
-class SwapPool:
+class SwapPool(ScenePool):
     """Training scenes rendered with the colours swapped (captions unchanged), half of them naming red or blue
     and half not (so that the other colours stay as they were)."""
 
@@ -72,13 +73,9 @@ class SwapPool:
         images = np.stack([render(swapped(scene), seed=seed + i) for i, (scene, _) in enumerate(pairs)])
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
-    def batch(self, step: int, size: int, seed: int) -> list[int]:
+    def batch(self, step: int, size: int, seed: int) -> list[int]:  # (its own draws: the shipped LoRA's training)
         return random.Random(f"lora-batch:{seed}:{step}").sample(range(len(self.captions)), size)
 
-    @torch.no_grad()
-    def encode(self, vae, batch: int = 256):
-        means = [vae.encode(self.images[i:i + batch]).latent_dist.mean for i in range(0, len(self.images), batch)]
-        self.latents = torch.cat(means) * vae.config.scaling_factor
 
 
 def add_swap_adapter(pipe, seed: int = 0):
