@@ -113,12 +113,16 @@ def recorded_launches(variant: Variant) -> list:
 
 
 def compile_launch(kernel, args, kwargs, target_name: str):
-    """triton.compile on the specialisation that kernel[grid](*args, **kwargs) would compile."""
+    """triton.compile on the specialisation that kernel[grid](*args, **kwargs) would compile. MMA_V2,
+    which the launcher derives from the GPU it runs on (here a CPU tensor's device), is set from the
+    target: mma.sync on sm_80, wgmma on sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    if "MMA_V2" in kwargs:
+        kwargs = {**kwargs, "MMA_V2": TARGETS[target_name] < 90}
     target = GPUTarget("cuda", TARGETS[target_name], 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

@@ -38,7 +38,7 @@ from .triton_gemm import (
     run_gemm,
     split_range,
     unmasked_loop,
-    unpacked_lanes,
+    weight_operand,
 )
 
 
@@ -49,7 +49,7 @@ def _conv2d_kernel(
     stride_wn, stride_yb, stride_yp, stride_yn,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, MMA_V2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -81,7 +81,8 @@ def _conv2d_kernel(
                 k0 = tap * C + c0
                 packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :])
-            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t, out_dtype=tl.int32)
+            acc_t = tl.dot(weight_operand(packed, kt, W_BITS, BLOCK_N, BLOCK_K, MMA_V2), tl.trans(a), acc_t,
+                           out_dtype=tl.int32)
         else:
             offs_c = c0 + tl.arange(0, BLOCK_K)
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=(offs_c < C)[None, :], other=0)

@@ -61,6 +61,15 @@ DIGITS = tl.constexpr(tuple(str(d) for d in range(8)))
 CARRIED_POINTERS = tl.constexpr((None, None, True, None, True, None, None, None, False))
 # By W_BITS: the top field of each byte of a 32-bit word.
 TOP_FIELD_MASK = tl.constexpr((None, None, "0xC0C0C0C0", None, "0xF0F0F0F0"))
+# Whether packed weights reach an mma.sync (MMA v2, sm_8x) dot through a branch (weight_operand).
+# Triton 3.6.0 gives both operands of such a dot kWidth 8 instead of 4 when a tt.join is among the
+# register-only ops that produce an operand (AccelerateMatmul then halves the bit width it takes
+# the operand to be loaded with), and both operands' fragments then load with 64-bit LDS plus
+# register moves instead of ldmatrix: 1.3-1.5x longer W4/W2 main loops on sm_80 than Triton 3.9.0,
+# which keeps kWidth 4. Measured with benchmarks/sass_gate.py on 3.6.0 and 3.9.0 only; the
+# versions in between take the 3.6 path.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+MMA_V2_OPERAND_THROUGH_BRANCH = tl.constexpr(TRITON_VERSION < (3, 9))
 
 
 @triton.jit
@@ -94,7 +103,8 @@ def unpacked_lanes(packed, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
 
     join + permute + reshape only relabel registers (Triton gives the result a linear layout and
     inserts no conversion; benchmarks/sass_gate.py would count one): each thread unpacks the bytes
-    it loaded into exactly the MMA operand fragment it holds."""
+    it loaded into exactly the MMA operand fragment it holds. weight_operand's branch for mma.sync
+    on Triton before 3.9 is the exception."""
     if W_BITS == 8:
         w = packed
     elif W_BITS == 4:
@@ -104,6 +114,28 @@ def unpacked_lanes(packed, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K:
         w = tl.join(tl.join(weight_lane(packed, 0, W_BITS), weight_lane(packed, 1, W_BITS)),
                     tl.join(weight_lane(packed, 2, W_BITS), weight_lane(packed, 3, W_BITS)))
         w = tl.permute(w, (0, 3, 2, 1)).reshape(BLOCK_N, BLOCK_K)
+    return w
+
+
+@triton.jit
+def weight_operand(packed, kt, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   MMA_V2: tl.constexpr):
+    """The MMA's weight operand for K-step kt: unpacked_lanes(packed).
+
+    Where MMA_V2_OPERAND_THROUGH_BRANCH holds (Triton before 3.9) and the dot is an mma.sync one, the
+    unpack sits in both arms of a branch on kt (always taken, and LLVM merges the identical arms):
+    Triton's search for the loaded bit width stops at the branch, so it does not see the join and
+    keeps kWidth 4, and its layout propagation stops there too, so the unpacked tile is converted
+    to the operand layout through shared memory (one store, ldmatrix loads) instead of being
+    unpacked in the operand layout itself. Elsewhere (Triton 3.9, Hopper's wgmma, the interpreter)
+    the unpack feeds the dot directly."""
+    if W_BITS != 8 and MMA_V2 and MMA_V2_OPERAND_THROUGH_BRANCH and UNPACK_WITH_PTX:
+        if kt >= 0:
+            w = unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K)
+        else:
+            w = unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K)
+    else:
+        w = unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K)
     return w
 
 
@@ -217,7 +249,7 @@ def _linear_kernel(
     M, N, K, P,
     stride_am, stride_wn, stride_yb, stride_yp, stride_yn,
     W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE_ONLY: tl.constexpr, EVEN_ROWS: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, MMA_V2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     rows, cols = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -242,7 +274,8 @@ def _linear_kernel(
             else:
                 packed = tl.load(w_ptr + w_rows[:, None] * stride_wn + (k0 // PER_BYTE + tl.arange(0, LANE_K))[None, :])
                 a = tl.load(a_rows_ptr + (k0 + tl.arange(0, BLOCK_K))[None, :])
-            acc_t = tl.dot(unpacked_lanes(packed, W_BITS, BLOCK_N, BLOCK_K), tl.trans(a), acc_t, out_dtype=tl.int32)
+            acc_t = tl.dot(weight_operand(packed, kt, W_BITS, BLOCK_N, BLOCK_K, MMA_V2), tl.trans(a), acc_t,
+                           out_dtype=tl.int32)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_rows_ptr + offs_k[None, :], mask=(offs_k < K)[None, :], other=0)
@@ -312,6 +345,11 @@ class OutputLayout:
         self.y, self.pixels, self.strides = y, pixels, (stride_b, stride_p, stride_n)
 
 
+def mma_v2(device: torch.device) -> bool:
+    """Whether Triton's int8 dots on this device are mma.sync ones (MMA v2: sm_8x, e.g. A100)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8
+
+
 def run_gemm(kernel, grid_args: dict, out: OutputLayout, m: int, n: int, config: Config, epilogue_args: dict):
     """Launch kernel on config's grid (with its split of K) and, for a split K, the epilogue pass."""
     split = config.split_k
@@ -319,7 +357,8 @@ def run_gemm(kernel, grid_args: dict, out: OutputLayout, m: int, n: int, config:
     store_args = dict(P=out.pixels, stride_yb=out.strides[0], stride_yp=out.strides[1], stride_yn=out.strides[2],
                       EVEN_ROWS=out.strides[0] == out.pixels * out.strides[1], **epilogue_args)
     kernel[(tiles(m, n, config), split)](
-        y_ptr=out.y, partial_ptr=partial, SPLIT_K=split, **grid_args, **store_args, **config.launch_args(),
+        y_ptr=out.y, partial_ptr=partial, SPLIT_K=split, MMA_V2=mma_v2(out.y.device), **grid_args, **store_args,
+        **config.launch_args(),
     )
     if split > 1:
         block_m, block_n = (64, 64) if INTERPRETED else (32, 128)
