@@ -3,7 +3,9 @@
 `allocate_bits` is the core: one binary variable per (layer, bits), exactly one bit-width per
 layer, maximize the summed score subject to a size-weighted average-bits budget; solved with
 PuLP's bundled CBC. `group_budgets` splits a target between the content and quality groups by a
-ratio k, and `build_plans` sweeps k to produce the candidate plans the calibration pipeline scores.
+ratio k, and `build_plans` sweeps k over the whole feasible range (`ratio_range`) to produce the
+candidate plans the calibration pipeline scores. The two groups' scores are in different metrics
+(image SSIM, UNet SQNR in dB) and are never summed into one objective.
 """
 
 from __future__ import annotations
@@ -106,15 +108,66 @@ def group_budgets(target: float, ratio: float, content_size: float, quality_size
     return ratio * quality, quality
 
 
+def ratio_range(target: float, content_size: float, quality_size: float, content_bounds: tuple[float, float],
+                quality_bounds: tuple[float, float]) -> tuple[float, float]:
+    """The split ratios k whose shares keep each group between its smallest and largest candidate
+    averages: below that a group cannot meet its share, above it the share leaves budget unused.
+    The shares are monotone in k (content rises, quality falls), so the range is an interval."""
+    fraction = content_size / (content_size + quality_size)
+
+    def k_where_content_is(avg):  # k * target / (k * f + 1 - f) = avg
+        return avg * (1 - fraction) / (target - avg * fraction) if target > avg * fraction else math.inf
+
+    def k_where_quality_is(avg):  # target / (k * f + 1 - f) = avg
+        return (target / avg - 1 + fraction) / fraction
+
+    low = max(k_where_content_is(content_bounds[0]), k_where_quality_is(quality_bounds[1]))
+    high = min(k_where_content_is(content_bounds[1]), k_where_quality_is(quality_bounds[0]))
+    if target >= content_bounds[1] * fraction + quality_bounds[1] * (1 - fraction) - 1e-9:
+        top = content_bounds[1] / quality_bounds[1]  # every layer at its largest candidate
+        return top, top
+    return low, high
+
+
+def split_ratios(configured, low: float, high: float) -> list[float]:
+    """The ratios a budget split sweeps: the configured ones inside [low, high], both ends of the
+    range (rounded inwards), and midpoints of the widest gaps while fewer than configured, so the sweep
+    always covers the whole feasible range, whatever the budget."""
+    low, high = math.ceil(low * 1e4) / 1e4, math.floor(high * 1e4) / 1e4
+    if high <= low:
+        return [round((low + high) / 2, 4)]
+    ratios = sorted({float(r) for r in configured if low <= r <= high} | {low, high})
+    while len(ratios) < len(list(configured)):  # bisect the widest gap
+        i = max(range(len(ratios) - 1), key=lambda j: ratios[j + 1] - ratios[j])
+        ratios.insert(i + 1, round((ratios[i] + ratios[i + 1]) / 2, 4))
+    return ratios
+
+
+def group_members(scores, groups) -> dict[str, dict]:
+    return {g: {n: s for n, s in scores.items() if groups[n] == g} for g in ("content", "quality")}
+
+
+def feasible_split(scores, sizes, groups, target: float) -> tuple[float, float]:
+    """ratio_range for these layers' candidates (content and quality groups both non-empty)."""
+    by_group = group_members(scores, groups)
+    size = {g: sum(sizes[n] for n in members) for g, members in by_group.items()}
+    bounds = {}
+    for g, members in by_group.items():
+        candidates = {n: sorted(int(b) for b in table) for n, table in members.items()}
+        bounds[g] = (smallest_feasible_average(candidates, sizes),
+                     sum(sizes[n] * max(c) for n, c in candidates.items()) / size[g])
+    return ratio_range(target, size["content"], size["quality"], bounds["content"], bounds["quality"])
+
+
 def allocate_groups(scores, sizes, groups: dict[str, str], target: float, ratio: float) -> dict[str, int]:
-    """Allocate the content and quality groups separately under the split budgets."""
-    by_group = {g: {n: s for n, s in scores.items() if groups[n] == g} for g in ("content", "quality")}
+    """Allocate the content and quality groups separately under the split budgets: each group's score
+    is in its own metric (SSIM, dB), so they are never added into one objective."""
+    by_group = group_members(scores, groups)
     group_size = {g: sum(sizes[n] for n in layer_scores) for g, layer_scores in by_group.items()}
     if not group_size["content"] or not group_size["quality"]:
-        return allocate_bits(scores, sizes, target)
+        return allocate_bits(scores, sizes, target)  # one group, one metric
     content_avg, quality_avg = group_budgets(target, ratio, group_size["content"], group_size["quality"])
-    # A ratio that asks a group for less than its smallest feasible average raises
-    # InfeasibleBudgetError; build_plans skips that ratio.
+    # A ratio that asks a group for less than its smallest feasible average raises InfeasibleBudgetError.
     plan = {}
     for group, avg in (("content", content_avg), ("quality", quality_avg)):
         plan.update(allocate_bits(by_group[group], sizes, avg))
@@ -122,18 +175,21 @@ def allocate_groups(scores, sizes, groups: dict[str, str], target: float, ratio:
 
 
 def build_plans(scores, sizes, groups, target: float, ratios) -> dict[float, dict[str, int]]:
-    """Candidate plans, one per ratio, each within the overall target (ratios whose split is
-    infeasible are skipped)."""
+    """Candidate plans, one per ratio of split_ratios (the configured ratios in the feasible range
+    and that range's ends), each within the overall target. Raises InfeasibleBudgetError when the
+    target is below the smallest candidates' average."""
+    by_group = group_members(scores, groups)
+    if not by_group["content"] or not by_group["quality"]:
+        return {1.0: allocate_bits(scores, sizes, target)}
+    check_allocation_inputs(scores, sizes, target)
+    candidates = {n: sorted(int(b) for b in table) for n, table in scores.items()}
+    floor = smallest_feasible_average(candidates, sizes)
+    if target < floor - 1e-9:
+        raise InfeasibleBudgetError(f"average of {target:g} bits is infeasible: the smallest candidate bit-widths "
+                                    f"already average {floor:.4f} bits")
     plans = {}
-    for ratio in ratios:
-        try:
-            plan = allocate_groups(scores, sizes, groups, target, ratio)
-        except InfeasibleBudgetError:
-            continue
+    for ratio in split_ratios(ratios, *feasible_split(scores, sizes, groups, target)):
+        plan = allocate_groups(scores, sizes, groups, target, ratio)
         if average_bits(plan, sizes) <= target + 1e-6:
             plans[float(ratio)] = plan
-    if not plans:
-        # Still honour the budget: a single allocation over both groups is always feasible when the
-        # target is above the smallest feasible average (allocate_bits raises otherwise).
-        plans[float("nan")] = allocate_bits(scores, sizes, target)
     return plans

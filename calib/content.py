@@ -9,7 +9,12 @@ for PSNR/SSIM. The configurations:
 - W2A8 on the content group only, the rest float: what low bits in the layers the content metric
   guards do to content;
 - the mixed plan (plan.yaml); the same plan without BOS handling (the token-0 row of the text
-  embedding quantized with the rest, its range included), MixDQ's first ablation.
+  embedding quantized with the rest, its range included), MixDQ's first ablation;
+- same-budget baselines (mixq.calib.plans): the inverted sensitivity ranking and random allocations.
+
+Every configuration is compared with the plan on the same prompts (`paired_comparisons`): exact
+McNemar on the per-prompt verdicts, a paired interval on per-image PSNR; the report claims better
+or worse only at p < 0.01 (mixq.stats.SIGNIFICANCE).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from mixq.calib.planner import average_bits, sizes_for
 from mixq.calib.sensitivity import swapped_layers
 from mixq.proving.content import Verdict
 from mixq.quantizers import FLOAT_BITS
+from mixq.stats import SIGNIFICANCE, describe_p, mcnemar_exact, paired_difference, per_image_psnr, wilson_interval
 
 FLOAT = (FLOAT_BITS, FLOAT_BITS)
 PLAN_NAME = "mixed plan"
@@ -31,6 +37,15 @@ UNIFORM_W4_NAME = "uniform W4A8"
 GRID_COLUMNS = ("float", "uniform W8A8", UNIFORM_W4_NAME, PLAN_NAME)
 W2_CONTENT_NAME = "W2A8 content group only"
 PLAN_INDEPENDENT = ("float", "uniform W8A8", UNIFORM_W4_NAME, W2_CONTENT_NAME)  # the same at every budget
+INVERTED_NAME = "inverted ranking (same budget)"
+RANDOM_SEEDS = (0, 1, 2)
+
+
+NO_BOS_NAME = PLAN_NAME + " without BOS handling"
+
+
+def random_name(seed: int) -> str:
+    return f"random allocation, seed {seed} (same budget)"
 
 
 @dataclass(frozen=True)
@@ -40,8 +55,10 @@ class Configuration:
     bos_aware: bool = True
 
 
-def configurations(quantizable: list[str], groups: dict[str, str], plan: dict) -> list[Configuration]:
-    """The report's configurations over the quantizable layers (keep-fp layers excluded)."""
+def configurations(quantizable: list[str], groups: dict[str, str], plan: dict,
+                   baselines: dict[str, dict] | None = None) -> list[Configuration]:
+    """The report's configurations over the quantizable layers (keep-fp layers excluded);
+    `baselines`: name -> {layer: {w_bits, a_bits}} of same-budget baselines, appended."""
     def uniform(w, a, members=quantizable):
         return {n: (w, a) for n in members}
 
@@ -49,7 +66,9 @@ def configurations(quantizable: list[str], groups: dict[str, str], plan: dict) -
     content = [n for n in quantizable if groups[n] == "content"]
     return [Configuration("float", {}), Configuration("uniform W8A8", uniform(8, 8)),
             Configuration(UNIFORM_W4_NAME, uniform(4, 8)), Configuration(W2_CONTENT_NAME, uniform(2, 8, content)),
-            Configuration(PLAN_NAME, plan_bits), Configuration(PLAN_NAME + " without BOS handling", plan_bits, False)]
+            Configuration(PLAN_NAME, plan_bits), Configuration(NO_BOS_NAME, plan_bits, False),
+            *[Configuration(name, {n: (int(b[n]["w_bits"]), int(b[n]["a_bits"])) for n in quantizable})
+              for name, b in (baselines or {}).items()]]
 
 
 def average_bits_of(configuration: Configuration, table: dict) -> tuple[float, float]:
@@ -59,27 +78,40 @@ def average_bits_of(configuration: Configuration, table: dict) -> tuple[float, f
             average_bits({n: b[1] for n, b in bits.items()}, sizes_for("activation", table)))
 
 
+def generate_with(pipe, layers: dict, calibration, config: Configuration, prompts: list[str], seed: int,
+                  sampling: dict) -> np.ndarray:
+    """The images of `prompts` with the configuration's layers quantized on the real integer path
+    (the float UNet restored after)."""
+    from mixq.proving.evaluate import generate
+
+    replacements = {n: build_quantized_layer(pipe.unet.get_submodule(n), layers[n], w, a, calibration,
+                                             bos_aware=config.bos_aware)
+                    for n, (w, a) in config.bits.items() if (w, a) != FLOAT}
+    with swapped_layers(pipe.unet, replacements):
+        return generate(pipe, prompts, seed, sampling=sampling)
+
+
 def content_comparison(pipe, layers: dict, calibration, table: dict, plan: dict, count: int, seed: int,
-                       sampling: dict, log=print, cache: ContentCache | None = None) -> tuple[list[dict], dict]:
-    """One row per configuration (average bits, content accuracy, quality), and the images and
-    verdicts of every configuration for the grid. With a `cache`, the configurations that do not
-    depend on the plan are generated and scored once and reused while the cache's key holds."""
-    from mixq.proving.evaluate import evaluation_prompts, generate, score_images, verdicts_for
+                       sampling: dict, log=print, cache: ContentCache | None = None,
+                       baselines: dict[str, dict] | None = None,
+                       plan_cache: ContentCache | None = None) -> tuple[list[dict], dict]:
+    """One row per configuration (average bits, content accuracy, quality, statistics against the
+    plan), and the images and verdicts of every configuration for the grid. Each cache holds the
+    configurations it names, generated and scored once and reused while its key holds: `cache` the
+    plan-independent ones, `plan_cache` those of one plan and its baselines."""
+    from mixq.proving.evaluate import evaluation_prompts, score_images, verdicts_for
 
     pairs = evaluation_prompts(count)
     prompts, scenes = [text for _, text in pairs], [scene for scene, _ in pairs]
     groups = {n: row["group"] for n, row in table.items()}
-    cached = cache.load() if cache is not None else {}
+    caches = [c for c in (cache, plan_cache) if c is not None]
+    cached = {name: entry for c in caches for name, entry in c.load().items()}
     rows, images, verdicts = [], {}, {}
-    for config in configurations(list(table), groups, plan):
+    for config in configurations(list(table), groups, plan, baselines):
         if config.name in cached:
             images[config.name], verdicts[config.name], row = cached[config.name]
         else:
-            replacements = {n: build_quantized_layer(pipe.unet.get_submodule(n), layers[n], w, a, calibration,
-                                                     bos_aware=config.bos_aware)
-                            for n, (w, a) in config.bits.items() if (w, a) != FLOAT}
-            with swapped_layers(pipe.unet, replacements):
-                images[config.name] = generate(pipe, prompts, seed, sampling=sampling)
+            images[config.name] = generate_with(pipe, layers, calibration, config, prompts, seed, sampling)
             verdicts[config.name] = verdicts_for(images[config.name], scenes)
             w_avg, a_avg = average_bits_of(config, table)
             row = {"name": config.name, "w_avg": w_avg, "a_avg": a_avg,
@@ -87,20 +119,69 @@ def content_comparison(pipe, layers: dict, calibration, table: dict, plan: dict,
         rows.append(row)
         reused = " (reused)" if config.name in cached else ""
         log(f"report: content check {config.name}: {row['content']['overall']:.1%} of {count} prompts right{reused}")
-    if cache is not None and not set(PLAN_INDEPENDENT) <= set(cached):
-        by_name = {row["name"]: row for row in rows}
-        cache.save({name: (images[name], verdicts[name], by_name[name]) for name in PLAN_INDEPENDENT})
+    by_name = {row["name"]: row for row in rows}
+    for c in caches:
+        if not set(c.names) <= set(cached):
+            c.save({name: (images[name], verdicts[name], by_name[name]) for name in c.names})
+    rows = [{**row, **content_statistics(verdicts[row["name"]])} for row in rows]
+    paired_comparisons(rows, images, verdicts)
     return rows, {"prompts": prompts, "images": images, "verdicts": verdicts}
 
 
-class ContentCache:
-    """The plan-independent configurations' images, verdicts and rows in a run folder, under a key of
-    everything they depend on (model, ranges, layers and groups, prompts, seed, sampling, kernel
-    backend, versions): a new budget then generates and scores only the plan. A cache under another
-    key, or unreadable, is ignored and rewritten."""
+def content_statistics(verdicts: list) -> dict:
+    """n, prompts right, the 95 % Wilson interval, and the per-prompt verdicts as a 0/1 string."""
+    correct = [v.correct for v in verdicts]
+    low, high = wilson_interval(sum(correct), len(correct))
+    return {"n": len(correct), "correct": int(sum(correct)), "interval": [round(low, 4), round(high, 4)],
+            "per_prompt": "".join("1" if c else "0" for c in correct)}
 
-    def __init__(self, path: Path, key: str):
-        self.path, self.key = Path(path), key
+
+def paired_comparisons(rows: list[dict], images: dict, verdicts: dict):
+    """Adds `vs_plan` to every row but the plan's: the plan's content minus the row's, its exact
+    McNemar p-value, and the plan's per-image PSNR (against float) minus the row's, with its interval."""
+    plan_psnr = per_image_psnr(images["float"], images[PLAN_NAME])
+    plan_correct = [v.correct for v in verdicts[PLAN_NAME]]
+    plan_row = next(r for r in rows if r["name"] == PLAN_NAME)
+    for row in rows:
+        if row["name"] == PLAN_NAME:
+            continue
+        correct = [v.correct for v in verdicts[row["name"]]]
+        row["vs_plan"] = {"content_difference": round(plan_row["content"]["overall"] - row["content"]["overall"], 4),
+                          "mcnemar_p": mcnemar_exact(plan_correct, correct)}
+        if row["name"] != "float":  # PSNR is measured against the float images
+            psnr = paired_difference(plan_psnr, per_image_psnr(images["float"], images[row["name"]]))
+            row["vs_plan"]["psnr_difference"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in psnr.items()}
+
+
+def comparison_sentence(plan: dict, other: dict) -> str:
+    """What the report states about the plan against one configuration: better or worse only when
+    the paired test says so at SIGNIFICANCE, otherwise that there is no significant difference."""
+    vs = other["vs_plan"]
+    a, b, p, n = plan["content"]["overall"], other["content"]["overall"], vs["mcnemar_p"], plan["n"]
+    bits = f"{other['name']} ({other['w_avg']:.2f} avg weight bits, {other['a_avg']:.2f} activation)"
+    if p < SIGNIFICANCE:
+        verb = "keeps more content than" if a > b else "keeps LESS content than"
+        content = f"The mixed plan {verb} {bits}: {a:.1%} vs {b:.1%} (n = {n}, McNemar {describe_p(p)})"
+    else:
+        content = (f"The mixed plan and {bits}: no significant difference in content, {a:.1%} vs {b:.1%} "
+                   f"(n = {n}, McNemar {describe_p(p)})")
+    d = vs["psnr_difference"]
+    if d["p"] < SIGNIFICANCE:
+        psnr = f"per-image PSNR {'higher' if d['mean'] > 0 else 'LOWER'} by {abs(d['mean']):.2f} dB"
+    else:
+        psnr = "no significant difference in per-image PSNR"
+    return f"{content}; {psnr} (plan minus other {d['mean']:+.2f} dB, 95 % interval [{d['low']:+.2f}, {d['high']:+.2f}])."
+
+
+class ContentCache:
+    """Some configurations' images, verdicts and rows in a run folder, under a key of everything they
+    depend on (model, ranges, layers and groups, prompts, seed, sampling, kernel backend, versions,
+    and for the plan's own configurations the plan): a new budget then generates and scores only the
+    plan and its baselines, and a report rerun on the same plan nothing. A cache under another key, or
+    unreadable, is ignored and rewritten."""
+
+    def __init__(self, path: Path, key: str, names=PLAN_INDEPENDENT):
+        self.path, self.key, self.names = Path(path), key, tuple(names)
 
     def load(self) -> dict[str, tuple[np.ndarray, list, dict]]:
         """name -> (images, verdicts, row); empty when there is no valid cache for this key."""
@@ -119,7 +200,7 @@ class ContentCache:
             rows, arrays = json.loads(metadata["rows"]), load_file(str(self.path))
             return {name: (arrays[f"images/{name}"], [Verdict(*map(bool, v)) for v in arrays[f"verdicts/{name}"]],
                            rows[name])
-                    for name in PLAN_INDEPENDENT}
+                    for name in self.names}
         except (OSError, SafetensorError, ValueError, KeyError, TypeError):
             return {}
 
@@ -140,11 +221,11 @@ class ContentCache:
             save_file(arrays, str(tmp), metadata={"key": self.key, "rows": rows})
 
 
-def plan_against_uniform(rows: list[dict]) -> str:
-    """The sentence the report states, whichever way it comes out."""
+def comparison_sentences(rows: list[dict]) -> list[str]:
+    """The plan against the uniform configuration at the nearest budget, the inverted ranking and
+    each random allocation (those present), one sentence each."""
     by_name = {r["name"]: r for r in rows}
-    plan, uniform = by_name[PLAN_NAME], by_name[UNIFORM_W4_NAME]
-    a, b = plan["content"]["overall"], uniform["content"]["overall"]
-    verb = "keeps more content than" if a > b else "keeps as much content as" if a == b else "keeps LESS content than"
-    return (f"The mixed plan ({plan['w_avg']:.2f} avg weight bits) {verb} uniform W4A8 "
-            f"({uniform['w_avg']:.2f} bits): {a:.1%} vs {b:.1%} of the evaluation prompts right.")
+    plan = by_name[PLAN_NAME]
+    uniform = min((by_name[n] for n in ("uniform W8A8", UNIFORM_W4_NAME)), key=lambda r: abs(r["w_avg"] - plan["w_avg"]))
+    others = [uniform] + [r for r in rows if r["name"] == INVERTED_NAME or r["name"].startswith("random allocation")]
+    return [comparison_sentence(plan, other) for other in others]

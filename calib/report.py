@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+from mixq.calib.planner import TIE_TOLERANCE
 from mixq.io import atomic_path, write_text_atomic
 
 GROUP_COLORS = {"content": "tab:orange", "quality": "tab:blue"}
@@ -93,18 +94,15 @@ def _fmt(value, digits=2):
 
 
 def sweep_rows(sweep: list[dict]) -> list[list[str]]:
-    """One row per ratio of the sweep: skipped ratios say why, a joint allocation says it is one."""
+    """One row per ratio of the sweep: skipped ratios say why, ties are marked."""
     rows = []
     for e in sweep:
         if "skipped" in e:
             rows.append([_fmt(e["ratio"]), "-", "-", "-", "-", f"skipped: {e['skipped']}"])
             continue
-        k = "none (joint)" if e.get("ratio") is None else _fmt(e["ratio"])
-        chosen = "yes" if e.get("chosen") else ""
-        if e.get("joint"):
-            chosen = f"{chosen} ({e['joint']})".strip()
-        rows.append([k, _fmt(e.get("avg_content", float("nan"))), _fmt(e.get("avg_quality", float("nan"))),
-                     _fmt(e["avg_all"]), f"{e['image_mse']:.3e}", chosen])
+        note = "yes" if e.get("chosen") else "tie (within tolerance of the lowest MSE)" if e.get("tied") else ""
+        rows.append([_fmt(e["ratio"], 4), _fmt(e.get("avg_content", float("nan"))),
+                     _fmt(e.get("avg_quality", float("nan"))), _fmt(e["avg_all"], 3), f"{e['image_mse']:.3e}", note])
     return rows
 
 
@@ -118,20 +116,34 @@ def most_sensitive(table: dict, group: str, count: int = 5) -> str:
 
 
 def content_section(rows: list[dict], grid: str | None) -> list[str]:
-    """The content table (and grid) of a proving-ground model's report."""
-    from mixq.calib.content import plan_against_uniform
+    """The content table, the paired comparisons with the plan (and the grid) of a proving-ground
+    model's report."""
+    from mixq.calib.content import PLAN_NAME, comparison_sentences
 
+    n = rows[0]["n"]
     lines = ["## Content on held-out prompts (real integer kernels)", "",
-             "The content checker's verdicts on the images of held-out evaluation prompts of the shapes grammar "
-             "(never used in training or calibration), same seeds for every configuration; PSNR/SSIM against the "
-             "float images; edge sharpness (higher is crisper) and background noise (RMS, lower is cleaner) need "
-             "no reference.", "",
-             _table(["configuration", "avg W bits", "avg A bits", "content", "count", "colour", "shape", "size",
-                     "position", "PSNR (dB)", "SSIM", "sharpness", "bg noise"], [
+             (f"The content checker's verdicts on the images of {n} held-out evaluation prompts of the shapes grammar "
+              "(never used in training or calibration), same seeds for every configuration, with 95 % Wilson "
+              "intervals; PSNR/SSIM against the float images; edge sharpness (higher is crisper) and background "
+              "noise (RMS, lower is cleaner) need no reference. The random allocations and the inverted ranking "
+              "have the plan's budget and candidate bit-widths (mixq.calib.plans)."), "",
+             _table(["configuration", "avg W bits", "avg A bits", "content [95 % interval]", "count", "colour", "shape",
+                     "size", "position", "PSNR (dB)", "SSIM", "sharpness", "bg noise"], [
                  [r["name"], _fmt(r["w_avg"]), _fmt(r["a_avg"]),
-                  *[f"{r['content'][k]:.1%}" for k in ("overall", "count", "color", "shape", "size", "position")],
+                  f"{r['content']['overall']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]",
+                  *[f"{r['content'][k]:.1%}" for k in ("count", "color", "shape", "size", "position")],
                   _fmt(r["psnr"]), _fmt(r["ssim"], 4), _fmt(r["edge_sharpness"]), _fmt(r["background_noise"])]
-                 for r in rows]), "", plan_against_uniform(rows), ""]
+                 for r in rows]), "",
+             f"### The mixed plan against each configuration (paired, n = {n})", "",
+             ("Content: the plan's share right minus the other's, exact McNemar test on the per-prompt verdicts. "
+              "PSNR: mean over images of the plan's per-image PSNR against float minus the other's, with its 95 % "
+              "interval. Better or worse is claimed only at p < 0.01."), "",
+             _table(["configuration", "content difference", "McNemar p", "per-image PSNR difference (dB) [95 %]"], [
+                 [r["name"], f"{r['vs_plan']['content_difference'] * 100:+.1f} points", f"{r['vs_plan']['mcnemar_p']:.2g}",
+                  "{mean:+.2f} [{low:+.2f}, {high:+.2f}]".format(**r["vs_plan"]["psnr_difference"])
+                  if "psnr_difference" in r["vs_plan"] else "- (the reference)"]
+                 for r in rows if r["name"] != PLAN_NAME]), ""]
+    lines += [f"- {sentence}" for sentence in comparison_sentences(rows)] + [""]
     if grid:
         lines += [f"![content grid]({grid})", ""]
     return lines
@@ -139,7 +151,7 @@ def content_section(rows: list[dict], grid: str | None) -> list[str]:
 
 def write_report(path: Path, *, config, budget: dict, command: str, averages: dict, sweeps: dict,
                  comparison: list[dict], table: dict, timings: dict, versions: dict, plots: dict,
-                 noise_floor: str = "", content: list[dict] | None = None):
+                 noise_floor: str = "", content: list[dict] | None = None, frontier: dict | None = None):
     """report.md for the plan beside it: `budget` and `averages` are the plan's; `noise_floor` is the
     sensitivity measurement's floor, said next to the scores."""
     c = config
@@ -185,9 +197,16 @@ def write_report(path: Path, *, config, budget: dict, command: str, averages: di
     lines += [r["verdict"] for r in verdicts] + [""]
     if content:
         lines += content_section(content, plots.get("content_grid"))
+    if frontier and frontier.get("points"):
+        from mixq.calib.frontier import sweep_section
+
+        lines += sweep_section(frontier)
     lines += ["## Budget split sweep", "",
-              "Each ratio k sets content avg = k x quality avg within the budget; the plan with the lowest image "
-              "MSE against the float images is chosen (the other side in floating point while sweeping).", ""]
+              ("Each ratio k sets content avg = k x quality avg within the budget; the sweep covers every ratio at "
+               "which both groups' shares lie between their smallest and largest candidate averages (its ends "
+               "included), so the two groups' metrics are never added. The plan with the lowest image MSE against "
+               "the float images is chosen (the other side in floating point while sweeping); candidates within "
+               f"{TIE_TOLERANCE:.0%} of the lowest MSE are ties, and the one with the fewest bits among them wins."), ""]
     for side, sweep in sweeps.items():
         lines += [f"**{side}s** (budget {float(budget['w_bits'] if side == 'weight' else budget['a_bits']):g})", "",
                   _table(["k", "content avg", "quality avg", "all avg", "image MSE", "chosen"], sweep_rows(sweep)), ""]

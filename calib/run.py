@@ -25,8 +25,9 @@ import torch
 
 from mixq.api import build_quantized_layer, calibrate_ranges
 from mixq.calib.collect import Reference, collect_reference
-from mixq.calib.config import Config, validate
+from mixq.calib.config import BudgetConfig, Config, validate
 from mixq.calib.distributed import current_world
+from mixq.calib.frontier import SWEEP_FILENAME
 from mixq.calib.pipeline import check_model_source, load_pipeline
 from mixq.calib.planner import SIDES, build_plan, check_budget_feasible, group_averages, sizes_for
 from mixq.calib.prompts import fit_prompts_to_text_encoder, load_prompts
@@ -36,7 +37,7 @@ from mixq.calib.runfolder import (MEASUREMENT_SECTIONS, RunFolder, digest, file_
 from mixq.calib.sensitivity import (Evaluator, candidate_bits, load_measurement, load_table, measure_sensitivity,
                                     noise_floor_line, read_table_file, swapped_layers)
 from mixq.calibration import Calibration
-from mixq.errors import CalibrationFileError, PromptFileError, RunFolderError
+from mixq.errors import BudgetError, CalibrationFileError, PromptFileError, RunFolderError
 from mixq.io import read_yaml, require_utf8_path, write_yaml_atomic
 from mixq.layers import quantizable_layers, resolve_keep_fp
 from mixq.locks import folder_lock
@@ -46,6 +47,7 @@ from mixq.quantizers import FLOAT_BITS
 from mixq.threads import ThreadPolicy
 
 STAGES = ("collect", "sensitivity", "allocate", "report")
+EXTRA_STAGES = ("sweep",)  # run only when asked for (--stage sweep), on a finished run
 DERIVED_STAGES = ("allocate", "report")  # cheap views of the measurements, kept in step with them
 
 __all__ = ["STAGES", "MEASUREMENT_SECTIONS", "RunFolder", "RunState", "run", "preflight", "command_line"]
@@ -82,6 +84,7 @@ class Session:
     command: str = "python -m mixq.calibrate"
     timings: dict = field(default_factory=dict)
     threads: ThreadPolicy | None = None  # None: leave torch's thread count alone (library callers)
+    sweep: tuple[list[float], list[float]] | None = None  # --stage sweep: (weight budgets, activation budgets)
 
     @cached_property
     def all_layers(self) -> dict:
@@ -135,7 +138,7 @@ def prompts_for(config: Config) -> list[str]:
         raise PromptFileError(f"--prompts / config field 'calibration.prompts': {err}") from None
 
 
-def preflight(config: Config, folder: RunFolder, stages) -> list[str] | None:
+def preflight(config: Config, folder: RunFolder, stages, sweep=None) -> list[str] | None:
     """Every check that needs no model, in the order a user would fix them. Returns the prompts when
     the collect stage will need them. Raises a MixqError; writes nothing."""
     validate(config)
@@ -144,13 +147,17 @@ def preflight(config: Config, folder: RunFolder, stages) -> list[str] | None:
     needs_prompts = "collect" in stages and (len(stages) == 1 or not folder.collected())
     prompts = prompts_for(config) if needs_prompts else None
     folder.check_inputs(measurement_inputs(config, prompts))
-    first = min(STAGES.index(s) for s in stages)
+    first = min(STAGES.index(s) if s in STAGES else STAGES.index("allocate") for s in stages)
     for path, stage in ((folder.ranges, "collect"), (folder.reference, "collect"), (folder.sensitivity, "sensitivity"),
                         (folder.plan, "allocate")):
         if STAGES.index(stage) < first:
             folder.require(path, stage)
     if folder.sensitivity.exists():
         check_budget_against_table(config, load_table(folder.sensitivity))
+        if sweep is not None:
+            from mixq.calib.frontier import check_sweep_budgets
+
+            check_sweep_budgets(*sweep, load_table(folder.sensitivity))
     return prompts
 
 
@@ -196,15 +203,21 @@ def sensitivity_stage(s: Session):
                         s.progress, s.log, threads=s.threads, run=s.folder.inputs_key())
 
 
-def allocate_stage(s: Session):
+def compute_plan(s: Session, budget: dict) -> tuple[dict, dict]:
+    """(plan.yaml's content, the split sweeps) at `budget` (the config's budget section, as a dict)."""
     table = s.table()
-    plan, sweeps = build_plan(table, s.config.budget, s.evaluator, s.pipe, s.layers, s.calibration, sorted(s.keep),
-                              s.log)
+    plan, sweeps = build_plan(table, BudgetConfig(**budget), s.evaluator, s.pipe, s.layers, s.calibration,
+                              sorted(s.keep), s.log)
     plan = {n: plan[n] for n in s.all_layers}  # module order
+    return ({"model": architecture_fingerprint(s.pipe.unet), "budget": budget,
+             "averages": rounded(plan_averages(plan, table)), "layers": plan}, sweeps)
+
+
+def allocate_stage(s: Session):
     budget = s.config.to_dict()["budget"]
+    plan, sweeps = compute_plan(s, budget)
     write_yaml_atomic(s.folder.allocation, {"budget": budget, "sweeps": sweeps})
-    s.folder.write_plan({"model": architecture_fingerprint(s.pipe.unet), "budget": budget,
-                         "averages": rounded(plan_averages(plan, table)), "layers": plan})
+    s.folder.write_plan(plan)
     s.folder.write_config(s.config.to_dict())
     s.log(f"allocate: wrote {s.folder.plan} (also {s.folder.history_path(budget).relative_to(s.folder.root)})")
 
@@ -224,9 +237,11 @@ def report_stage(s: Session):
     plot_group_averages(averages, {"weight": budget["w_bits"], "activation": budget["a_bits"]},
                         folder.root / plots["groups"])
     content = content_stage(s, plan, table, plots)
+    sweep_file = folder.root / SWEEP_FILENAME
     write_report(folder.report, config=s.config, budget=budget, command=s.command, averages=averages, sweeps=sweeps,
                  comparison=comparison, table=table, timings=s.timings, versions=versions(s.pipe.unet.device),
-                 plots=plots, noise_floor=noise_floor_line(load_measurement(folder.sensitivity)), content=content)
+                 plots=plots, noise_floor=noise_floor_line(load_measurement(folder.sensitivity)), content=content,
+                 frontier=read_yaml(sweep_file) if sweep_file.exists() else None)
     s.log(f"report: wrote {folder.report}")
 
 
@@ -236,12 +251,19 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
     evaluation = s.config.evaluation
     if not evaluation.content_prompts:
         return None
-    from mixq.calib.content import GRID_COLUMNS, ContentCache, content_comparison
+    from mixq.calib.content import GRID_COLUMNS, NO_BOS_NAME, PLAN_NAME, ContentCache, content_comparison
     from mixq.proving.evaluate import save_grid
 
-    cache = ContentCache(s.folder.root / "content-cache.safetensors", content_cache_key(s, table))
+    key = content_cache_key(s, table)
+    baselines = same_budget_baselines(s, table)
+    cache = ContentCache(s.folder.root / "content-cache.safetensors", key)
+    allocation = file_digest(s.folder.allocation) if s.folder.allocation.exists() else ""
+    plan_cache = ContentCache(s.folder.root / "content-plan-cache.safetensors",
+                              digest(key, file_digest(s.folder.plan), allocation),
+                              names=(PLAN_NAME, NO_BOS_NAME, *baselines))
     rows, grid = content_comparison(s.pipe, s.all_layers, s.calibration, table, plan, evaluation.content_prompts,
-                                    s.config.sampling.seed, s.config.pipeline_kwargs(), s.log, cache=cache)
+                                    s.config.sampling.seed, s.config.pipeline_kwargs(), s.log, cache=cache,
+                                    baselines=baselines, plan_cache=plan_cache)
     write_yaml_atomic(s.folder.root / "content.yaml", {"prompts": evaluation.content_prompts, "rows": rows})
     shown = min(evaluation.grid_prompts, evaluation.content_prompts)
     if shown:
@@ -250,6 +272,21 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
                   {name: grid["images"][name][:shown] for name in GRID_COLUMNS},
                   {name: grid["verdicts"][name][:shown] for name in GRID_COLUMNS})
     return rows
+
+
+def same_budget_baselines(s: Session, table: dict) -> dict[str, dict]:
+    """The inverted ranking and random allocations at the plan's budget (and, for the inverted one,
+    its split ratios), for the content comparison."""
+    from mixq.calib.content import INVERTED_NAME, RANDOM_SEEDS, random_name
+    from mixq.calib.plans import baseline_layers, chosen_ratios
+
+    budget = read_yaml(s.folder.plan)["budget"]
+    w_bits, a_bits = float(budget["w_bits"]), float(budget["a_bits"])
+    sweeps = (read_yaml(s.folder.allocation) or {}).get("sweeps", {}) if s.folder.allocation.exists() else {}
+    baselines = {INVERTED_NAME: baseline_layers(table, "inverted", w_bits, a_bits, ratios=chosen_ratios(sweeps))}
+    for seed in RANDOM_SEEDS:
+        baselines[random_name(seed)] = baseline_layers(table, "random", w_bits, a_bits, seed)
+    return baselines
 
 
 def content_cache_key(s: Session, table: dict) -> str:
@@ -285,8 +322,9 @@ def stage_digest(s: Session, stage: str) -> str | None:
         if not (folder.plan.exists() and folder.sensitivity.exists()):
             return None
         allocation = file_digest(folder.allocation) if folder.allocation.exists() else ""
+        sweep = folder.root / SWEEP_FILENAME
         return digest("report", file_digest(folder.plan), allocation, file_digest(folder.sensitivity),
-                      s.config.to_dict()["evaluation"])
+                      s.config.to_dict()["evaluation"], file_digest(sweep) if sweep.exists() else "")
     return None
 
 
@@ -318,16 +356,20 @@ def should_run(s: Session, stage: str, requested, forced: bool) -> bool:
 
 
 def run(config: Config, out, stages=STAGES, progress: bool = True, log=print, command: str | None = None,
-        threads: ThreadPolicy | None = None, state: RunState | None = None) -> Path:
+        threads: ThreadPolicy | None = None, state: RunState | None = None, sweep=None) -> Path:
     """Run the stages into the folder `out`. `threads` chooses torch's CPU threads at each stage (and
-    during sensitivity, as the machine's load changes); `state` is kept up to date with the stage."""
+    during sensitivity, as the machine's load changes); `state` is kept up to date with the stage.
+    `sweep`: (weight budgets, activation budgets) for the stage "sweep"."""
     folder = RunFolder(out)
     stages = tuple(stages)
+    if "sweep" in stages and sweep is None:
+        raise BudgetError("--stage sweep needs weight budgets: --w-bits 3.4,3.6,4")
     state = state if state is not None else RunState()
     state.folder = folder
-    prompts = preflight(config, folder, stages)
+    prompts = preflight(config, folder, stages, sweep)
     pipe = load_pipeline(config.model, progress)
-    s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate", threads=threads)
+    s = Session(config, folder, pipe, prompts, progress, log, command or "python -m mixq.calibrate", threads=threads,
+                sweep=sweep)
     state.layers = len(s.layers)
     inputs = measurement_inputs(config, prompts, model_fingerprint(pipe.unet))
     folder.check_inputs(inputs)
@@ -367,6 +409,14 @@ def run_stages(s: Session, stages: tuple, state: RunState) -> Path:
             world.barrier()
         if stage == "sensitivity" and not world.is_main:
             return folder.root
+        if stage == "allocate" and "sweep" in stages:
+            # The sweep follows the measurements; the report after it then shows the frontier.
+            from mixq.calib.frontier import sweep_stage
+
+            state.stage = "sweep"
+            started = time.monotonic()
+            sweep_stage(s, *s.sweep)
+            s.timings["sweep"] = time.monotonic() - started
     if folder.measured() and not folder.config.exists():
         folder.write_config(config.to_dict())
     return folder.root

@@ -4,6 +4,7 @@ precision bit plan under a budget, and write a report into a run folder.
 examples:
   python -m mixq.calibrate                                               # offline default, no downloads
   python -m mixq.calibrate --out runs/proving --stage allocate --w-bits 3.5     # re-budget a run, seconds
+  python -m mixq.calibrate --out runs/proving --stage sweep --w-bits 3.4,3.6,3.8,4   # bits-vs-quality frontier
   python -m mixq.calibrate --config tiny-sdxl                            # random-weight tiny SDXL, a minute
   python -m mixq.calibrate --model ./my-pipeline --out runs/mine         # a local folder (pipe.save_pretrained)
   python -m mixq.calibrate --config sdxl-turbo --prompts captions_val2017.json --out runs/turbo
@@ -31,7 +32,7 @@ from mixq.errors import MixqError
 
 def parse_args(argv):
     from mixq.calib.config import OVERRIDES
-    from mixq.calib.run import STAGES
+    from mixq.calib.run import EXTRA_STAGES, STAGES
 
     def sets(flag):
         return f" (sets {OVERRIDES[flag]})"
@@ -51,20 +52,23 @@ def parse_args(argv):
     parser.add_argument("--prompts", help="prompts file: COCO captions JSON/CSV, PartiPrompts TSV, JSON list or text"
                         + sets("prompts"))
     parser.add_argument("--num-prompts", type=int, help="number of calibration prompts (first N)" + sets("num_prompts"))
-    parser.add_argument("--w-bits", type=float,
+    parser.add_argument("--w-bits",
                         help="weight budget, a size-weighted average: the bit-width of the quantized layers' weights, "
                              "weighted by their parameter counts; from the smallest candidate (2; the run states the "
-                             "exact floor, 3.375 for proving) to 8. Default 4" + sets("w_bits"))
-    parser.add_argument("--a-bits", type=float,
+                             "exact floor, 3.375 for proving) to 8. Default 4. With --stage sweep, an increasing list: "
+                             "3.4,3.6,4" + sets("w_bits"))
+    parser.add_argument("--a-bits",
                         help="activation budget, a size-weighted average: the bit-width of the layers' inputs, "
-                             "weighted by their element counts; 4 to 8. Default 8" + sets("a_bits"))
+                             "weighted by their element counts; 4 to 8. Default 8. With --stage sweep, one value or "
+                             "one per weight budget" + sets("a_bits"))
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the cores other processes leave free, chosen again as the "
                              "load changes; OMP_NUM_THREADS also fixes it)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<config name or model folder name>)")
-    parser.add_argument("--stage", choices=("all",) + STAGES, default="all",
+    parser.add_argument("--stage", choices=("all",) + STAGES + EXTRA_STAGES, default="all",
                         help="run this stage even if up to date (earlier stages' files must exist in --out); "
-                             "allocate and report then follow when their inputs changed")
+                             "allocate and report then follow when their inputs changed. sweep: the plan and random "
+                             "allocations at each budget of --w-bits, on a finished run (the report gains the frontier)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -82,10 +86,37 @@ def resolve_config(args):
         config = load_config(args.config)
         if args.model and args.config is None:
             config.name = Path(args.model.rstrip("/")).name or config.name  # name the run after the model
+    budgets = {} if args.stage == "sweep" else {"w_bits": single_budget(args.w_bits, "--w-bits"),
+                                                "a_bits": single_budget(args.a_bits, "--a-bits")}
     apply_overrides(config, model=args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                     steps=args.steps, guidance=args.guidance, size=args.size, prompts=args.prompts,
-                    num_prompts=args.num_prompts, w_bits=args.w_bits, a_bits=args.a_bits)
+                    num_prompts=args.num_prompts, **budgets)
     return config, args.out or f"runs/{config.name}"
+
+
+def single_budget(text, flag: str) -> float | None:
+    from mixq.calib.frontier import parse_budget_list
+    from mixq.errors import BudgetError
+
+    if text is None:
+        return None
+    values = parse_budget_list(text, flag)
+    if len(values) > 1:
+        raise BudgetError(f"{flag} {text}: a list of budgets is for --stage sweep; give one budget otherwise")
+    return values[0]
+
+
+def sweep_budgets(args, config) -> tuple[list[float], list[float]] | None:
+    """(weight budgets, activation budgets) for --stage sweep; None for the other stages."""
+    from mixq.calib.frontier import parse_budget_list
+    from mixq.errors import BudgetError
+
+    if args.stage != "sweep":
+        return None
+    if args.w_bits is None:
+        raise BudgetError("--stage sweep needs weight budgets: --w-bits 3.4,3.6,4")
+    a_bits = parse_budget_list(args.a_bits, "--a-bits") if args.a_bits is not None else [config.budget.a_bits]
+    return parse_budget_list(args.w_bits, "--w-bits"), a_bits
 
 
 class Terminated(Exception):
@@ -111,9 +142,10 @@ def main(argv=None) -> int:
         threads = ThreadPolicy(args.threads, log=print)
         config, out = resolve_config(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
+        sweep = sweep_budgets(args, config)
         with maybe_init():  # joins torchrun's process group when there is one
             run(config, out, stages=stages, progress=not args.no_progress, command=command_line(argv),
-                threads=threads, state=state)
+                threads=threads, state=state, sweep=sweep)
     except (MixqError, FileNotFoundError) as err:  # bad input: the message says what and how to fix it
         print(f"error: {err}", file=sys.stderr)
         return 2

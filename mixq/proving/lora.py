@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from mixq.machine import describe_cpu
+from mixq.stats import mcnemar_exact, wilson_interval
 
 from .scenes import Scene, render, scenes
 from .train import ScenePool
@@ -137,27 +137,6 @@ def swap_verdicts(pipe, pairs, seed: int = 0, batch_size: int = 50) -> list[bool
 
     images = generate(pipe, [text for _, text in pairs], seed, batch_size=batch_size)
     return [check(image, swapped(scene)).correct for image, (scene, _) in zip(images, pairs)]
-
-
-def mcnemar_exact(a: list[bool], b: list[bool]) -> float:
-    """Two-sided exact McNemar p-value for paired verdicts (the binomial test on the discordant pairs)."""
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def content_table(run: Path, prompts: int, seed: int = 0) -> dict:
