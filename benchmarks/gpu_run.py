@@ -13,7 +13,8 @@ Everything goes into the folder OUT, at most 8 files (FILES), so that they can a
 - kernels.json: per shape, mixq W8A8 / W4A8 (autotuned, the cache written to autotune.json in OUT)
   against cuBLAS fp16 (`F.linear` / `F.conv2d`) and `torch._int_mm`; triton.testing.do_bench medians;
 - unet.json: the full SDXL-Turbo UNet architecture (random weights, 64x64 latents = 512x512, batch 1,
-  one step) captured in a CUDA graph: fp16, W8A8, W4A8 and a plan with the weight shares of the offline default's 4-bit plan; median of
+  one step) captured in a CUDA graph: fp16, W8A8, W4A8 and a plan with the weight shares of the offline default's 4-bit plan
+  (and torchao's int8 dynamic quantization when torchao is installed); median of
   ROUNDS replays timed with CUDA events after warm-up, and peak memory;
 - report.md: the measurements beside the static estimates (benchmarks/results/static);
 - log.txt: what the run printed.
@@ -256,7 +257,30 @@ def unet_timings(device: str, rounds: int) -> dict:
         log(f"unet: {name}: {results['variants'][name]['median_s'] * 1e3:.2f} ms")
         if unet is not base:
             del unet
+    results["torchao"] = torchao_int8_dynamic(base, inputs, device, rounds, results["variants"])
     return results
+
+
+def torchao_int8_dynamic(base, inputs, device: str, rounds: int, variants: dict) -> str:
+    """torchao's int8 dynamic-activation int8-weight UNet beside mixq's, when torchao is installed
+    (the GPU image has none; `pip install torchao` adds the row). Returns what happened, for the report;
+    a failure here is recorded, not fatal: the row is a comparison, not mixq's correctness."""
+    import copy
+
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as err:
+        return f"not measured: torchao is not installed ({err})"
+    try:
+        unet = copy.deepcopy(base)
+        quantize_(unet, Int8DynamicActivationInt8WeightConfig())
+        variants["torchao int8 dynamic"] = forward_time(unet, inputs, device, rounds)
+    except Exception as err:  # noqa: BLE001 (recorded in the report)
+        return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    log(f"unet: torchao int8 dynamic: {variants['torchao int8 dynamic']['median_s'] * 1e3:.2f} ms")
+    import torchao
+
+    return f"measured with torchao {torchao.__version__}"
 
 
 def forward_time(unet, inputs, device: str, rounds: int) -> dict:
@@ -332,6 +356,7 @@ def write_report(out: Path, env: dict, checks: list[dict], kernels: list[dict], 
     for name, row in unet["variants"].items():
         peak = f"{row['peak_bytes'] / 2**30:.2f} GiB" if row.get("peak_bytes") else "-"
         lines.append(f"| {name} | {row['median_s'] * 1e3:.2f} ms | {peak} | {base / row['median_s']:.2f}x |")
+    lines += ["", f"torchao int8 dynamic (Int8DynamicActivationInt8WeightConfig): {unet.get('torchao', 'not run')}."]
     whole = STATIC / "unet-estimate.json"
     if whole.is_file():
         h100 = json.loads(whole.read_text()).get("h100", {})

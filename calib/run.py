@@ -462,9 +462,11 @@ def evaluate_real(evaluator: Evaluator, pipe, layers, bits: dict, calibration) -
     }
     with swapped_layers(pipe.unet, replacements):
         sqnr = evaluator.unet_sqnr()
+        per_output = evaluator.unet_sqnr_per_output()
         images = evaluator.images()
     reference = evaluator.reference.images
-    return {"unet_sqnr": sqnr, "image_psnr": batch_psnr(reference, images), "image_ssim": batch_ssim(reference, images)}
+    return {"unet_sqnr": sqnr, "image_psnr": batch_psnr(reference, images), "image_ssim": batch_ssim(reference, images),
+            "sqnr_per_output": per_output}
 
 
 def compare_with_uniform(evaluator, pipe, layers, keep, plan: dict, table: dict, calibration, target: float,
@@ -484,12 +486,26 @@ def compare_with_uniform(evaluator, pipe, layers, keep, plan: dict, table: dict,
     plan_row = rows[0]
     for row in rows[1:]:
         if abs(row["w_avg"] - plan_row["w_avg"]) < 0.5 or row["w_avg"] >= plan_row["w_avg"]:
-            better = plan_row["unet_sqnr"] > row["unet_sqnr"]
-            row["verdict"] = (f"The mixed plan ({plan_row['w_avg']:.2f} avg weight bits) is "
-                              f"{'better' if better else 'NOT better'} than {row['name']} ({row['w_avg']:.2f} bits): "
-                              f"UNet SQNR {plan_row['unet_sqnr']:.2f} vs {row['unet_sqnr']:.2f} dB.")
+            row["verdict"] = sqnr_verdict(plan_row, row)
             log(row["verdict"])
+    for row in rows:
+        row.pop("sqnr_per_output")
     return rows
+
+
+def sqnr_verdict(plan_row: dict, row: dict) -> str:
+    """The plan against another configuration on UNet SQNR, paired over every prompt's output at
+    every step; better or worse only when the paired difference is significant."""
+    from mixq.stats import SIGNIFICANCE, describe_p, paired_difference
+
+    d = paired_difference(plan_row["sqnr_per_output"], row["sqnr_per_output"])
+    said = (f"UNet SQNR {plan_row['unet_sqnr']:.2f} vs {row['unet_sqnr']:.2f} dB; per output, plan minus other "
+            f"{d['mean']:+.2f} dB [{d['low']:+.2f}, {d['high']:+.2f}], n = {d['n']}, {describe_p(d['p'])}")
+    plan = f"The mixed plan ({plan_row['w_avg']:.2f} avg weight bits)"
+    other = f"{row['name']} ({row['w_avg']:.2f} bits)"
+    if d["p"] >= SIGNIFICANCE:
+        return f"{plan} and {other}: no significant difference in UNet SQNR ({said})."
+    return f"{plan} is {'better' if d['mean'] > 0 else 'WORSE'} than {other} in UNet SQNR ({said})."
 
 
 def command_line(argv) -> str:

@@ -90,6 +90,15 @@ class Evaluator:
             expected.append(call[2])
         return sqnr_db(torch.cat(expected), torch.cat(outputs))
 
+    @torch.no_grad()
+    def unet_sqnr_per_output(self) -> list[float]:
+        """The SQNR of each prompt's UNet output at each recorded step (the rows of every call)."""
+        values = []
+        for call in self.calls:
+            output, expected = run_unet(self.pipe.unet, call).float().cpu(), call[2].float().cpu()
+            values += [min(sqnr_db(e, o), SQNR_CAP_DB) for e, o in zip(expected, output)]
+        return values
+
     def images(self) -> torch.Tensor:
         return generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs, self.batch_size)
 

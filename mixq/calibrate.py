@@ -4,7 +4,7 @@ precision bit plan under a budget, and write a report into a run folder.
 examples:
   python -m mixq.calibrate                                               # offline default, no downloads
   python -m mixq.calibrate --out runs/proving --stage allocate --w-bits 3.5     # re-budget a run, seconds
-  python -m mixq.calibrate --out runs/proving --stage sweep --w-bits 3.4,3.6,3.8,4   # bits-vs-quality frontier
+  python -m mixq.calibrate --out runs/proving --stage sweep --w-bits 3.6,4,5   # bits-vs-quality frontier, minutes
   python -m mixq.calibrate --config tiny-sdxl                            # random-weight tiny SDXL, a minute
   python -m mixq.calibrate --model ./my-pipeline --out runs/mine         # a local folder (pipe.save_pretrained)
   python -m mixq.calibrate --config sdxl-turbo --prompts captions_val2017.json --out runs/turbo

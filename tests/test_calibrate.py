@@ -92,7 +92,11 @@ def test_plan_beats_uniform_quantization_at_the_same_average_bits(finished_run, 
     uniform_sqnr = mixq.sqnr_db(reference, unet_output(uniform.unet, call))
     print(f"UNet SQNR: mixed plan {planned_sqnr:.2f} dB, uniform W4A8 {uniform_sqnr:.2f} dB")
     assert planned_sqnr > uniform_sqnr
-    assert "is better than uniform W4" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    # The report's sentence follows its paired test over the few recorded UNet outputs of this small run.
+    verdict = next(line for line in report.splitlines() if line.startswith("The mixed plan") and "uniform W4" in line)
+    assert ("is better than uniform W4" in verdict) == ("no significant difference" not in verdict)
+    assert "WORSE" not in verdict
 
 
 def test_allocate_stage_alone_reuses_sensitivities(finished_run, monkeypatch, tmp_path):
@@ -213,16 +217,17 @@ def proving_run(tmp_path_factory):
 
 def test_proving_default_reports_content_of_every_configuration(proving_run):
     """The report gains the content table (float, uniform W8A8/W4A8, W2A8 content-only, the plan, the
-    plan without BOS handling), content.yaml and the verdict grid."""
-    from mixq.calib.content import PLAN_NAME
+    plan without BOS handling, the same-budget baselines), content.yaml and the verdict grid."""
+    from mixq.calib.content import INVERTED_NAME, PLAN_NAME, RANDOM_SEEDS, random_name
 
     default = load_config(None)
-    assert default.model.id == "offline:proving" and default.evaluation.content_prompts >= 200
+    assert default.model.id == "offline:proving" and default.evaluation.content_prompts >= 1000
     out = proving_run
     content = yaml.safe_load((out / "content.yaml").read_text())
     names = [row["name"] for row in content["rows"]]
-    assert names == ["float", "uniform W8A8", "uniform W4A8", "W2A8 content group only", PLAN_NAME,
-                     PLAN_NAME + " without BOS handling"]
+    assert names[:6] == ["float", "uniform W8A8", "uniform W4A8", "W2A8 content group only", PLAN_NAME,
+                         PLAN_NAME + " without BOS handling"]
+    assert names[6:] == [INVERTED_NAME, *(random_name(seed) for seed in RANDOM_SEEDS)]  # same-budget baselines
     rows = {row["name"]: row for row in content["rows"]}
     assert rows["float"]["ssim"] == 1.0 and rows["uniform W4A8"]["psnr"] < rows["uniform W8A8"]["psnr"]
     assert rows["uniform W4A8"]["w_avg"] == 4.0 and 4.0 < rows["W2A8 content group only"]["w_avg"] < 16.0
@@ -231,7 +236,7 @@ def test_proving_default_reports_content_of_every_configuration(proving_run):
     assert rows["float"]["content"]["overall"] >= 0.8 and rows["uniform W8A8"]["content"]["overall"] >= 0.8
     report = (out / "report.md").read_text()
     assert "## Content on held-out prompts" in report and "![content grid](content_grid.png)" in report
-    assert "uniform W4A8 (4.00 bits): " in report
+    assert "uniform W4A8 (4.00 avg weight bits, 8.00 activation)" in report and "McNemar p = " in report
     assert (out / "content_grid.png").stat().st_size > 0
 
 
@@ -248,12 +253,16 @@ def test_rebudget_reuses_the_plan_independent_content_rows(proving_run, monkeypa
     reused = [line for line in said.splitlines() if line.endswith("(reused)")]
     assert len(reused) == len(PLAN_INDEPENDENT), said
     again = yaml.safe_load((out / "content.yaml").read_text())["rows"]
-    assert again[:len(PLAN_INDEPENDENT)] == first[:len(PLAN_INDEPENDENT)]
+
+    def own(rows):  # a row's own measurements (its comparison with the plan changes with the plan)
+        return [{k: v for k, v in row.items() if k != "vs_plan"} for row in rows[:len(PLAN_INDEPENDENT)]]
+
+    assert own(again) == own(first)
     assert yaml.safe_load((out / "plan.yaml").read_text())["budget"]["w_bits"] == 5.0
 
     (out / "content-cache.safetensors").write_bytes(b"not a safetensors file")
     assert main(["--out", str(out), "--stage", "allocate", "--w-bits", "4", "--no-progress"]) == 0
     assert "(reused)" not in capsys.readouterr().out
     regenerated = yaml.safe_load((out / "content.yaml").read_text())["rows"]
-    assert regenerated[:len(PLAN_INDEPENDENT)] == first[:len(PLAN_INDEPENDENT)]
+    assert own(regenerated) == own(first)
     assert regenerated == first  # back at the first budget: the same plan, the same rows

@@ -41,7 +41,7 @@ NOISE = re.compile(r"warn|deprecat|torchvision|accelerate|Traceback", re.IGNOREC
 def write_small_config(path: Path, **overrides) -> str:
     config = copy.deepcopy(SMALL_CONFIG)
     for section, values in overrides.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     path.write_text(yaml.safe_dump(config))
     return str(path)
 

@@ -30,9 +30,11 @@ def test_dry_run_writes_every_file_and_passes(tmp_path):
     assert {c["dtype"] for c in checks} == {"float16", "bfloat16"} and any(c["split_k"] > 1 for c in checks)
     assert {c["kind"] for c in checks} == {"linear", "conv"}
     unet = json.loads((out / "unet.json").read_text())
-    assert set(unet["variants"]) == {"fp16", "W8A8", "W4A8", "4-bit mixed plan"}
+    measured = {"fp16", "W8A8", "W4A8", "4-bit mixed plan"}
+    assert set(unet["variants"]) == measured | ({"torchao int8 dynamic"} if unet["torchao"].startswith("measured") else set())
     report = (out / "report.md").read_text()
     assert "bit for bit the reference" in report and "## Whole UNet" in report
+    assert f"torchao int8 dynamic (Int8DynamicActivationInt8WeightConfig): {unet['torchao']}" in report
     assert "correctness:" in (out / "log.txt").read_text()
 
 

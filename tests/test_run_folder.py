@@ -89,14 +89,15 @@ def test_sweep_lists_skipped_ratios_and_why(folder):
     report = (folder / "report.md").read_text()
     weight_table = report.split("**weights**", 1)[1].split("**activations**", 1)[0]
     skipped = [e for e in sweeps["weight"] if "skipped" in e]
+    swept = [e for e in sweeps["weight"] if "skipped" not in e]
     assert skipped, "at 3.5 bits the quality group (4-bit minimum) cannot take k >= 1"
-    for entry in sweeps["weight"]:
-        assert entry.get("ratio") is None or entry["ratio"] in ratios
-    assert {e["ratio"] for e in sweeps["weight"] if e.get("ratio") is not None} == set(ratios)
+    assert {e["ratio"] for e in skipped} <= set(ratios)  # only configured ratios are skipped, each listed
+    assert set(ratios) <= {e["ratio"] for e in sweeps["weight"]}
+    assert len(swept) >= len(ratios) and sum(e.get("chosen", False) for e in swept) == 1  # the range is filled in
     for entry in skipped:
         assert f"| {entry['ratio']:.2f} | - | - | - | - | skipped: {entry['skipped']} |" in weight_table
         assert "below its smallest candidate average" in entry["skipped"]
-    assert "None" not in weight_table and "nan" not in weight_table
+    assert "None" not in weight_table and "nan" not in weight_table and "joint" not in weight_table
 
 
 # --- refused before the model loads, nothing written ---------------------------------------------
@@ -208,7 +209,8 @@ def test_help_examples_run_as_printed(tmp_path, monkeypatch, capsys):
     examples = help_examples(capsys)
     assert len(examples) >= 6
     monkeypatch.chdir(tmp_path)
-    small_default = write_small_config(tmp_path / "small-default.yaml", name="proving")
+    small_default = write_small_config(tmp_path / "small-default.yaml", name="proving",
+                                       evaluation={"content_prompts": 4, "grid_prompts": 0})
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG", small_default)
     offline = [e for e in examples if "--config" not in e]
     assert any("--model" in e for e in offline) and any("--stage allocate" in e for e in offline)
