@@ -37,11 +37,9 @@ UNIFORM_W4_NAME = "uniform W4A8"
 GRID_COLUMNS = ("float", "uniform W8A8", UNIFORM_W4_NAME, PLAN_NAME)
 W2_CONTENT_NAME = "W2A8 content group only"
 PLAN_INDEPENDENT = ("float", "uniform W8A8", UNIFORM_W4_NAME, W2_CONTENT_NAME)  # the same at every budget
+NO_BOS_NAME = PLAN_NAME + " without BOS handling"
 INVERTED_NAME = "inverted ranking (same budget)"
 RANDOM_SEEDS = (0, 1, 2)
-
-
-NO_BOS_NAME = PLAN_NAME + " without BOS handling"
 
 
 def random_name(seed: int) -> str:
@@ -148,7 +146,7 @@ def paired_comparisons(rows: list[dict], images: dict, verdicts: dict):
         correct = [v.correct for v in verdicts[row["name"]]]
         row["vs_plan"] = {"content_difference": round(plan_row["content"]["overall"] - row["content"]["overall"], 4),
                           "mcnemar_p": mcnemar_exact(plan_correct, correct)}
-        if row["name"] != "float":  # PSNR is measured against the float images
+        if row["name"] != "float" and len(correct) > 1:  # PSNR is measured against the float images
             psnr = paired_difference(plan_psnr, per_image_psnr(images["float"], images[row["name"]]))
             row["vs_plan"]["psnr_difference"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in psnr.items()}
 
@@ -165,7 +163,9 @@ def comparison_sentence(plan: dict, other: dict) -> str:
     else:
         content = (f"The mixed plan and {bits}: no significant difference in content, {a:.1%} vs {b:.1%} "
                    f"(n = {n}, McNemar {describe_p(p)})")
-    d = vs["psnr_difference"]
+    d = vs.get("psnr_difference")
+    if d is None:
+        return f"{content}."
     if d["p"] < SIGNIFICANCE:
         psnr = f"per-image PSNR {'higher' if d['mean'] > 0 else 'LOWER'} by {abs(d['mean']):.2f} dB"
     else:

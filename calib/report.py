@@ -141,7 +141,7 @@ def content_section(rows: list[dict], grid: str | None) -> list[str]:
              _table(["configuration", "content difference", "McNemar p", "per-image PSNR difference (dB) [95 %]"], [
                  [r["name"], f"{r['vs_plan']['content_difference'] * 100:+.1f} points", f"{r['vs_plan']['mcnemar_p']:.2g}",
                   "{mean:+.2f} [{low:+.2f}, {high:+.2f}]".format(**r["vs_plan"]["psnr_difference"])
-                  if "psnr_difference" in r["vs_plan"] else "- (the reference)"]
+                  if "psnr_difference" in r["vs_plan"] else "-"]
                  for r in rows if r["name"] != PLAN_NAME]), ""]
     lines += [f"- {sentence}" for sentence in comparison_sentences(rows)] + [""]
     if grid:

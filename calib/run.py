@@ -498,11 +498,14 @@ def sqnr_verdict(plan_row: dict, row: dict) -> str:
     every step; better or worse only when the paired difference is significant."""
     from mixq.stats import SIGNIFICANCE, describe_p, paired_difference
 
+    plan = f"The mixed plan ({plan_row['w_avg']:.2f} avg weight bits)"
+    other = f"{row['name']} ({row['w_avg']:.2f} bits)"
+    if len(plan_row["sqnr_per_output"]) < 2:
+        return (f"{plan} and {other}: UNet SQNR {plan_row['unet_sqnr']:.2f} vs {row['unet_sqnr']:.2f} dB over one "
+                "output, too few for a paired test (raise calibration.sensitivity_prompts).")
     d = paired_difference(plan_row["sqnr_per_output"], row["sqnr_per_output"])
     said = (f"UNet SQNR {plan_row['unet_sqnr']:.2f} vs {row['unet_sqnr']:.2f} dB; per output, plan minus other "
             f"{d['mean']:+.2f} dB [{d['low']:+.2f}, {d['high']:+.2f}], n = {d['n']}, {describe_p(d['p'])}")
-    plan = f"The mixed plan ({plan_row['w_avg']:.2f} avg weight bits)"
-    other = f"{row['name']} ({row['w_avg']:.2f} bits)"
     if d["p"] >= SIGNIFICANCE:
         return f"{plan} and {other}: no significant difference in UNet SQNR ({said})."
     return f"{plan} is {'better' if d['mean'] > 0 else 'WORSE'} than {other} in UNet SQNR ({said})."
