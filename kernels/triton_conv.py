@@ -28,6 +28,7 @@ from .triton_gemm import (
     CARRIED_POINTERS,
     INTERPRETED,
     OutputLayout,
+    activation_ring,
     choose_config,
     epilogue_arguments,
     finish_tile,
@@ -83,6 +84,7 @@ def _conv2d_kernel(
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :])
             acc_t = tl.dot(weight_operand(packed, kt, W_BITS, BLOCK_N, BLOCK_K, MMA_V2), tl.trans(a), acc_t,
                            out_dtype=tl.int32)
+            acc_t = activation_ring(acc_t, a, W_BITS, MMA_V2)
         else:
             offs_c = c0 + tl.arange(0, BLOCK_K)
             a = tl.load(tap_ptrs + tl.arange(0, BLOCK_K)[None, :], mask=(offs_c < C)[None, :], other=0)
