@@ -17,6 +17,7 @@ from mixq.io import read_yaml
 from mixq.quantizers import check_activation_bits, check_weight_bits
 
 DEFAULT_CONFIG = "proving"
+QUALITY_SCORES = ("db", "noise")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # Command-line flag -> the config field it overrides (a config file uses the field names).
@@ -74,6 +75,9 @@ class BudgetConfig:
     w_bits: float = 4.0
     a_bits: float = 8.0
     ratios: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15, 1.3])
+    # What the quality group's integer program sums: "db", each layer's UNet SQNR in dB (MixDQ), or
+    # "noise", each layer's noise power 10^(-SQNR/10), which adds up like independent errors do.
+    quality_score: str = "db"
 
 
 @dataclass
@@ -232,6 +236,9 @@ def validate(config: Config) -> Config:
         raise ConfigError("config fields 'calibration.num_prompts' and 'calibration.sensitivity_prompts' must be >= 1")
     if config.evaluation.content_prompts < 0 or config.evaluation.grid_prompts < 0:
         raise ConfigError("config fields 'evaluation.content_prompts' and 'evaluation.grid_prompts' must be >= 0")
+    if config.budget.quality_score not in QUALITY_SCORES:
+        raise ConfigError(f"config field 'budget.quality_score' is {config.budget.quality_score!r}; use one of "
+                          f"{', '.join(QUALITY_SCORES)}")
     if not config.budget.ratios or any(r <= 0 for r in config.budget.ratios):
         raise ConfigError("config field 'budget.ratios' must be a non-empty list of positive numbers")
     check_model_settings(config)

@@ -25,6 +25,19 @@ def scores_for(side: str, table: dict) -> dict[str, dict[int, float]]:
     return {n: {int(b): float(s) for b, s in row[side].items()} for n, row in table.items()}
 
 
+def allocation_scores(side: str, table: dict, quality_score: str = "db") -> dict[str, dict[int, float]]:
+    """What the integer program maximizes per layer and bit-width: the table's scores, except that with
+    quality_score "noise" a quality layer's SQNR s (dB) counts as its negative noise power -10^(-s/10):
+    independent errors add as powers, not as decibels, so the sum then tracks the UNet's total error
+    (a W2 layer at 10 dB costs 100x one at 30 dB, not a third)."""
+    scores = scores_for(side, table)
+    if quality_score == "noise":
+        for name, row in table.items():
+            if row["group"] == "quality":
+                scores[name] = {b: -(10.0 ** (-s / 10)) for b, s in scores[name].items()}
+    return scores
+
+
 def group_averages(bits: dict[str, int], sizes: dict[str, float], groups: dict[str, str]) -> dict[str, float]:
     result = {}
     for group in ("content", "quality"):
@@ -90,13 +103,13 @@ def choose_candidate(sweep: list[dict]) -> dict:
 
 
 def sweep_side(side: str, table: dict, target: float, ratios, evaluator: Evaluator, pipe, layers, calibration,
-               log=print) -> tuple[dict[str, int], list[dict]]:
+               log=print, quality_score: str = "db") -> tuple[dict[str, int], list[dict]]:
     """Candidates for one side (the other side in floating point), one per split ratio over the
     feasible range, scored by image MSE; configured ratios outside the range are listed with the
     reason they were skipped."""
     sizes, groups = sizes_for(side, table), {n: row["group"] for n, row in table.items()}
     try:
-        candidates = build_plans(scores_for(side, table), sizes, groups, target, ratios)
+        candidates = build_plans(allocation_scores(side, table, quality_score), sizes, groups, target, ratios)
     except InfeasibleBudgetError as err:
         raise BudgetError(f"{side} budget: {err}") from None
     sweep = []
@@ -127,10 +140,10 @@ def build_plan(table: dict, budget, evaluator: Evaluator, pipe, layers, calibrat
     """(plan layers {name: {w_bits, a_bits}}, sweep records) for the budget."""
     log(f"allocating weights: target {budget.w_bits:g} bits")
     weights, weight_sweep = sweep_side("weight", table, budget.w_bits, budget.ratios, evaluator, pipe, layers,
-                                       calibration, log)
+                                       calibration, log, budget.quality_score)
     log(f"allocating activations: target {budget.a_bits:g} bits")
     activations, act_sweep = sweep_side("activation", table, budget.a_bits, budget.ratios, evaluator, pipe, layers,
-                                        calibration, log)
+                                        calibration, log, budget.quality_score)
     plan = {name: {"w_bits": int(weights[name]), "a_bits": int(activations[name])} for name in table}
     for name in keep_fp:
         plan[name] = {"w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS}

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 from mixq.calib.allocate import allocate_groups, average_bits
-from mixq.calib.planner import SIDES, group_averages, scores_for, sizes_for
+from mixq.calib.planner import SIDES, allocation_scores, group_averages, scores_for, sizes_for
 from mixq.quantizers import FLOAT_BITS
 
 
@@ -81,8 +81,9 @@ def plan_document(layer_bits: dict[str, dict[str, int]], table: dict, keep_fp, m
 
 
 def baseline_layers(table: dict, kind: str, w_bits: float, a_bits: float, seed: int = 0,
-                    ratios: dict[str, float] | None = None) -> dict[str, dict[str, int]]:
-    """{layer: {w_bits, a_bits}} of a random (`kind="random"`) or inverted (`"inverted"`) allocation."""
+                    ratios: dict[str, float] | None = None, quality_score: str = "db") -> dict[str, dict[str, int]]:
+    """{layer: {w_bits, a_bits}} of a random (`kind="random"`) or inverted (`"inverted"`) allocation;
+    the inverted one mirrors the scores the plan's integer program used (`quality_score`)."""
     groups = {n: row["group"] for n, row in table.items()}
     per_side = {}
     for side, target in (("weight", w_bits), ("activation", a_bits)):
@@ -93,7 +94,8 @@ def baseline_layers(table: dict, kind: str, w_bits: float, a_bits: float, seed: 
                                          seed * 2 + (side == "activation"))
         elif kind == "inverted":
             ratio = (ratios or {}).get(side, 1.0)
-            per_side[side] = allocate_groups(inverted_scores(scores, groups), sizes, groups, target, ratio)
+            objective = allocation_scores(side, table, quality_score)
+            per_side[side] = allocate_groups(inverted_scores(objective, groups), sizes, groups, target, ratio)
         else:
             raise ValueError(f"unknown baseline {kind!r}: 'random' or 'inverted'")
         assert average_bits(per_side[side], sizes) <= target + 1e-6
@@ -179,7 +181,8 @@ def _baseline(run_folder, kind: str, w_bits, a_bits, seed: int = 0) -> dict:
     budget.update({k: float(v) for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None})
     table = load_table(folder.sensitivity)
     sweeps = (read_yaml(folder.allocation) or {}).get("sweeps", {}) if folder.allocation.exists() else {}
-    layers = baseline_layers(table, kind, budget["w_bits"], budget["a_bits"], seed, chosen_ratios(sweeps))
+    layers = baseline_layers(table, kind, budget["w_bits"], budget["a_bits"], seed, chosen_ratios(sweeps),
+                             config.budget.quality_score)
     keep = [n for n, e in plan["layers"].items() if n not in table]
     return plan_document(layers, table, keep, plan["model"], {**budget, "baseline": kind, "seed": seed},
                          list(plan["layers"]))

@@ -207,6 +207,9 @@ def write_report(path: Path, *, config, budget: dict, command: str, averages: di
                "included), so the two groups' metrics are never added. The plan with the lowest image MSE against "
                "the float images is chosen (the other side in floating point while sweeping); candidates within "
                f"{TIE_TOLERANCE:.0%} of the lowest MSE are ties, and the one with the fewest bits among them wins."), ""]
+    if budget.get("quality_score", "db") == "noise":
+        lines += ["The quality group's integer program sums each layer's noise power 10^(-SQNR/10) "
+                  "(`budget.quality_score: noise`), not its SQNR in dB.", ""]
     for side, sweep in sweeps.items():
         lines += [f"**{side}s** (budget {float(budget['w_bits'] if side == 'weight' else budget['a_bits']):g})", "",
                   _table(["k", "content avg", "quality avg", "all avg", "image MSE", "chosen"], sweep_rows(sweep)), ""]

@@ -283,7 +283,8 @@ def same_budget_baselines(s: Session, table: dict) -> dict[str, dict]:
     budget = read_yaml(s.folder.plan)["budget"]
     w_bits, a_bits = float(budget["w_bits"]), float(budget["a_bits"])
     sweeps = (read_yaml(s.folder.allocation) or {}).get("sweeps", {}) if s.folder.allocation.exists() else {}
-    baselines = {INVERTED_NAME: baseline_layers(table, "inverted", w_bits, a_bits, ratios=chosen_ratios(sweeps))}
+    baselines = {INVERTED_NAME: baseline_layers(table, "inverted", w_bits, a_bits, ratios=chosen_ratios(sweeps),
+                                                quality_score=s.config.budget.quality_score)}
     for seed in RANDOM_SEEDS:
         baselines[random_name(seed)] = baseline_layers(table, "random", w_bits, a_bits, seed)
     return baselines

@@ -137,6 +137,41 @@ def test_near_ties_go_to_the_fewest_bits_and_real_differences_to_the_lowest_mse(
     assert [e.get("chosen", False) for e in apart] == [True, False]
 
 
+def test_noise_objective_counts_a_w2_layer_by_its_error_power():
+    """With quality_score "noise" the program weighs a quality layer's 10 dB (W2) as 100x the error of
+    a 30 dB one; summed decibels would call it a third. Content scores are left as measured."""
+    from mixq.calib.planner import allocation_scores
+
+    table = {"q": {"group": "quality", "weight": {2: 10.0, 4: 30.0}, "activation": {8: 40.0}},
+             "c": {"group": "content", "weight": {2: 0.99, 4: 0.999}, "activation": {8: 1.0}}}
+    db, noise = allocation_scores("weight", table), allocation_scores("weight", table, "noise")
+    assert db == {"q": {2: 10.0, 4: 30.0}, "c": {2: 0.99, 4: 0.999}}
+    assert noise["q"] == {2: pytest.approx(-0.1), 4: pytest.approx(-0.001)} and noise["c"] == db["c"]
+
+
+def test_noise_objective_spares_the_layer_whose_error_would_dominate():
+    """Two quality layers of equal size and one bit-width to give up: in dB the program takes W2 where
+    the dB loss is smallest, which here is the layer whose W2 error power is largest."""
+    from mixq.calib.allocate import allocate_bits
+    from mixq.calib.planner import allocation_scores
+
+    table = {"a": {"group": "quality", "weight": {2: 5.0, 4: 30.0}, "activation": {8: 40.0}},   # W2: -25 dB, power 0.316
+             "b": {"group": "quality", "weight": {2: 20.0, 4: 60.0}, "activation": {8: 40.0}}}  # W2: -40 dB, power 0.01
+    sizes = {"a": 1.0, "b": 1.0}
+    assert allocate_bits(allocation_scores("weight", table), sizes, 3.0) == {"a": 2, "b": 4}
+    assert allocate_bits(allocation_scores("weight", table, "noise"), sizes, 3.0) == {"a": 4, "b": 2}
+
+
+def test_an_unknown_quality_score_is_refused():
+    from mixq.calib.config import ConfigError, config_from_data, load_config
+
+    data = load_config("proving-low-bit").to_dict()
+    assert data["budget"]["quality_score"] == "noise" and 2 in data["bits"]["weight_quality"]
+    data["budget"]["quality_score"] = "decibels"
+    with pytest.raises(ConfigError, match="budget.quality_score"):
+        config_from_data(data)
+
+
 # --- baselines --------------------------------------------------------------------------------------
 
 
