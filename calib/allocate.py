@@ -45,8 +45,28 @@ def check_allocation_inputs(scores: dict, sizes: dict, avg_bits: float):
 
 
 def smallest_feasible_average(candidates: dict[str, list[int]], sizes: dict[str, float]) -> float:
+    return candidate_average_bounds(candidates, sizes)[0]
+
+
+def candidate_average_bounds(candidates: dict[str, list[int]], sizes: dict[str, float]) -> tuple[float, float]:
+    """(smallest, largest) size-weighted average: every layer at its smallest / largest candidate."""
     total = sum(sizes[n] for n in candidates)
-    return sum(sizes[n] * min(bits) for n, bits in candidates.items()) / total
+    return (sum(sizes[n] * min(bits) for n, bits in candidates.items()) / total,
+            sum(sizes[n] * max(bits) for n, bits in candidates.items()) / total)
+
+
+def require_feasible(scores: dict, sizes: dict, avg_bits: float) -> dict[str, list[int]]:
+    """The layers' candidate bit-widths, after checking the inputs and that the budget is not below
+    what the smallest candidates average (InfeasibleBudgetError naming that average otherwise)."""
+    check_allocation_inputs(scores, sizes, avg_bits)
+    candidates = {n: sorted(int(b) for b in table) for n, table in scores.items()}
+    floor = smallest_feasible_average(candidates, sizes)
+    if avg_bits < floor - 1e-9:
+        raise InfeasibleBudgetError(
+            f"average of {avg_bits:g} bits is infeasible: the smallest candidate bit-widths already average "
+            f"{floor:.4f} bits; raise the budget to at least that, or allow lower bit-widths"
+        )
+    return candidates
 
 
 def allocate_bits(scores: dict[str, dict[int, float]], sizes: dict[str, float], avg_bits: float,
@@ -61,14 +81,7 @@ def allocate_bits(scores: dict[str, dict[int, float]], sizes: dict[str, float], 
     missing = [n for n in scores if n not in sizes]
     if missing:
         raise CalibrationFileError(f"no size for layer(s) {missing[:3]}")
-    check_allocation_inputs(scores, sizes, avg_bits)
-    candidates = {n: sorted(int(b) for b in table) for n, table in scores.items()}
-    floor = smallest_feasible_average(candidates, sizes)
-    if avg_bits < floor - 1e-9:
-        raise InfeasibleBudgetError(
-            f"average of {avg_bits:g} bits is infeasible: the smallest candidate bit-widths already average "
-            f"{floor:.4f} bits; raise the budget to at least that, or allow lower bit-widths"
-        )
+    candidates = require_feasible(scores, sizes, avg_bits)
     with warnings.catch_warnings():
         # PuLP 3.x announces API changes for 4.0; this code pins pulp<4 (setup.py).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -151,11 +164,8 @@ def feasible_split(scores, sizes, groups, target: float) -> tuple[float, float]:
     """ratio_range for these layers' candidates (content and quality groups both non-empty)."""
     by_group = group_members(scores, groups)
     size = {g: sum(sizes[n] for n in members) for g, members in by_group.items()}
-    bounds = {}
-    for g, members in by_group.items():
-        candidates = {n: sorted(int(b) for b in table) for n, table in members.items()}
-        bounds[g] = (smallest_feasible_average(candidates, sizes),
-                     sum(sizes[n] * max(c) for n, c in candidates.items()) / size[g])
+    bounds = {g: candidate_average_bounds({n: list(table) for n, table in members.items()}, sizes)
+              for g, members in by_group.items()}
     return ratio_range(target, size["content"], size["quality"], bounds["content"], bounds["quality"])
 
 
@@ -181,12 +191,7 @@ def build_plans(scores, sizes, groups, target: float, ratios) -> dict[float, dic
     by_group = group_members(scores, groups)
     if not by_group["content"] or not by_group["quality"]:
         return {1.0: allocate_bits(scores, sizes, target)}
-    check_allocation_inputs(scores, sizes, target)
-    candidates = {n: sorted(int(b) for b in table) for n, table in scores.items()}
-    floor = smallest_feasible_average(candidates, sizes)
-    if target < floor - 1e-9:
-        raise InfeasibleBudgetError(f"average of {target:g} bits is infeasible: the smallest candidate bit-widths "
-                                    f"already average {floor:.4f} bits")
+    require_feasible(scores, sizes, target)
     plans = {}
     for ratio in split_ratios(ratios, *feasible_split(scores, sizes, groups, target)):
         plan = allocate_groups(scores, sizes, groups, target, ratio)

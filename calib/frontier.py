@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from mixq.calib.allocate import smallest_feasible_average
+from mixq.calib.allocate import candidate_average_bounds
 from mixq.calib.planner import scores_for, sizes_for
 from mixq.errors import BudgetError
 from mixq.stats import mcnemar_exact, per_image_psnr, wilson_interval
@@ -53,10 +53,8 @@ def check_sweep_budgets(w_budgets: list[float], a_budgets: list[float], table: d
         raise BudgetError(f"--a-bits: give one activation budget or one per weight budget ({len(w_budgets)}), "
                           f"not {len(a_budgets)}")
     for side, budgets, flag in (("weight", w_budgets, "--w-bits"), ("activation", a_budgets, "--a-bits")):
-        sizes = sizes_for(side, table)
-        candidates = {n: [int(b) for b in bits] for n, bits in scores_for(side, table).items()}
-        floor = smallest_feasible_average(candidates, sizes)
-        top = sum(sizes[n] * max(c) for n, c in candidates.items()) / sum(sizes.values())
+        floor, top = candidate_average_bounds({n: list(bits) for n, bits in scores_for(side, table).items()},
+                                              sizes_for(side, table))
         outside = [b for b in budgets if b < floor - 1e-9 or b > top + 1e-9]
         if outside:
             raise BudgetError(f"{flag}: {', '.join(f'{b:g}' for b in outside)} outside the feasible range of this run's "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from mixq.calib.allocate import InfeasibleBudgetError, average_bits, build_plans, group_budgets
+from mixq.calib.allocate import (InfeasibleBudgetError, average_bits, build_plans, candidate_average_bounds,
+                                 group_budgets, smallest_feasible_average)
 from mixq.calib.sensitivity import Evaluator, simulated_layers, swapped_layers
 from mixq.errors import BudgetError
 from mixq.quantizers import FLOAT_BITS
@@ -48,20 +49,25 @@ def group_averages(bits: dict[str, int], sizes: dict[str, float], groups: dict[s
     return result
 
 
-def smallest_average(candidate_bits: dict[str, list[int]], sizes: dict[str, float]) -> float:
-    """The size-weighted average when every layer takes its smallest candidate: no plan goes lower."""
-    total = sum(sizes[n] for n in candidate_bits)
-    return sum(sizes[n] * min(bits) for n, bits in candidate_bits.items()) / total
-
-
 def check_budget_feasible(side: str, target: float, candidate_bits: dict[str, list[int]], sizes: dict[str, float]):
     """Refuse (before any work) a budget below what the smallest candidates already average."""
-    floor = smallest_average(candidate_bits, sizes)
+    floor = smallest_feasible_average(candidate_bits, sizes)
     if target < floor - 1e-9:
         flag = "--w-bits" if side == "weight" else "--a-bits"
         raise BudgetError(f"{flag} {target:g} is infeasible: with every layer at its smallest candidate bit-width the "
                           f"{side}s already average {floor:.4f} bits; give at least {math.ceil(floor * 100) / 100:.2f}, "
                           "or allow lower bit-widths in the config's bits section")
+
+
+def plan_averages(plan: dict, table: dict) -> dict:
+    """side -> group -> size-weighted average bits of a plan ({name: {w_bits, a_bits}}) over the table's layers."""
+    groups = {n: row["group"] for n, row in table.items()}
+    return {side: group_averages({n: plan[n][key] for n in table}, sizes_for(side, table), groups)
+            for side, key in SIDES.items()}
+
+
+def rounded(averages: dict, digits: int = 4) -> dict:
+    return {side: {g: round(float(v), digits) for g, v in groups.items()} for side, groups in averages.items()}
 
 
 def skip_reason(side: str, table: dict, target: float, ratio: float) -> str:
@@ -72,9 +78,7 @@ def skip_reason(side: str, table: dict, target: float, ratio: float) -> str:
     group_size = {g: sum(sizes[n] for n in names) for g, names in members.items()}
     shares = dict(zip(("content", "quality"), group_budgets(target, ratio, group_size["content"], group_size["quality"])))
     for group, share in shares.items():
-        candidates = {n: list(scores[n]) for n in members[group]}
-        floor = smallest_average(candidates, sizes)
-        top = sum(sizes[n] * max(c) for n, c in candidates.items()) / group_size[group]
+        floor, top = candidate_average_bounds({n: list(scores[n]) for n in members[group]}, sizes)
         if share < floor - 1e-9:
             return f"{group} share {share:.2f} bits is below its smallest candidate average {floor:.2f}"
         if share > top + 1e-9:

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 from mixq.calib.allocate import allocate_groups, average_bits
-from mixq.calib.planner import SIDES, allocation_scores, group_averages, scores_for, sizes_for
+from mixq.calib.planner import allocation_scores, plan_averages, rounded, scores_for, sizes_for
 from mixq.quantizers import FLOAT_BITS
 
 
@@ -71,12 +71,7 @@ def plan_document(layer_bits: dict[str, dict[str, int]], table: dict, keep_fp, m
                   layer_order) -> dict:
     """A plan.yaml-shaped mapping: keep-fp layers at 16/16, layers in module order."""
     layers = {**layer_bits, **{n: {"w_bits": FLOAT_BITS, "a_bits": FLOAT_BITS} for n in keep_fp}}
-    averages = {}
-    groups = {n: row["group"] for n, row in table.items()}
-    for side, key in SIDES.items():
-        averages[side] = {g: round(float(v), 4) for g, v in
-                          group_averages({n: layer_bits[n][key] for n in table}, sizes_for(side, table), groups).items()}
-    return {"model": model, "budget": budget, "averages": averages,
+    return {"model": model, "budget": budget, "averages": rounded(plan_averages(layer_bits, table)),
             "layers": {n: layers[n] for n in layer_order if n in layers}}
 
 
@@ -138,10 +133,10 @@ def _session(run_folder, pipe=None, log=None):
     return Session(config, folder, pipe, None, progress=False, log=log or (lambda *_: None))
 
 
-def _budget(session, w_bits, a_bits) -> dict:
-    budget = dict(session.config.to_dict()["budget"])
-    budget["w_bits"] = float(w_bits) if w_bits is not None else budget["w_bits"]
-    budget["a_bits"] = float(a_bits) if a_bits is not None else budget["a_bits"]
+def budget_of(config, w_bits, a_bits) -> dict:
+    """The config's budget section with the given (not None) weight and activation budgets."""
+    budget = dict(config.to_dict()["budget"])
+    budget.update({k: float(v) for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None})
     return budget
 
 
@@ -152,7 +147,7 @@ def plan_at(run_folder, w_bits: float | None = None, a_bits: float | None = None
     from mixq.calib.run import compute_plan
 
     session = _session(run_folder, pipe, log)
-    plan, _ = compute_plan(session, _budget(session, w_bits, a_bits))
+    plan, _ = compute_plan(session, budget_of(session.config, w_bits, a_bits))
     return plan
 
 
@@ -177,8 +172,7 @@ def _baseline(run_folder, kind: str, w_bits, a_bits, seed: int = 0) -> dict:
     folder.require(folder.sensitivity, "sensitivity")
     folder.require(folder.plan, "allocate")
     plan = read_yaml(folder.plan, error=RunFolderError)
-    budget = dict(config.to_dict()["budget"])
-    budget.update({k: float(v) for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None})
+    budget = budget_of(config, w_bits, a_bits)
     table = load_table(folder.sensitivity)
     sweeps = (read_yaml(folder.allocation) or {}).get("sweeps", {}) if folder.allocation.exists() else {}
     layers = baseline_layers(table, kind, budget["w_bits"], budget["a_bits"], seed, chosen_ratios(sweeps),

@@ -29,7 +29,7 @@ from mixq.calib.config import BudgetConfig, Config, validate
 from mixq.calib.distributed import current_world
 from mixq.calib.frontier import SWEEP_FILENAME
 from mixq.calib.pipeline import check_model_source, load_pipeline
-from mixq.calib.planner import SIDES, build_plan, check_budget_feasible, group_averages, sizes_for
+from mixq.calib.planner import SIDES, build_plan, check_budget_feasible, plan_averages, rounded, sizes_for
 from mixq.calib.prompts import fit_prompts_to_text_encoder, load_prompts
 from mixq.calib.report import plot_bits, plot_group_averages, plot_sensitivity, write_report
 from mixq.calib.runfolder import (MEASUREMENT_SECTIONS, RunFolder, digest, file_digest, measurement_inputs,
@@ -236,7 +236,7 @@ def report_stage(s: Session):
     plot_bits(plan, table, folder.root / plots["bits"])
     plot_group_averages(averages, {"weight": budget["w_bits"], "activation": budget["a_bits"]},
                         folder.root / plots["groups"])
-    content = content_stage(s, plan, table, plots)
+    content = content_stage(s, plan, budget, table, plots)
     sweep_file = folder.root / SWEEP_FILENAME
     write_report(folder.report, config=s.config, budget=budget, command=s.command, averages=averages, sweeps=sweeps,
                  comparison=comparison, table=table, timings=s.timings, versions=versions(s.pipe.unet.device),
@@ -245,7 +245,7 @@ def report_stage(s: Session):
     s.log(f"report: wrote {folder.report}")
 
 
-def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict] | None:
+def content_stage(s: Session, plan: dict, budget: dict, table: dict, plots: dict) -> list[dict] | None:
     """The content check of the report (config section `evaluation`): rows for the table, content.yaml
     and the image grid; None when the config asks for none."""
     evaluation = s.config.evaluation
@@ -255,7 +255,7 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
     from mixq.proving.evaluate import save_grid
 
     key = content_cache_key(s, table)
-    baselines = same_budget_baselines(s, table)
+    baselines = same_budget_baselines(s, table, budget)
     cache = ContentCache(s.folder.root / "content-cache.safetensors", key)
     allocation = file_digest(s.folder.allocation) if s.folder.allocation.exists() else ""
     plan_cache = ContentCache(s.folder.root / "content-plan-cache.safetensors",
@@ -274,13 +274,12 @@ def content_stage(s: Session, plan: dict, table: dict, plots: dict) -> list[dict
     return rows
 
 
-def same_budget_baselines(s: Session, table: dict) -> dict[str, dict]:
+def same_budget_baselines(s: Session, table: dict, budget: dict) -> dict[str, dict]:
     """The inverted ranking and random allocations at the plan's budget (and, for the inverted one,
     its split ratios), for the content comparison."""
     from mixq.calib.content import INVERTED_NAME, RANDOM_SEEDS, random_name
     from mixq.calib.plans import baseline_layers, chosen_ratios
 
-    budget = read_yaml(s.folder.plan)["budget"]
     w_bits, a_bits = float(budget["w_bits"]), float(budget["a_bits"])
     sweeps = (read_yaml(s.folder.allocation) or {}).get("sweeps", {}) if s.folder.allocation.exists() else {}
     baselines = {INVERTED_NAME: baseline_layers(table, "inverted", w_bits, a_bits, ratios=chosen_ratios(sweeps),
@@ -442,19 +441,6 @@ def versions(device) -> dict:
     return info
 
 
-def rounded(averages: dict, digits: int = 4) -> dict:
-    return {side: {g: round(float(v), digits) for g, v in groups.items()} for side, groups in averages.items()}
-
-
-def plan_averages(plan: dict, table: dict) -> dict:
-    groups = {n: row["group"] for n, row in table.items()}
-    result = {}
-    for side, key in SIDES.items():
-        bits = {n: plan[n][key] for n in table}
-        result[side] = group_averages(bits, sizes_for(side, table), groups)
-    return result
-
-
 def evaluate_real(evaluator: Evaluator, pipe, layers, bits: dict, calibration) -> dict:
     """Fidelity of the pipeline with `bits` on the real integer path (the float UNet restored after)."""
     replacements = {
@@ -462,9 +448,9 @@ def evaluate_real(evaluator: Evaluator, pipe, layers, bits: dict, calibration) -
         for name, (w, a) in bits.items() if (w, a) != (FLOAT_BITS, FLOAT_BITS)
     }
     with swapped_layers(pipe.unet, replacements):
-        sqnr = evaluator.unet_sqnr()
-        per_output = evaluator.unet_sqnr_per_output()
+        outputs = evaluator.unet_outputs()  # one pass: the overall and the per-output SQNR both come from it
         images = evaluator.images()
+    sqnr, per_output = evaluator.unet_sqnr(outputs), evaluator.sqnr_per_output(outputs)
     reference = evaluator.reference.images
     return {"unet_sqnr": sqnr, "image_psnr": batch_psnr(reference, images), "image_ssim": batch_ssim(reference, images),
             "sqnr_per_output": per_output}

@@ -83,21 +83,20 @@ class Evaluator:
         self.calls = list(reference.calls_on(unet.device, unet.dtype))
 
     @torch.no_grad()
-    def unet_sqnr(self) -> float:
-        outputs, expected = [], []
-        for call in self.calls:
-            outputs.append(run_unet(self.pipe.unet, call).float().cpu())
-            expected.append(call[2])
-        return sqnr_db(torch.cat(expected), torch.cat(outputs))
+    def unet_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(recorded float output, current output) of every recorded UNet call."""
+        return [(call[2], run_unet(self.pipe.unet, call).float().cpu()) for call in self.calls]
 
-    @torch.no_grad()
-    def unet_sqnr_per_output(self) -> list[float]:
+    def unet_sqnr(self, outputs=None) -> float:
+        """SQNR over all recorded outputs; `outputs`: unet_outputs() when already computed."""
+        pairs = self.unet_outputs() if outputs is None else outputs
+        return sqnr_db(torch.cat([e for e, _ in pairs]), torch.cat([o for _, o in pairs]))
+
+    @staticmethod
+    def sqnr_per_output(outputs) -> list[float]:
         """The SQNR of each prompt's UNet output at each recorded step (the rows of every call)."""
-        values = []
-        for call in self.calls:
-            output, expected = run_unet(self.pipe.unet, call).float().cpu(), call[2].float().cpu()
-            values += [min(sqnr_db(e, o), SQNR_CAP_DB) for e, o in zip(expected, output)]
-        return values
+        return [min(sqnr_db(e, o), SQNR_CAP_DB) for expected, output in outputs
+                for e, o in zip(expected.float().cpu(), output)]
 
     def images(self) -> torch.Tensor:
         return generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs, self.batch_size)

@@ -2,6 +2,7 @@
 errors. A reduced config (fewer prompts and candidate bits) keeps it quick on 2 cores."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -199,20 +200,24 @@ def test_killed_process_resumes_without_remeasuring(tmp_path):
     assert (out / "plan.yaml").exists()
 
 
-@pytest.fixture(scope="module")
-def proving_run(tmp_path_factory):
-    """The offline default's model and prompt set, shrunk (most layers kept float, few prompts)."""
-    root = tmp_path_factory.mktemp("proving")
-    config = write_config(root / "proving.yaml", name="proving-test", model={"id": "offline:proving"},
+def run_small_proving(root: Path, name: str, content_prompts: int) -> Path:
+    """The offline default's model and prompt set, shrunk (most layers kept float, few prompts), run
+    end to end into root/run."""
+    config = write_config(root / "proving.yaml", name=name, model={"id": "offline:proving"},
                           sampling={"num_inference_steps": 4, "guidance_scale": 0.0, "height": 64, "width": 64,
                                     "seed": 1},
                           calibration={"prompts": "proving:calibration", "num_prompts": 4, "sensitivity_prompts": 2,
                                        "batch_size": 4},
                           keep_fp=["conv_in", "conv_out", "down_blocks.*", "up_blocks.*"],
-                          evaluation={"content_prompts": 6, "grid_prompts": 2})
+                          evaluation={"content_prompts": content_prompts, "grid_prompts": 2})
     out = root / "run"
     assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def proving_run(tmp_path_factory):
+    return run_small_proving(tmp_path_factory.mktemp("proving"), "proving-test", content_prompts=6)
 
 
 def test_proving_default_reports_content_of_every_configuration(proving_run):

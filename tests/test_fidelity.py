@@ -208,20 +208,9 @@ def test_inverted_scores_reverse_the_ranking_within_each_group():
 
 @pytest.fixture(scope="module")
 def small_proving_run(tmp_path_factory):
-    from mixq.calibrate import main
-    from tests.test_calibrate import write_config
+    from tests.test_calibrate import run_small_proving
 
-    root = tmp_path_factory.mktemp("proving-fidelity")
-    config = write_config(root / "proving.yaml", name="proving-fidelity", model={"id": "offline:proving"},
-                          sampling={"num_inference_steps": 4, "guidance_scale": 0.0, "height": 64, "width": 64,
-                                    "seed": 1},
-                          calibration={"prompts": "proving:calibration", "num_prompts": 4, "sensitivity_prompts": 2,
-                                       "batch_size": 4},
-                          keep_fp=["conv_in", "conv_out", "down_blocks.*", "up_blocks.*"],
-                          evaluation={"content_prompts": 12, "grid_prompts": 2})
-    out = root / "run"
-    assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
-    return out
+    return run_small_proving(tmp_path_factory.mktemp("proving-fidelity"), "proving-fidelity", content_prompts=12)
 
 
 def test_report_states_intervals_paired_tests_and_same_budget_baselines(small_proving_run):
