@@ -13,6 +13,7 @@ from pathlib import Path
 import math
 
 from mixq.errors import BudgetError, ConfigError  # noqa: F401 (also importable from here)
+from mixq.components import parse_components
 from mixq.io import read_yaml
 from mixq.quantizers import check_activation_bits, check_weight_bits
 
@@ -33,6 +34,7 @@ OVERRIDES = {
     "num_prompts": "calibration.num_prompts",
     "w_bits": "budget.w_bits",
     "a_bits": "budget.a_bits",
+    "components": "components",
 }
 
 
@@ -95,6 +97,9 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     keep_fp: list[str] = field(default_factory=lambda: ["conv_in", "conv_out"])
+    # What is quantized: the UNet, plus opt-in "vae" (its decoder), "text_encoder", "text_encoder_2" at
+    # W8A8, calibrated in collect and compared in the report's content check (mixq.components).
+    components: list[str] = field(default_factory=lambda: ["unet"])
     bits: BitsConfig = field(default_factory=BitsConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -166,7 +171,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def apply_overrides(config: Config, *, model=None, dtype=None, device=None, variant=None, steps=None, guidance=None,
-                    size=None, prompts=None, num_prompts=None, w_bits=None, a_bits=None) -> Config:
+                    size=None, prompts=None, num_prompts=None, w_bits=None, a_bits=None, components=None) -> Config:
     """The config with every given (not None) command-line value put in its field (see OVERRIDES)."""
     fields = {
         ("model", "id"): model, ("model", "dtype"): dtype, ("model", "device"): device, ("model", "variant"): variant,
@@ -180,6 +185,8 @@ def apply_overrides(config: Config, *, model=None, dtype=None, device=None, vari
     for (section, name), value in fields.items():
         if value is not None:
             setattr(getattr(config, section), name, value)
+    if components is not None:
+        config.components = [c.strip() for c in components.split(",") if c.strip()]
     return config
 
 
@@ -241,6 +248,10 @@ def validate(config: Config) -> Config:
                           f"{', '.join(QUALITY_SCORES)}")
     if not config.budget.ratios or any(r <= 0 for r in config.budget.ratios):
         raise ConfigError("config field 'budget.ratios' must be a non-empty list of positive numbers")
+    try:
+        parse_components(config.components)
+    except ConfigError as err:
+        raise ConfigError(f"config field 'components' (--components): {err}") from None
     check_model_settings(config)
     check_budget_range(config)
     return config

@@ -10,7 +10,9 @@ for PSNR/SSIM. The configurations:
   guards do to content;
 - the mixed plan (plan.yaml); the same plan without BOS handling (the token-0 row of the text
   embedding quantized with the rest, its range included), MixDQ's first ablation;
-- same-budget baselines (mixq.calib.plans): the inverted sensitivity ranking and random allocations.
+- same-budget baselines (mixq.calib.plans): the inverted sensitivity ranking and random allocations;
+- with opt-in components (config `components`), uniform W8A8 and the plan with the VAE decoder, then
+  also the text encoders, quantized W8A8 (average bits stay the UNet's).
 
 Every configuration is compared with the plan on the same prompts (`paired_comparisons`): exact
 McNemar on the per-prompt verdicts, a paired interval on per-image PSNR; the report claims better
@@ -40,6 +42,8 @@ PLAN_INDEPENDENT = ("float", "uniform W8A8", UNIFORM_W4_NAME, W2_CONTENT_NAME)  
 NO_BOS_NAME = PLAN_NAME + " without BOS handling"
 INVERTED_NAME = "inverted ranking (same budget)"
 RANDOM_SEEDS = (0, 1, 2)
+# The report adds the opt-in components in these steps, each on top of the ones before.
+COMPONENT_STEPS = ((("vae",), "VAE decoder"), (("text_encoder", "text_encoder_2"), "text encoders"))
 
 
 def random_name(seed: int) -> str:
@@ -53,10 +57,32 @@ class Configuration:
     bos_aware: bool = True
 
 
+def component_names(component_layers: list[str]) -> list[str]:
+    """The names of the rows with opt-in components (see component_configurations)."""
+    return [c.name for c in component_configurations(component_layers, {}, {})]
+
+
+def component_configurations(component_layers: list[str], uniform_w8: dict, plan_bits: dict) -> list[Configuration]:
+    """Uniform W8A8 and the plan, each with the components of COMPONENT_STEPS added cumulatively at W8A8."""
+    from mixq.components import component_of
+
+    rows, added, label = [], {}, ""
+    for members, title in COMPONENT_STEPS:
+        step = {n: (8, 8) for n in component_layers if component_of(n) in members}
+        if not step:
+            continue
+        added, label = {**added, **step}, f"{label} + {title} W8A8"
+        rows += [Configuration(f"uniform W8A8{label}", {**uniform_w8, **added}),
+                 Configuration(f"{PLAN_NAME}{label}", {**plan_bits, **added})]
+    return rows
+
+
 def configurations(quantizable: list[str], groups: dict[str, str], plan: dict,
-                   baselines: dict[str, dict] | None = None) -> list[Configuration]:
+                   baselines: dict[str, dict] | None = None,
+                   component_layers: list[str] = ()) -> list[Configuration]:
     """The report's configurations over the quantizable layers (keep-fp layers excluded);
-    `baselines`: name -> {layer: {w_bits, a_bits}} of same-budget baselines, appended."""
+    `baselines`: name -> {layer: {w_bits, a_bits}} of same-budget baselines, appended;
+    `component_layers`: the W8A8 layers of opt-in components, for the rows that add them."""
     def uniform(w, a, members=quantizable):
         return {n: (w, a) for n in members}
 
@@ -66,7 +92,8 @@ def configurations(quantizable: list[str], groups: dict[str, str], plan: dict,
             Configuration(UNIFORM_W4_NAME, uniform(4, 8)), Configuration(W2_CONTENT_NAME, uniform(2, 8, content)),
             Configuration(PLAN_NAME, plan_bits), Configuration(NO_BOS_NAME, plan_bits, False),
             *[Configuration(name, {n: (int(b[n]["w_bits"]), int(b[n]["a_bits"])) for n in quantizable})
-              for name, b in (baselines or {}).items()]]
+              for name, b in (baselines or {}).items()],
+            *component_configurations(list(component_layers), uniform(8, 8), plan_bits)]
 
 
 def average_bits_of(configuration: Configuration, table: dict) -> tuple[float, float]:
@@ -80,19 +107,22 @@ def generate_with(pipe, layers: dict, calibration, config: Configuration, prompt
                   sampling: dict) -> np.ndarray:
     """The images of `prompts` with the configuration's layers quantized on the real integer path
     (the float UNet restored after)."""
+    from mixq.api import layers_components
+    from mixq.components import ComponentTree
     from mixq.proving.evaluate import generate
 
-    replacements = {n: build_quantized_layer(pipe.unet.get_submodule(n), layers[n], w, a, calibration,
+    tree = ComponentTree.of(pipe, layers_components(config.bits))
+    replacements = {n: build_quantized_layer(tree.get_submodule(n), layers[n], w, a, calibration,
                                              bos_aware=config.bos_aware)
                     for n, (w, a) in config.bits.items() if (w, a) != FLOAT}
-    with swapped_layers(pipe.unet, replacements):
+    with swapped_layers(tree, replacements):
         return generate(pipe, prompts, seed, sampling=sampling)
 
 
 def content_comparison(pipe, layers: dict, calibration, table: dict, plan: dict, count: int, seed: int,
                        sampling: dict, log=print, cache: ContentCache | None = None,
                        baselines: dict[str, dict] | None = None,
-                       plan_cache: ContentCache | None = None) -> tuple[list[dict], dict]:
+                       plan_cache: ContentCache | None = None, component_layers: list[str] = ()) -> tuple[list[dict], dict]:
     """One row per configuration (average bits, content accuracy, quality, statistics against the
     plan), and the images and verdicts of every configuration for the grid. Each cache holds the
     configurations it names, generated and scored once and reused while its key holds: `cache` the
@@ -105,7 +135,7 @@ def content_comparison(pipe, layers: dict, calibration, table: dict, plan: dict,
     caches = [c for c in (cache, plan_cache) if c is not None]
     cached = {name: entry for c in caches for name, entry in c.load().items()}
     rows, images, verdicts = [], {}, {}
-    for config in configurations(list(table), groups, plan, baselines):
+    for config in configurations(list(table), groups, plan, baselines, component_layers):
         if config.name in cached:
             images[config.name], verdicts[config.name], row = cached[config.name]
         else:

@@ -95,6 +95,20 @@ class Session:
         return resolve_keep_fp(self.config.keep_fp, self.all_layers)
 
     @cached_property
+    def component_layers(self) -> dict:
+        """The W8A8 layers of the opt-in components (config `components`), under their qualified names
+        and without each component's default keep-fp layers; they take no part in sensitivity or the plan."""
+        from mixq.components import DEFAULT_KEEP_FP, UNET, ComponentTree, component_of
+
+        others = [c for c in self.config.components if c != UNET]
+        if not others:
+            return {}
+        layers = {n: info for n, info in quantizable_layers(ComponentTree.of(self.pipe, (UNET, *others))).items()
+                  if component_of(n) != UNET}
+        kept = resolve_keep_fp(None, layers, defaults=[p for c in others for p in DEFAULT_KEEP_FP[c]])
+        return {n: info for n, info in layers.items() if n not in kept}
+
+    @cached_property
     def layers(self) -> dict:
         return {n: info for n, info in self.all_layers.items() if n not in self.keep}
 
@@ -187,7 +201,8 @@ def collect_stage(s: Session):
     prompts = fit_prompts_to_text_encoder(s.pipe, given)
     s.log(f"collect: activation ranges over {len(prompts)} prompts")
     calibration = calibrate_ranges(s.pipe, prompts, batch_size=cal.batch_size, seed=s.config.sampling.seed,
-                                   progress=s.progress, layers=s.all_layers, **s.config.pipeline_kwargs())
+                                   progress=s.progress, layers={**s.all_layers, **s.component_layers},
+                                   **s.config.pipeline_kwargs())
     calibration.save(folder.ranges)
     sensitivity_prompts = prompts[:cal.sensitivity_prompts]
     s.log(f"collect: float reference for {len(sensitivity_prompts)} sensitivity prompts")
@@ -251,7 +266,8 @@ def content_stage(s: Session, plan: dict, budget: dict, table: dict, plots: dict
     evaluation = s.config.evaluation
     if not evaluation.content_prompts:
         return None
-    from mixq.calib.content import GRID_COLUMNS, NO_BOS_NAME, PLAN_NAME, ContentCache, content_comparison
+    from mixq.calib.content import (GRID_COLUMNS, NO_BOS_NAME, PLAN_NAME, ContentCache, component_names,
+                                    content_comparison)
     from mixq.proving.evaluate import save_grid
 
     key = content_cache_key(s, table)
@@ -260,10 +276,11 @@ def content_stage(s: Session, plan: dict, budget: dict, table: dict, plots: dict
     allocation = file_digest(s.folder.allocation) if s.folder.allocation.exists() else ""
     plan_cache = ContentCache(s.folder.root / "content-plan-cache.safetensors",
                               digest(key, file_digest(s.folder.plan), allocation),
-                              names=(PLAN_NAME, NO_BOS_NAME, *baselines))
-    rows, grid = content_comparison(s.pipe, s.all_layers, s.calibration, table, plan, evaluation.content_prompts,
-                                    s.config.sampling.seed, s.config.pipeline_kwargs(), s.log, cache=cache,
-                                    baselines=baselines, plan_cache=plan_cache)
+                              names=(PLAN_NAME, NO_BOS_NAME, *baselines, *component_names(list(s.component_layers))))
+    rows, grid = content_comparison(s.pipe, {**s.all_layers, **s.component_layers}, s.calibration, table, plan,
+                                    evaluation.content_prompts, s.config.sampling.seed, s.config.pipeline_kwargs(),
+                                    s.log, cache=cache, baselines=baselines, plan_cache=plan_cache,
+                                    component_layers=list(s.component_layers))
     write_yaml_atomic(s.folder.root / "content.yaml", {"prompts": evaluation.content_prompts, "rows": rows})
     shown = min(evaluation.grid_prompts, evaluation.content_prompts)
     if shown:

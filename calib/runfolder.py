@@ -152,6 +152,8 @@ def measurement_inputs(config, prompts: list[str] | None = None, model_fingerpri
 
     data = config.to_dict()
     inputs = {"mixq": mixq.__version__, "config": {s: data[s] for s in MEASUREMENT_SECTIONS}}
+    if data["components"] != ["unet"]:  # UNet-only folders recorded before components existed stay valid
+        inputs["config"]["components"] = data["components"]
     if prompts is not None:
         inputs["prompts_sha256"] = digest(json.dumps(list(prompts)))
     if model_fingerprint is not None:

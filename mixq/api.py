@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from mixq.kernels import dispatch
 from mixq.calibration import Calibration, observing
+from mixq.components import DEFAULT_KEEP_FP, UNET, ComponentTree, component_of, parse_components
 from mixq.errors import CalibrationFileError, ConfigError, NonFiniteActivationError
 from mixq.layers import (
     LayerInfo,
@@ -43,19 +44,20 @@ def get_unet(pipe) -> nn.Module:
     return unet
 
 
-def check_quantizable(unet: nn.Module):
+def check_quantizable(unet: nn.Module, component: str = UNET):
+    what = "the UNet" if component == UNET else f"pipe.{component}"
     lora = find_lora_layers(unet)
     if lora:
         fused = all(getattr(unet.get_submodule(n), "merged", False) for n in lora)
         state = "fused but still wrapped in PEFT layers" if fused else "unfused"
         raise ValueError(
-            f"the UNet holds {len(lora)} {state} LoRA/adapter layer(s) (e.g. {lora[0]!r}); quantizing them would drop "
+            f"{what} holds {len(lora)} {state} LoRA/adapter layer(s) (e.g. {lora[0]!r}); quantizing them would drop "
             "or half-quantize the adapter. Fold it into the weights first: "
             + ("pipe.unload_lora_weights()" if fused else "pipe.fuse_lora(); pipe.unload_lora_weights()")
         )
     done = find_quantized_layers(unet)
     if done:
-        raise ValueError(f"this UNet is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
+        raise ValueError(f"{what} is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
                          "start from the floating-point pipeline")
 
 
@@ -104,25 +106,45 @@ def run_pipeline(pipe, prompts, batch_size=8, seed=0, progress=True, desc="calib
 
 
 def calibrate_ranges(pipe, prompts=None, num_prompts=None, *, batch_size=8, seed=0, progress=True,
-                     layers: dict[str, LayerInfo] | None = None, **pipeline_kwargs) -> Calibration:
-    """Observe every quantizable layer's input range while the pipeline generates from `prompts`."""
+                     layers: dict[str, LayerInfo] | None = None, components=None, **pipeline_kwargs) -> Calibration:
+    """Observe every quantizable layer's input range while the pipeline generates from `prompts`.
+    components: as in quantize(); with the VAE among them the pipeline decodes its latents, so that the
+    decoder's layers run."""
     from mixq.calib.prompts import fit_prompts_to_text_encoder, load_prompts
 
-    unet = get_unet(pipe)
+    get_unet(pipe)
+    names = tuple(parse_components(components)) if layers is None else layers_components(layers)
+    tree = ComponentTree.of(pipe, names)
     prompt_list = fit_prompts_to_text_encoder(pipe, load_prompts(prompts, num_prompts))
-    layers = quantizable_layers(unet) if layers is None else layers
+    layers = quantizable_layers(tree) if layers is None else layers
     calibration = Calibration(meta={
-        "model": architecture_fingerprint(unet),
+        "model": architecture_fingerprint(tree.unet),
+        **({"components": component_fingerprints(tree)} if len(names) > 1 else {}),
         "num_prompts": len(prompt_list),
         "seed": seed,
         "pipeline_kwargs": {k: v for k, v in pipeline_kwargs.items() if isinstance(v, (int, float, str, bool))},
     })
-    with torch.no_grad(), observing(unet, layers, calibration):
+    if "vae" in names and pipeline_kwargs.get("output_type", "latent") == "latent":
+        pipeline_kwargs["output_type"] = "pt"  # decode, so that the VAE decoder's layers are observed
+    with torch.no_grad(), observing(tree, layers, calibration):
         run_pipeline(pipe, prompt_list, batch_size=batch_size, seed=seed, progress=progress, **pipeline_kwargs)
     return calibration
 
 
-def load_calibration(calibration, unet) -> Calibration:
+def layers_components(layers) -> tuple[str, ...]:
+    """The components whose layers `layers` names, the UNet first."""
+    present = {component_of(n) for n in layers}
+    return (UNET, *sorted(present - {UNET}))
+
+
+def component_fingerprints(tree: ComponentTree) -> dict[str, str]:
+    """Architecture fingerprints of the components other than the UNet (whose own is the "model")."""
+    return {name: architecture_fingerprint(module) for name, module in tree.modules.items() if name != UNET}
+
+
+def load_calibration(calibration, tree) -> Calibration:
+    """A Calibration, run folder or ranges file, checked against the UNet (or the components of a
+    ComponentTree) it is about to quantize."""
     if isinstance(calibration, Calibration):
         loaded = calibration
     else:
@@ -132,12 +154,20 @@ def load_calibration(calibration, unet) -> Calibration:
         if not path.is_file():
             raise FileNotFoundError(f"no activation ranges at {path}: pass a calibration run folder or its {RANGES_FILENAME}")
         loaded = Calibration.load(path)
+    unet = tree.unet if isinstance(tree, ComponentTree) else tree
     model = loaded.meta.get("model")
     if model and model != architecture_fingerprint(unet):
         raise CalibrationFileError(
             f"these activation ranges were calibrated on another model (fingerprint {model}, this UNet is "
             f"{architecture_fingerprint(unet)}); recalibrate this model"
         )
+    if isinstance(tree, ComponentTree):
+        recorded = loaded.meta.get("components", {})
+        for name, fingerprint in component_fingerprints(tree).items():
+            if name in recorded and recorded[name] != fingerprint:
+                raise CalibrationFileError(
+                    f"these activation ranges were calibrated on another {name} (fingerprint {recorded[name]}, this "
+                    f"one is {fingerprint}); recalibrate this pipeline")
     return loaded
 
 
@@ -178,17 +208,25 @@ def ranges_including_row(lows, highs, row: torch.Tensor) -> tuple[tuple[float, .
     return (min(lows[0], float(row.min())),), (max(highs[0], float(row.max())),)
 
 
-def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts: int | None = None, keep_fp=None,
-             plan=None, calibration=None, simulate: bool = False, batch_size: int = 8, seed: int = 0,
+def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, components=None, prompts=None, num_prompts: int | None = None,
+             keep_fp=None, plan=None, calibration=None, simulate: bool = False, batch_size: int = 8, seed: int = 0,
              progress: bool = True, **pipeline_kwargs):
-    """Quantize `pipe.unet` in place and return `pipe`.
+    """Quantize `pipe.unet` (and the opt-in `components`) in place and return `pipe`.
 
-    w_bit / a_bit: uniform weight bits {2, 4, 8} and activation bits {4, 8}; 16 keeps a side in
-        floating point. Ignored for layers a `plan` covers.
+    w_bit / a_bit: the UNet's uniform weight bits {2, 4, 8} and activation bits {4, 8}; 16 keeps a side
+        in floating point. Ignored for layers a `plan` covers.
+    components: what to quantize besides the UNet (default: the UNet only): names among "unet", "vae"
+        (its decoder), "text_encoder", "text_encoder_2", as a sequence, a comma-separated string, or a
+        mapping name -> (w_bits, a_bits) (default W8A8; None for the UNet). Layers of other components
+        are named by their path from the pipeline ("vae.decoder.up_blocks.0.resnets.0.conv1"), in plans,
+        keep_fp and summary().
     prompts: calibration prompts: None (built-in set), a list of strings or a prompts file
         (COCO JSON/CSV, PartiPrompts TSV, JSON list, text). num_prompts keeps the first N.
-    keep_fp: layer names or glob patterns left in floating point (default: conv_in, conv_out).
-    plan: per-layer bits, a mapping or YAML file (name -> {w_bits, a_bits}) for mixed precision.
+    keep_fp: layer names or glob patterns left in floating point. Each component has defaults (UNet:
+        conv_in, conv_out; VAE decoder: conv_in, conv_out, mid-block attention; text_encoder_2: its
+        projection); patterns given here replace the defaults of the components they match.
+    plan: per-layer bits, a mapping or YAML file (name -> {w_bits, a_bits}) for mixed precision. It must
+        cover the UNet; it may also cover every layer of an opt-in component.
     calibration: reuse recorded activation ranges (a Calibration, a run folder or its
         activation_ranges.safetensors) instead of running the pipeline.
     simulate: use fake-quant layers (float math) instead of integer kernels.
@@ -197,12 +235,15 @@ def quantize(pipe, w_bit: int = 8, a_bit: int = 8, *, prompts=None, num_prompts:
 
     Nothing in the pipeline changes until every layer has been built, so a failure leaves it as it was.
     """
-    unet = get_unet(pipe)
-    layers, bits, keep = resolve_layer_bits(unet, w_bit, a_bit, keep_fp, plan)
+    get_unet(pipe)
+    choices = parse_components(components)
+    tree = ComponentTree.of(pipe, choices)
+    layers, bits, keep = resolve_layer_bits(tree, w_bit, a_bit, keep_fp, plan,
+                                            component_bits={n: c.bits for n, c in choices.items() if c.bits})
     if calibration is None:
         calibration = calibrate_ranges(pipe, prompts, num_prompts, batch_size=batch_size, seed=seed,
                                        progress=progress, layers=layers, **pipeline_kwargs)
-    replace_layers(unet, layers, bits, keep, calibration, simulate,
+    replace_layers(tree, layers, bits, keep, calibration, simulate,
                    settings={"w_bit": w_bit, "a_bit": a_bit, "plan": plan, "keep_fp": keep_fp})
     return pipe
 
@@ -213,35 +254,57 @@ def quantize_unet(unet: nn.Module, w_bit: int = 8, a_bit: int = 8, *, calibratio
     or its activation_ranges.safetensors); what `quantize` does once it has them. Weight-only bits
     (a_bit=16 everywhere) need no calibration. Used where there is no pipeline to calibrate with, e.g.
     UNet2DConditionModel.from_pretrained(..., quantization_config=mixq.MixqConfig(...))."""
-    layers, bits, keep = resolve_layer_bits(unet, w_bit, a_bit, keep_fp, plan)
+    tree = ComponentTree({UNET: unet})
+    layers, bits, keep = resolve_layer_bits(tree, w_bit, a_bit, keep_fp, plan)
     if calibration is None:
         if any(a != FLOAT_BITS for _, a in bits.values()):
             raise ConfigError("quantizing activations needs their recorded ranges: pass calibration= (a run folder of "
                               "`python -m mixq.calibrate`, its activation_ranges.safetensors or a mixq.Calibration), "
                               "or quantize the whole pipeline with mixq.quantize(pipe, ...), which calibrates it")
         calibration = Calibration(meta={"model": architecture_fingerprint(unet)})
-    replace_layers(unet, layers, bits, keep, calibration, simulate,
+    replace_layers(tree, layers, bits, keep, calibration, simulate,
                    settings={"w_bit": w_bit, "a_bit": a_bit, "plan": plan, "keep_fp": keep_fp})
     return unet
 
 
-def resolve_layer_bits(unet: nn.Module, w_bit, a_bit, keep_fp, plan) -> tuple[dict[str, LayerInfo], dict, set[str]]:
-    """The layers to quantize and each one's (w_bits, a_bits), after checking the UNet can be quantized."""
-    check_quantizable(unet)
-    layers = quantizable_layers(unet)
-    keep = resolve_keep_fp(keep_fp, layers)
-    bits = resolve_bits(list(layers), keep, w_bit, a_bit, plan=plan, unet=unet)
-    check_finite_weights(unet, [n for n in layers if bits[n] != (FLOAT_BITS, FLOAT_BITS)])
+def resolve_layer_bits(tree, w_bit, a_bit, keep_fp, plan, component_bits: dict | None = None
+                       ) -> tuple[dict[str, LayerInfo], dict, set[str]]:
+    """The layers to quantize and each one's (w_bits, a_bits), after checking every component can be
+    quantized. `tree`: a UNet or a ComponentTree; component_bits: name -> (w, a) of the opt-in ones."""
+    tree = tree if isinstance(tree, ComponentTree) else ComponentTree({UNET: tree})
+    for name, module in tree.modules.items():
+        check_quantizable(module, name)
+    layers = quantizable_layers(tree)
+    for name in tree.modules:
+        if name != UNET and not any(component_of(n) == name for n in layers):
+            raise ConfigError(f"component {name!r} has no Linear/Conv2d layer mixq can quantize: leave it out of "
+                              "components")
+    keep = resolve_component_keep_fp(keep_fp, layers)
+    uniform = {n: (component_bits or {}).get(component_of(n), (w_bit, a_bit)) for n in layers}
+    bits = resolve_bits(list(layers), keep, w_bit, a_bit, plan=plan, unet=tree.unet, uniform=uniform)
+    check_finite_weights(tree, [n for n in layers if bits[n] != (FLOAT_BITS, FLOAT_BITS)])
     return layers, bits, keep
 
 
-def replace_layers(unet: nn.Module, layers: dict[str, LayerInfo], bits: dict, keep: set[str], calibration,
+def resolve_component_keep_fp(keep_fp, layers: dict[str, LayerInfo]) -> set[str]:
+    """keep_fp over every component: the given patterns, plus the defaults of each component none of
+    them matches."""
+    given = resolve_keep_fp(keep_fp, layers) if keep_fp is not None else set()
+    chosen = {component_of(n) for n in given}
+    components = {component_of(n) for n in layers}
+    defaults = [p for c in sorted(components - chosen) for p in DEFAULT_KEEP_FP[c]]
+    return given | resolve_keep_fp(None, layers, defaults=defaults)
+
+
+def replace_layers(tree, layers: dict[str, LayerInfo], bits: dict, keep: set[str], calibration,
                    simulate: bool, settings: dict):
-    """Build every quantized layer, then swap them all in (a failure leaves the UNet as it was).
-    `settings` (w_bit, a_bit, plan, keep_fp as the caller gave them) go to the diffusers quantization
-    config the UNet gets, so that save_pretrained records them."""
-    float_only = warn_float_only(unet)
-    calibration = load_calibration(calibration, unet)
+    """Build every quantized layer, then swap them all in (a failure leaves the pipeline as it was).
+    `tree`: a ComponentTree (or a UNet). `settings` (w_bit, a_bit, plan, keep_fp as the caller gave them)
+    go to the diffusers quantization config the UNet gets, so that save_pretrained records them."""
+    tree = tree if isinstance(tree, ComponentTree) else ComponentTree({UNET: tree})
+    float_only = warn_float_only(tree)
+    calibration = load_calibration(calibration, tree)
+    check_ranges_cover(calibration, [n for n in layers if bits[n][1] != FLOAT_BITS and n not in keep])
     replacements, not_run = {}, []
     with torch.no_grad():
         for name, info in layers.items():
@@ -251,48 +314,67 @@ def replace_layers(unet: nn.Module, layers: dict[str, LayerInfo], bits: dict, ke
             if a != FLOAT_BITS and calibration.ranges(name).calls == 0:
                 not_run.append(name)  # never executed: no range to calibrate, leave it as it is
                 continue
-            layer = build_quantized_layer(unet.get_submodule(name), info, w, a, calibration, simulate)
+            layer = build_quantized_layer(tree.get_submodule(name), info, w, a, calibration, simulate)
             dispatch.prepare_layer(layer)  # the CPU kernels' weight layout, made once, here
             replacements[name] = layer
             # Peak memory stays at float model + quantized layers + one layer's temporaries.
             release_freed_memory()
 
     for name, module in replacements.items():
-        set_submodule(unet, name, module)
+        set_submodule(tree, name, module)
     fallback = [n for n in calibration.bos_fallback_layers() if n in replacements]
     if fallback:
         warnings.warn(
-            f"token 0 of the text embedding differed between calibration prompts in {len(fallback)} cross-attention "
-            "layer(s) (a non-causal text encoder, or classifier-free guidance with zeroed negative embeddings): "
+            f"token 0 of the text embedding differed between calibration prompts in {len(fallback)} layer(s) "
+            "(a non-causal text encoder, or classifier-free guidance with zeroed negative embeddings): "
             "computing token 0 in floating point on every call instead of caching it. With SDXL-Turbo/LCM, "
             "calibrate with the guidance you serve with (e.g. guidance_scale=0.0).", stacklevel=3)
-    unet.mixq_info = {
-        "model": architecture_fingerprint(unet),
-        "bits": {n: list(bits[n]) for n in layers},
-        "keep_fp": sorted(keep),
-        "float_only": float_only,
-        "not_executed": not_run,
-        "bos_fallback": fallback,
-        "simulate": simulate,
-        "calibration": calibration.meta,
-    }
+    quantized = [c for c in tree.modules if c == UNET or any(component_of(n) == c for n in replacements)]
+    for component, module in tree.modules.items():
+        mine = [n for n in layers if component_of(n) == component]
+        module.mixq_info = {
+            "model": architecture_fingerprint(module),
+            "bits": {n: list(bits[n]) for n in mine},
+            "keep_fp": sorted(n for n in keep if n in mine),
+            "float_only": {n: r for n, r in float_only.items() if component_of(n) == component},
+            "not_executed": [n for n in not_run if n in mine],
+            "bos_fallback": [n for n in fallback if n in mine],
+            "simulate": simulate,
+            "calibration": calibration.meta,
+            **({"components": quantized} if component == UNET and len(quantized) > 1 else {}),
+        }
     if not simulate:
         from mixq.diffusers_quantizer import attach_quantizer
 
-        attach_quantizer(unet, settings)
+        attach_quantizer(tree.unet, settings)
+
+
+def check_ranges_cover(calibration: Calibration, names: list[str]):
+    """Activation ranges for every layer about to be quantized with integer activations; a component
+    calibration never saw is named with the fix."""
+    missing = [n for n in names if n not in calibration.layers]
+    components = sorted({component_of(n) for n in missing} - {UNET})
+    if components:
+        raise CalibrationFileError(
+            f"these activation ranges were recorded without the {' and '.join(components)} (no range for "
+            f"{missing[0]!r}): recalibrate with those components, e.g. mixq.quantize(pipe, components=('unet', "
+            f"{', '.join(repr(c) for c in components)})) without calibration=")
 
 
 # --- summary -------------------------------------------------------------------------------------
 
 
 def summary(pipe, print_table: bool = False) -> list[dict]:
-    """One row per quantizable layer: name, kind, w_bits, a_bits, group, params, bytes, split, bos."""
+    """One row per quantizable layer of the UNet and of every other quantized component: name, kind,
+    w_bits, a_bits, group, params, bytes, split, bos. Layers of other components carry their
+    component's name in front and as their group ("vae.decoder....", group "vae")."""
     unet = get_unet(pipe)
     info = getattr(unet, "mixq_info", {})
-    float_layers = quantizable_layers(unet)
-    float_only = float_only_layers(unet)
+    tree = ComponentTree.of(pipe, quantized_components(pipe))
+    float_layers = quantizable_layers(tree)
+    float_only = float_only_layers(tree)
     rows, wrapped = [], []
-    for name, module in unet.named_modules():
+    for name, module in tree.named_modules():
         if any(name.startswith(prefix + ".") for prefix in wrapped):
             continue  # the float layer inside a fake-quant twin
         if isinstance(module, (QuantizedLayer, FakeQuantLinear, FakeQuantConv2d)):
@@ -310,6 +392,14 @@ def summary(pipe, print_table: bool = False) -> list[dict]:
     if print_table:
         print(format_summary(rows, info))
     return rows
+
+
+def quantized_components(pipe) -> tuple[str, ...]:
+    """The UNet and every other component of `pipe` that holds quantized layers."""
+    from mixq.components import OPTIONAL_COMPONENTS
+
+    return (UNET, *(c for c in OPTIONAL_COMPONENTS
+                    if isinstance(getattr(pipe, c, None), nn.Module) and find_quantized_layers(getattr(pipe, c))))
 
 
 def _row(name, kind, w_bits, a_bits, params, nbytes, parts, bos, note=None):
@@ -336,6 +426,7 @@ def format_summary(rows: list[dict], info: dict | None = None) -> str:
     width = max([60] + [len(r["name"]) for r in rows])  # long names must not push their row's columns
     header = f"{'layer':<{width}} {'kind':<7} {'group':<8} {'W':>3} {'A':>3} {'params':>10} {'bytes':>10}  notes"
     lines = [header, "-" * len(header)]
+    components = sorted({r["group"] for r in rows} - {"content", "quality"})
     for r in rows:
         notes = []
         if r["split"]:
@@ -352,6 +443,12 @@ def format_summary(rows: list[dict], info: dict | None = None) -> str:
     lines.append("-" * len(header))
     lines.append(f"{len(rows)} layers, {total_params:,} weights, size-weighted average weight bits {w_avg:.2f}, "
                  f"{total_bytes / 2**20:.2f} MiB of layer state")
+    for component in components:  # the UNet's layers are groups content/quality; others are their own group
+        mine = [r for r in rows if r["group"] == component]
+        params = sum(r["params"] for r in mine)
+        lines.append(f"  of which {component}: {len(mine)} layers, average weight bits "
+                     f"{sum(r['params'] * r['w_bits'] for r in mine) / max(params, 1):.2f}, "
+                     f"{sum(r['bytes'] for r in mine) / 2**20:.2f} MiB")
     info = info or {}
     if info.get("bos_fallback"):
         lines.append(f"BOS: token 0 varied between prompts in {len(info['bos_fallback'])} layer(s); computed in "

@@ -61,6 +61,9 @@ def parse_args(argv):
                         help="activation budget, a size-weighted average: the bit-width of the layers' inputs, "
                              "weighted by their element counts; 4 to 8. Default 8. With --stage sweep, one value or "
                              "one per weight budget" + sets("a_bits"))
+    parser.add_argument("--components", help="what to quantize besides the UNet, e.g. unet,vae or "
+                        "unet,vae,text_encoder,text_encoder_2 (W8A8; calibrated in collect, compared in the report)"
+                        + sets("components"))
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the cores other processes leave free, chosen again as the "
                              "load changes; OMP_NUM_THREADS also fixes it)")
@@ -90,7 +93,7 @@ def resolve_config(args):
                                                 "a_bits": single_budget(args.a_bits, "--a-bits")}
     apply_overrides(config, model=args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                     steps=args.steps, guidance=args.guidance, size=args.size, prompts=args.prompts,
-                    num_prompts=args.num_prompts, **budgets)
+                    num_prompts=args.num_prompts, components=args.components, **budgets)
     return config, args.out or f"runs/{config.name}"
 
 

@@ -1,4 +1,5 @@
 """Quantized UNet checkpoints: calibrate once, save, and load anywhere without recalibrating.
+(Also of the opt-in components quantized with it: VAE decoder, text encoders; see "Components" below.)
 
     mixq.quantize(pipe, w_bit=4, a_bit=8)
     mixq.save_quantized(pipe, "sdxl-turbo-w4a8")             # share it: huggingface_hub.upload_folder
@@ -48,6 +49,12 @@ Two processes: a save holds the folder exclusively and a load holds it shared (m
 second save waits for the first and a load sees one whole checkpoint. The tensor file's metadata also
 records the manifest's format version and layer entries, so a manifest edited after saving is refused
 even when its hashes were recomputed to match.
+Components: when `mixq.quantize(..., components=...)` quantized the VAE decoder or the text encoders
+too, their layers go into the same tensor file and manifest under their qualified names
+("vae.decoder.up_blocks.0.resnets.0.conv1", mixq.components), and the manifest's `components` holds,
+for each, what `model` holds for the UNet (class, fingerprint, config, base hash) and its quantization
+record. Loading checks each component like the UNet and swaps all of them in, or none.
+
 Format 1 checkpoints (the fixed name mixq_unet.safetensors, no name in the manifest) still load, and
 formats 1 and 2 (offset-binary packed weights) are converted to format 3's two's-complement fields as
 they load.
@@ -71,7 +78,8 @@ import torch.nn as nn
 
 from mixq.kernels import dispatch
 from mixq._version import __version__
-from mixq.api import get_unet
+from mixq.api import get_unet, quantized_components
+from mixq.components import OPTIONAL_COMPONENTS, UNET, ComponentTree, component_of, local_name
 from mixq.errors import CheckpointError, MixqError
 from mixq.io import TEMP_SUFFIX, publish, require_utf8_path, storage_errors, temporary_sibling
 from mixq.layers import find_lora_layers, find_quantized_layers, float_only_reason, set_submodule
@@ -83,7 +91,8 @@ from mixq.quantizers import ACTIVATION_BITS, FIELD_SIGN_BITS, FLOAT_BITS, WEIGHT
 
 # 2: the tensor file is named by its hash (weights_file.name) and BOS-cached layers store bos_input.
 # 3: packed 4/2-bit weights hold two's-complement fields (mixq.quantizers), not offset-binary ones.
-FORMAT_VERSION = 3
+# 4: `components`: the opt-in components quantized with the UNet (empty for a UNet-only checkpoint).
+FORMAT_VERSION = 4
 MANIFEST_NAME = "mixq_manifest.json"
 WEIGHTS_STEM, WEIGHTS_SUFFIX = "mixq_unet", ".safetensors"
 WEIGHTS_NAME = WEIGHTS_STEM + WEIGHTS_SUFFIX  # the tensor file of checkpoints saved before versioned names
@@ -106,9 +115,14 @@ def _from_format_2(manifest: dict) -> dict:
     return {**manifest, "format_version": 3, OFFSET_BINARY_WEIGHTS: True}
 
 
+def _from_format_3(manifest: dict) -> dict:
+    """Format 3 checkpoints hold the UNet only."""
+    return {**manifest, "format_version": 4, "components": {}}
+
+
 # Older format version -> a function that upgrades a manifest by one version, or a sentence that says why
 # that version cannot be read.
-MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {1: _from_format_1, 2: _from_format_2}
+MIGRATIONS: dict[int, Callable[[dict], dict] | str] = {1: _from_format_1, 2: _from_format_2, 3: _from_format_3}
 
 # A float32 save also records its base hash at these precisions (see the module docstring).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -119,8 +133,9 @@ FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # (bos_input: the run-time check that token 0 is still the calibrated one).
 OPTIONAL_BUFFERS = ("bos_input",)
 
-MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info", "weights_file")
+MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info", "components", "weights_file")
 MODEL_FIELDS = ("fingerprint", "config", "base_hash")
+COMPONENT_FIELDS = ("model", "mixq_info")
 LAYER_FIELDS = ("kind", "w_bits", "a_bits", "in_features", "out_features", "kernel_size", "split_at",
                 "part_sizes", "bos_mode", "has_bias", "dtype")
 CONV_FIELDS = ("stride", "padding")
@@ -138,11 +153,12 @@ def save_quantized(pipe, path) -> Path:
     their content hash, and the manifest naming that file replaces the old one in a single rename.
     A crash before that rename leaves the old checkpoint loadable, after it the new one; files of
     the old checkpoint and temporaries of interrupted saves are removed by the next save."""
-    unet = get_unet(pipe)
-    layers = layers_to_save(unet)
+    get_unet(pipe)
+    tree = ComponentTree.of(pipe, quantized_components(pipe))
+    layers = layers_to_save(tree)
     tensors = {f"{name}.{key}": tensor.detach().contiguous().cpu()
                for name, layer in layers.items() for key, tensor in layer.state_dict().items()}
-    manifest = build_manifest(unet, layers)
+    manifest = build_manifest(tree, layers)
     folder = Path(path)
     require_utf8_path(folder, CheckpointError)
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,21 +180,33 @@ def save_quantized(pipe, path) -> Path:
     return folder
 
 
-def build_manifest(unet: nn.Module, layers: dict[str, QuantizedLayer]) -> dict:
+def build_manifest(tree, layers: dict[str, QuantizedLayer]) -> dict:
     """Everything a loader checks and needs besides the tensors (weights_file is added once they are
-    written). The diffusers backend stores the same record in config.json (mixq.diffusers_quantizer)."""
+    written). `tree`: a UNet, or a ComponentTree of it and the other quantized components. The diffusers
+    backend stores the same record in config.json (mixq.diffusers_quantizer)."""
+    tree = tree if isinstance(tree, ComponentTree) else ComponentTree({UNET: tree})
     return json_normalized({
         "format_version": FORMAT_VERSION,
         "mixq_version": __version__,
-        "model": {
-            "class": type(unet).__name__,
-            "fingerprint": architecture_fingerprint(unet),
-            "config": unet_config(unet),
-            "base_hash": base_hash_record(base_state(unet, layers)),
-        },
+        "model": model_record(tree.unet, local_layer_names(layers, UNET)),
         "layers": {name: layer_entry(layer) for name, layer in layers.items()},
-        "mixq_info": getattr(unet, "mixq_info", {}),
+        "mixq_info": getattr(tree.unet, "mixq_info", {}),
+        "components": {name: {"model": model_record(module, local_layer_names(layers, name)),
+                              "mixq_info": getattr(module, "mixq_info", {})}
+                       for name, module in tree.modules.items() if name != UNET},
     })
+
+
+def model_record(module: nn.Module, quantized_names) -> dict:
+    """What identifies a component's model: class, fingerprint, config, and the hash of the tensors a
+    loader takes from the pipeline (`quantized_names`: the quantized layers, local to the module)."""
+    return {"class": type(module).__name__, "fingerprint": architecture_fingerprint(module),
+            "config": unet_config(module), "base_hash": base_hash_record(base_state(module, quantized_names))}
+
+
+def local_layer_names(names, component: str) -> list[str]:
+    """The names of `component`'s layers among the qualified `names`, local to the component's module."""
+    return [local_name(n) for n in names if component_of(n) == component]
 
 
 # The step boundaries of save_quantized, in order (the fault-injection tests crash the save at each).
@@ -286,8 +314,11 @@ def layer_float_dtype(layer: QuantizedLayer) -> torch.dtype | None:
 
 
 def unet_config(unet) -> dict:
-    config = dict(getattr(unet, "config", {}))
-    return json_normalized({k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"})
+    """The model's config (a diffusers FrozenDict, or a transformers PretrainedConfig) as plain JSON."""
+    config = getattr(unet, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json_normalized({k: v for k, v in config.items()
+                            if not k.startswith("_") and k not in ("quantization_config", "transformers_version")})
 
 
 # --- hashes --------------------------------------------------------------------------------------
@@ -384,20 +415,36 @@ def load_checkpoint_into(pipe, folder: Path, path):
     check_manifest_fields(manifest, str(folder / MANIFEST_NAME))
     check_layers_match_tensor_file(manifest, stored, folder / MANIFEST_NAME, weights)
 
-    unet = get_unet(pipe)
-    check_loadable(unet)
-    check_architecture(manifest["model"], unet)
-    targets = layers_to_replace(manifest["layers"], unet)
-    check_base_hash(manifest["model"]["base_hash"], base_state(unet, targets))
+    get_unet(pipe)
+    components = manifest["components"]
+    tree = pipeline_components(pipe, components)
+    records = {UNET: manifest["model"], **{name: c["model"] for name, c in components.items()}}
+    for name, module in tree.modules.items():
+        check_loadable(module, name)
+        check_architecture(records[name], module, name)
+    targets = layers_to_replace(manifest["layers"], tree)
+    for name, module in tree.modules.items():
+        check_base_hash(records[name]["base_hash"], base_state(module, local_layer_names(targets, name)), name)
     replacements = build_quantized_layers(manifest["layers"], weights, targets,
                                           offset_binary=manifest.get(OFFSET_BINARY_WEIGHTS, False))
     for layer in replacements.values():
         dispatch.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
 
     for name, layer in replacements.items():
-        set_submodule(unet, name, layer)
-    unet.mixq_info = {**manifest["mixq_info"], "checkpoint": str(path)}
+        set_submodule(tree, name, layer)
+    tree.unet.mixq_info = {**manifest["mixq_info"], "checkpoint": str(path)}
+    for name, component in components.items():
+        tree.modules[name].mixq_info = {**component["mixq_info"], "checkpoint": str(path)}
     return pipe
+
+
+def pipeline_components(pipe, components: dict) -> ComponentTree:
+    """The pipeline's modules of the checkpoint's components; a missing one is refused, named."""
+    missing = [name for name in components if not isinstance(getattr(pipe, name, None), nn.Module)]
+    if missing:
+        raise CheckpointError(f"this checkpoint also quantizes the pipeline's {missing[0]}, which {type(pipe).__name__} "
+                              "lacks: load it into a pipeline of the model it was made from")
+    return ComponentTree.of(pipe, (UNET, *components))
 
 
 def checkpoint_folder(path, *, revision=None, subfolder=None, token=None) -> Path:
@@ -621,22 +668,51 @@ def check_manifest_fields(manifest: dict, where: str = MANIFEST_NAME, fields=MAN
 
 
 def manifest_problems(manifest: dict) -> list[str]:
-    problems = []
-    model = manifest["model"]
-    if not isinstance(model, dict):
-        return ["model is not an object"]
-    if not isinstance(model["fingerprint"], str):
-        problems.append("model.fingerprint is not a string")
-    if not isinstance(model["config"], dict):
-        problems.append("model.config is not an object")
-    problems += base_hash_problems(model["base_hash"])
+    problems = model_problems(manifest["model"], "model")
     if not isinstance(manifest["mixq_info"], dict):
         problems.append(f"mixq_info is {type(manifest['mixq_info']).__name__}, not an object")
+    problems += components_problems(manifest.get("components", {}))
     layers = manifest["layers"]
     if not isinstance(layers, dict) or not layers:
         return problems + ["layers is not a non-empty object"]
     for name, entry in layers.items():
         problems += [f"layers[{name!r}]: {p}" for p in layer_entry_problems(entry)]
+    components = manifest.get("components") if isinstance(manifest.get("components"), dict) else {}
+    unlisted = sorted({component_of(n) for n in layers} - {UNET} - set(components))
+    problems += [f"layers of {c} but no components[{c!r}] record" for c in unlisted]
+    problems += [f"components[{c!r}] has no layers" for c in components
+                 if not any(component_of(n) == c for n in layers)]
+    return problems
+
+
+def model_problems(model, where: str) -> list[str]:
+    if not isinstance(model, dict):
+        return [f"{where} is not an object"]
+    missing = [f for f in MODEL_FIELDS if f not in model]
+    if missing:
+        return [f"{where} lacks {', '.join(missing)}"]
+    problems = []
+    if not isinstance(model["fingerprint"], str):
+        problems.append(f"{where}.fingerprint is not a string")
+    if not isinstance(model["config"], dict):
+        problems.append(f"{where}.config is not an object")
+    return problems + [p.replace("model.", f"{where}.", 1) for p in base_hash_problems(model["base_hash"])]
+
+
+def components_problems(components) -> list[str]:
+    if not isinstance(components, dict):
+        return ["components is not an object"]
+    problems = []
+    for name, record in components.items():
+        where = f"components[{name!r}]"
+        if name not in OPTIONAL_COMPONENTS:
+            problems.append(f"{where} is not one of {OPTIONAL_COMPONENTS}")
+        elif not isinstance(record, dict) or sorted(record) != sorted(COMPONENT_FIELDS):
+            problems.append(f"{where} is not an object of {', '.join(COMPONENT_FIELDS)}")
+        else:
+            problems += model_problems(record["model"], f"{where}.model")
+            if not isinstance(record["mixq_info"], dict):
+                problems.append(f"{where}.mixq_info is not an object")
     return problems
 
 
@@ -706,26 +782,28 @@ def layer_entry_problems(entry) -> list[str]:
     return problems
 
 
-def check_loadable(unet: nn.Module):
+def check_loadable(unet: nn.Module, component: str = UNET):
+    what = "the UNet" if component == UNET else f"the pipeline's {component}"
     lora = find_lora_layers(unet)
     if lora:
         raise CheckpointError(
-            f"the UNet holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}): loading would replace them and "
+            f"{what} holds {len(lora)} unfused LoRA layer(s) (e.g. {lora[0]!r}): loading would replace them and "
             "drop the adapter. Fuse it first (pipe.fuse_lora(); pipe.unload_lora_weights()) if the checkpoint was "
             "made from the fused model, or load into the pipeline without the LoRA")
     done = find_quantized_layers(unet)
     if done:
-        raise CheckpointError(f"this UNet is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}): "
+        raise CheckpointError(f"{what} is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}): "
                               "load the checkpoint into the floating-point pipeline")
 
 
-def check_architecture(model: dict, unet: nn.Module):
+def check_architecture(model: dict, unet: nn.Module, component: str = UNET):
     expected, actual = model["fingerprint"], architecture_fingerprint(unet)
     if expected == actual:
         return
     differing = config_differences(model["config"], unet_config(unet))
+    what = "UNet" if component == UNET else component
     raise CheckpointError(
-        f"this checkpoint was made for another UNet architecture (fingerprint {expected}; this pipeline's UNet is "
+        f"this checkpoint was made for another {what} architecture (fingerprint {expected}; this pipeline's {what} is "
         f"{actual}; config differences: {differing or 'none listed'}): load it into a pipeline of the model it "
         "was quantized from")
 
@@ -776,7 +854,7 @@ def layer_mismatch(entry: dict, module: nn.Module) -> str | None:
     return ", ".join(differing) or None
 
 
-def check_base_hash(record: dict, state: dict[str, torch.Tensor]):
+def check_base_hash(record: dict, state: dict[str, torch.Tensor], component: str = UNET):
     recorded = record["sha256"]
     saved, here = parse_dtype(record["dtype"]), float_dtype(state)
     if dtype_name(here) in recorded:
@@ -789,7 +867,8 @@ def check_base_hash(record: dict, state: dict[str, torch.Tensor]):
             f"{dtype_name(here)} pipeline: load it into a pipeline in one of {sorted(recorded)}, then cast it")
     if base_hash(state, dtype) != recorded[dtype_name(dtype)]:
         raise CheckpointError(
-            f"the pipeline's UNet is not the model this checkpoint was made from: the weights the checkpoint does not "
+            f"the pipeline's {'UNet' if component == UNET else component} is not the model this checkpoint was made "
+            "from: the weights the checkpoint does not "
             f"store ({len(state)} tensors here, {record['tensors']} when saved: norms, embeddings, conv_in/conv_out, "
             "layers kept in floating point) differ from the ones it was quantized with. Load it into that model "
             "(with the same LoRA fused, if one was fused before quantizing)")

@@ -66,7 +66,7 @@ QUANT_METHOD = "mixq"
 # Keys of the safetensors metadata a mixq save_pretrained writes (beside checkpoint.tensor_file_metadata's).
 STATE_HASH_KEY = "mixq_state_sha256"
 # A manifest here has every field save_quantized's has except the record of its own tensor file.
-CONFIG_MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info")
+CONFIG_MANIFEST_FIELDS = ("format_version", "mixq_version", "model", "layers", "mixq_info", "components")
 
 
 class MixqMethod(str, Enum):

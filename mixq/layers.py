@@ -1,6 +1,8 @@
-"""Which layers of a UNet are quantized, and what each one needs to know about its place.
+"""Which layers of a UNet (and of the other components mixq quantizes) are quantized, and what each
+one needs to know about its place.
 
-Everything here reads the module structure; nothing is specific to SDXL's widths.
+Everything here reads the module structure; nothing is specific to SDXL's widths. The functions take
+a UNet or a mixq.components.ComponentTree (the quantized components under their qualified names).
 """
 
 from __future__ import annotations
@@ -10,31 +12,38 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from mixq.components import BOS_EVERY_LINEAR, UNET, ComponentTree, component_of
+from mixq.components import DEFAULT_KEEP_FP as COMPONENT_KEEP_FP
 from mixq.errors import ConfigError
 from mixq.modules import FakeQuantConv2d, FakeQuantLinear, QuantizedLayer, is_supported_conv
 
 CONTENT_COMPONENTS = ("attn2", "ff")  # cross-attention and feed-forward: judged on the image (SSIM)
 BOS_LAYER_SUFFIXES = ("attn2.to_k", "attn2.to_v")
-DEFAULT_KEEP_FP = ("conv_in", "conv_out")
+DEFAULT_KEEP_FP = COMPONENT_KEEP_FP[UNET]
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     name: str
     kind: str  # "linear" | "conv2d"
-    group: str  # "content" | "quality"
+    group: str  # UNet: "content" | "quality"; another component: its name ("vae", "text_encoder", ...)
     params: int
     split_at: int | None  # input channels of the first part, for split activation quantization
     bos: bool  # cross-attention key/value projection of the text embedding
 
 
 def layer_group(name: str) -> str:
+    component = component_of(name)
+    if component != UNET:
+        return component
     parts = name.split(".")
     return "content" if any(c in parts for c in CONTENT_COMPONENTS) else "quality"
 
 
 def is_bos_layer(name: str) -> bool:
-    return name.endswith(BOS_LAYER_SUFFIXES)
+    """A Linear whose token-0 input row is the same for every prompt: the UNet's cross-attention key and
+    value projections of the text embedding, and every Linear of a (causal) text encoder."""
+    return name.endswith(BOS_LAYER_SUFFIXES) or component_of(name) in BOS_EVERY_LINEAR
 
 
 def find_lora_layers(unet: nn.Module) -> list[str]:
@@ -86,9 +95,10 @@ def _mid_block_channels(unet):
     return None
 
 
-def quantizable_layers(unet: nn.Module) -> dict[str, LayerInfo]:
-    """Every nn.Linear and nn.Conv2d of the UNet that mixq can replace exactly, in module order."""
-    splits = up_block_split_points(unet)
+def quantizable_layers(unet) -> dict[str, LayerInfo]:
+    """Every nn.Linear and nn.Conv2d of the UNet (or ComponentTree) that mixq can replace exactly, in
+    module order."""
+    splits = up_block_split_points(unet.unet if isinstance(unet, ComponentTree) else unet)
     layers = {}
     for name, module in unet.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or float_only_reason(module):
@@ -132,23 +142,23 @@ def has_custom_forward(module: nn.Module, base: type) -> bool:
     return any(getattr(cls, method, None) is not getattr(base, method, None) for method in ("forward", "_conv_forward"))
 
 
-def resolve_keep_fp(keep_fp, layer_names) -> set[str]:
+def resolve_keep_fp(keep_fp, layer_names, defaults=DEFAULT_KEEP_FP) -> set[str]:
     """Names or glob patterns (fnmatch) -> the set of layer names left in floating point.
 
     A pattern that matches no layer is an error: it is almost always a typo or a name from
     another model."""
-    patterns = DEFAULT_KEEP_FP if keep_fp is None else ((keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp))
+    patterns = defaults if keep_fp is None else ((keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp))
     kept = set()
     for pattern in patterns:
         matched = [n for n in layer_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not matched and keep_fp is not None:
-            raise ConfigError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer of this UNet "
+            raise ConfigError(f"keep_fp entry {pattern!r} matches no Linear/Conv2d layer being quantized "
                              f"(names look like {next(iter(layer_names), '?')!r}; glob patterns are allowed)")
         kept.update(matched)
     return kept
 
 
-def set_submodule(root: nn.Module, name: str, module: nn.Module):
+def set_submodule(root, name: str, module: nn.Module):
+    """Put `module` at `name` of `root` (a module or a ComponentTree, whose "" is the UNet)."""
     parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+    setattr(root.get_submodule(parent_name), child, module)

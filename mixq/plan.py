@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from mixq.components import UNET, component_of
 from mixq.errors import ConfigError, PlanMismatchError
 from mixq.io import read_yaml
 from mixq.quantizers import FLOAT_BITS, check_activation_bits, check_weight_bits
@@ -85,15 +86,19 @@ def read_plan(plan) -> tuple[dict[str, tuple[int, int]], dict]:
     return bits, meta
 
 
-def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=None, unet=None) -> dict[str, tuple[int, int]]:
-    """The (w_bits, a_bits) of every layer: keep_fp layers 16/16, the rest from the plan or uniform."""
+def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=None, unet=None,
+                 uniform: dict | None = None) -> dict[str, tuple[int, int]]:
+    """The (w_bits, a_bits) of every layer: keep_fp layers 16/16, the rest from the plan or uniform.
+    uniform: name -> (w, a) where it is not w_bit/a_bit (layers of opt-in components). A plan must cover
+    the UNet; it covers an opt-in component wholly or not at all (then the component's uniform bits)."""
     try:
         check_weight_bits(w_bit)
         check_activation_bits(a_bit)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    uniform = {n: (uniform or {}).get(n, (w_bit, a_bit)) for n in layer_names}
     if plan is None:
-        bits = {n: (w_bit, a_bit) for n in layer_names}
+        bits = uniform
     else:
         bits, meta = read_plan(plan)
         if unet is not None and meta.get("model") and meta["model"] != architecture_fingerprint(unet):
@@ -101,6 +106,8 @@ def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=No
                 f"this plan was made for another model (fingerprint {meta['model']}, this UNet is "
                 f"{architecture_fingerprint(unet)}): calibrate this model with `python -m mixq.calibrate`"
             )
+        check_plan_components(bits, layer_names)
+        bits = {**{n: uniform[n] for n in layer_names if component_of(n) not in plan_components(bits)}, **bits}
         check_plan_covers(bits, layer_names, keep_fp)
         warn_plan_overridden(bits, keep_fp)
     return {n: (FLOAT_BITS, FLOAT_BITS) if n in keep_fp else bits[n] for n in layer_names}
@@ -114,6 +121,21 @@ def warn_plan_overridden(bits: dict, keep_fp: set[str]):
             f"the plan gives bits to {len(overridden)} layer(s) that keep_fp keeps in floating point "
             f"({', '.join(overridden[:3])}); they stay in floating point. Pass keep_fp=[] (or a list without them) to "
             "quantize them as the plan says", stacklevel=4)
+
+
+def plan_components(bits: dict) -> set[str]:
+    return {component_of(n) for n in bits}
+
+
+def check_plan_components(bits: dict, layer_names):
+    """A plan naming layers of a component that is not being quantized is refused, naming it."""
+    absent = sorted(plan_components(bits) - {component_of(n) for n in layer_names} - {UNET})
+    if absent:
+        example = next(n for n in bits if component_of(n) == absent[0])
+        raise PlanMismatchError(
+            f"the plan gives bits to layers of the {absent[0]} (e.g. {example!r}), which is not being quantized: add "
+            f"it to components (components=('unet', {absent[0]!r}), --components unet,{absent[0]}) or remove those "
+            "entries")
 
 
 def check_plan_covers(bits: dict, layer_names, keep_fp: set[str]):
