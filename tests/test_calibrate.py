@@ -200,16 +200,16 @@ def test_killed_process_resumes_without_remeasuring(tmp_path):
     assert (out / "plan.yaml").exists()
 
 
-def run_small_proving(root: Path, name: str, content_prompts: int) -> Path:
+def run_small_proving(root: Path, name: str, content_prompts: int, **extra) -> Path:
     """The offline default's model and prompt set, shrunk (most layers kept float, few prompts), run
-    end to end into root/run."""
+    end to end into root/run; `extra`: more config fields."""
     config = write_config(root / "proving.yaml", name=name, model={"id": "offline:proving"},
                           sampling={"num_inference_steps": 4, "guidance_scale": 0.0, "height": 64, "width": 64,
                                     "seed": 1},
                           calibration={"prompts": "proving:calibration", "num_prompts": 4, "sensitivity_prompts": 2,
                                        "batch_size": 4},
                           keep_fp=["conv_in", "conv_out", "down_blocks.*", "up_blocks.*"],
-                          evaluation={"content_prompts": content_prompts, "grid_prompts": 2})
+                          evaluation={"content_prompts": content_prompts, "grid_prompts": 2}, **extra)
     out = root / "run"
     assert main(["--config", config, "--out", str(out), "--no-progress"]) == 0
     return out

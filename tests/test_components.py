@@ -216,3 +216,41 @@ def test_ranges_recorded_without_a_component_are_refused_naming_it(_tiny_sdxl_ma
     assert any(component_of(n) == "vae" for n in with_vae.layers)
     mixq.quantize(pipe, components=("unet", "vae"), calibration=with_vae)
     assert find_quantized_layers(pipe.vae)
+
+
+# --- the calibration CLI -------------------------------------------------------------------------
+
+
+def test_calibrate_with_components_records_their_ranges_and_reports_them(tmp_path):
+    """`components` in the config (--components): collect observes the VAE decoder and the text encoders,
+    the plan stays the UNet's, and the content check adds UNet+VAE and UNet+VAE+text encoders rows."""
+    import yaml
+
+    from mixq.calib.content import PLAN_NAME
+    from mixq.calibration import Calibration
+    from tests.test_calibrate import run_small_proving
+
+    out = run_small_proving(tmp_path, "proving-components", content_prompts=4, components=list(EVERY))
+    ranges = Calibration.load(out / "activation_ranges.safetensors")
+    assert {component_of(n) for n in ranges.layers} == set(EVERY)
+    assert all(r.calls > 0 for r in ranges.layers.values())
+    assert "vae.decoder.conv_out" not in ranges.layers  # a default keep-fp layer of the VAE
+    plan = yaml.safe_load((out / "plan.yaml").read_text())["layers"]
+    assert {component_of(n) for n in plan} == {"unet"}
+    names = [row["name"] for row in yaml.safe_load((out / "content.yaml").read_text())["rows"]]
+    added = ["uniform W8A8 + VAE decoder W8A8", f"{PLAN_NAME} + VAE decoder W8A8",
+             "uniform W8A8 + VAE decoder W8A8 + text encoders W8A8", f"{PLAN_NAME} + VAE decoder W8A8 + text encoders W8A8"]
+    assert names[-4:] == added
+    report = (out / "report.md").read_text()
+    assert all(name in report for name in added)
+    # what the run measured quantizes the pipeline the same way, through the API
+    pipe = mixq.quantize(mixq.proving.load_pipeline(), plan=out / "plan.yaml", calibration=out, components=EVERY)
+    assert find_quantized_layers(pipe.vae) and find_quantized_layers(pipe.text_encoder_2)
+
+
+def test_calibrate_refuses_an_unknown_component_before_loading(tmp_path, capsys):
+    from mixq.calibrate import main
+
+    assert main(["--components", "unet,vea", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "unknown component 'vea'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
