@@ -1,0 +1,346 @@
+"""End to end on CPU: the whole text-to-image pipeline, per stage, for float and quantized components.
+
+    python -m benchmarks.cpu_pipeline --model-configs PATH/sdxl-base-1.0 --unet-config PATH/sdxl-turbo/unet \
+        --tokenizer PATH/clip-tokenizer --out benchmarks/results
+
+A full-size SDXL pipeline with random weights (seeded) from the real configs: both text encoders, the
+UNet, the VAE. A user waits for the image, not for a UNet call, so every configuration generates one
+image and is timed per stage: prompt encoding (tokenizers and text encoders), the UNet calls, the VAE
+decode, post-processing to PIL, and the rest (scheduler, latents). Two workloads: SDXL-Turbo (512x512,
+1 step, guidance 0) and LCM-LoRA SDXL (--lcm-size, 4 steps with LCMScheduler, guidance 1; the fused
+LoRA leaves SDXL's architecture, hence its speed, unchanged, so the same pipeline serves both).
+
+Configurations, side by side in one process: fp32, bf16, then mixq on the bf16 pipeline: the UNet at
+W8A8 or at the offline default's 4-bit plan proportions (benchmarks.plans.mixed_4bit_plan), alone, with
+the VAE decoder W8A8, and with the VAE decoder and both text encoders W8A8. Activation ranges come
+from one observed bf16 generation at the Turbo size (random weights: speed, not image quality). Each
+UNet setting is quantized once with every component; the float layers of the components a
+configuration leaves float are swapped back in for it.
+
+The median of --rounds generations (its stages sum to its total) after one warm-up generation, the machine's load average
+beside them; results go to OUT/cpu-pipeline-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from benchmarks.cpu_unet import rss_bytes
+from benchmarks.environment import environment
+from mixq.machine import cpu_features
+
+PROMPT = "a photo of a cat sitting on a windowsill"
+STAGES = ("text encoders", "UNet", "VAE decode", "post-processing", "other")
+EVERY = ("unet", "vae", "text_encoder", "text_encoder_2")
+# (configuration suffix, the components quantized besides the UNet)
+COMPONENT_SETS = (("", ()), (" + VAE W8A8", ("vae",)),
+                  (" + VAE + text encoders W8A8", ("vae", "text_encoder", "text_encoder_2")))
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+def build_pipeline(model_configs: Path, unet_config: Path, tokenizer: Path | None):
+    """A full-size StableDiffusionXLPipeline in fp32 with random weights from the real configs."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from benchmarks.models import component_configs
+    from mixq.offline import default_scheduler, load_tokenizer, load_unet_config, unet_from_config
+
+    te_config, te2_config, vae_config = component_configs(model_configs)
+    unet = unet_from_config(load_unet_config(unet_config), seed=0, dtype=torch.float32)
+    torch.manual_seed(1)
+    text_encoder, text_encoder_2 = CLIPTextModel(te_config), CLIPTextModelWithProjection(te2_config)
+    vae = AutoencoderKL.from_config({**vae_config, "force_upcast": False})  # served SDXL VAEs are fp16-safe
+    tok = load_tokenizer(tokenizer)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=default_scheduler(),
+                                     force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def workloads(turbo_size: int, lcm_size: int) -> dict:
+    return {
+        "SDXL-Turbo": {"size": turbo_size, "num_inference_steps": 1, "guidance_scale": 0.0, "scheduler": None},
+        "LCM-LoRA SDXL": {"size": lcm_size, "num_inference_steps": 4, "guidance_scale": 1.0,
+                          "scheduler": "LCMScheduler"},
+    }
+
+
+@contextmanager
+def workload_scheduler(pipe, name: str | None):
+    if name is None:
+        yield
+        return
+    import diffusers
+
+    before = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, name).from_config(before.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = before
+
+
+# --- per-stage timing ----------------------------------------------------------------------------
+
+
+class StageClock:
+    """Seconds spent in each stage of one generation: wraps encode_prompt, vae.decode and the image
+    processor's postprocess, and hooks the UNet's forward (summed over its calls)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.seconds = pipe, {}
+
+    def _wrapped(self, stage, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        return timed
+
+    @contextmanager
+    def attached(self):
+        pipe, started = self.pipe, []
+        originals = [(pipe, "encode_prompt"), (pipe.vae, "decode"), (pipe.image_processor, "postprocess")]
+        for (owner, attr), stage in zip(originals, ("text encoders", "VAE decode", "post-processing")):
+            setattr(owner, attr, self._wrapped(stage, getattr(owner, attr)))
+
+        def before(module, args):
+            started.append(time.perf_counter())
+
+        def after(module, args, output):
+            self.seconds["UNet"] = self.seconds.get("UNet", 0.0) + time.perf_counter() - started.pop()
+
+        hooks = [pipe.unet.register_forward_pre_hook(before), pipe.unet.register_forward_hook(after)]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            for owner, attr in originals:
+                del owner.__dict__[attr]  # the class's method again
+
+
+def generate_timed(pipe, workload: dict) -> dict:
+    clock = StageClock(pipe)
+    with torch.no_grad(), clock.attached():
+        start = time.perf_counter()
+        pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=workload["num_inference_steps"],
+             guidance_scale=workload["guidance_scale"], height=workload["size"], width=workload["size"],
+             output_type="pil")
+        total = time.perf_counter() - start
+    stages = {s: clock.seconds.get(s, 0.0) for s in STAGES[:-1]}
+    stages["other"] = total - sum(stages.values())
+    return {"total": total, **stages}
+
+
+def time_workload(pipe, workload: dict, rounds: int) -> dict:
+    """The median of `rounds` generations (by total time; its stages add up to it) after one warm-up
+    (oneDNN primitives, lazy initialisation)."""
+    with workload_scheduler(pipe, workload["scheduler"]):
+        generate_timed(pipe, workload)
+        runs = [generate_timed(pipe, workload) for _ in range(rounds)]
+    row = dict(sorted(runs, key=lambda r: r["total"])[len(runs) // 2])  # the median generation, its stages
+    row.update(rounds=rounds, totals=[round(r["total"], 3) for r in runs],
+               load_average_1min=round(os.getloadavg()[0], 2), rss_bytes=rss_bytes())
+    return row
+
+
+# --- quantized configurations ----------------------------------------------------------------------
+
+
+def float_layers(pipe) -> dict:
+    """Every quantizable layer of every component, by qualified name (the float modules themselves)."""
+    from mixq.components import ComponentTree
+    from mixq.layers import quantizable_layers
+
+    tree = ComponentTree.of(pipe, EVERY)
+    return {n: tree.get_submodule(n) for n in quantizable_layers(tree)}
+
+
+def set_layers(pipe, modules: dict):
+    from mixq.components import ComponentTree
+    from mixq.layers import set_submodule
+
+    tree = ComponentTree.of(pipe, EVERY)
+    for name, module in modules.items():
+        set_submodule(tree, name, module)
+
+
+def measure_unet_setting(pipe, label: str, quantize_kwargs: dict, calibration, floats: dict, loads: dict,
+                         rounds: dict, results: dict, save):
+    """Quantize the UNet (and every other component) once, then time each component set by swapping the
+    float layers of the components it leaves float back in."""
+    import mixq
+    from mixq.components import component_of
+
+    start = time.perf_counter()
+    mixq.quantize(pipe, components=EVERY, calibration=calibration, progress=False, **quantize_kwargs)
+    results["quantize_s"][label] = round(time.perf_counter() - start, 1)
+    quantized = {n: m for n, m in float_layers_now(pipe).items() if n in floats and m is not floats[n]}
+    for suffix, components in COMPONENT_SETS:
+        name = f"{label}{suffix}"
+        set_layers(pipe, {n: (quantized[n] if component_of(n) in ("unet", *components) else floats[n])
+                          for n in quantized})
+        for workload, spec in loads.items():
+            if name not in results["configurations"][workload]:
+                continue
+            results["latency"][workload][name] = row = time_workload(pipe, spec, rounds[workload])
+            print(f"  {workload} {name}: {row['total']:.2f} s (UNet {row['UNet']:.2f}, VAE {row['VAE decode']:.2f}, "
+                  f"text {row['text encoders']:.2f})", flush=True)
+            save()
+    set_layers(pipe, {n: floats[n] for n in quantized})  # the float pipeline again
+    for component in EVERY:
+        getattr(pipe, component).__dict__.pop("mixq_info", None)
+    del quantized
+    gc.collect()
+
+
+def float_layers_now(pipe) -> dict:
+    from mixq.components import ComponentTree
+
+    tree = ComponentTree.of(pipe, EVERY)
+    return dict(tree.named_modules())
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    import mixq
+    from benchmarks.plans import mixed_4bit_plan
+
+    loads = workloads(args.size, args.lcm_size)
+    rounds = {"SDXL-Turbo": args.rounds, "LCM-LoRA SDXL": args.lcm_rounds}
+    quantized_names = [f"{label}{suffix}" for label in ("mixq W8A8 UNet", "mixq 4-bit plan UNet")
+                       for suffix, _ in COMPONENT_SETS]
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.cpu_pipeline", *sys.argv[1:]]),
+        "machine": {"cpu": environment("cpu")["device"], "features": cpu_features(), "machine": platform.machine()},
+        "environment": environment("cpu"), "threads": torch.get_num_threads(),
+        "workloads": {k: {key: v for key, v in w.items()} for k, w in loads.items()},
+        "configurations": {
+            "SDXL-Turbo": ["fp32", "bf16", *quantized_names],
+            "LCM-LoRA SDXL": ["bf16", "mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8", "mixq 4-bit plan UNet + VAE W8A8"],
+        },
+        "latency": {k: {} for k in loads}, "quantize_s": {}, "notes": [],
+    }
+    out = args.out
+
+    def save():
+        write(results, out)
+
+    if args.tiny:
+        from mixq.offline import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=0)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer)
+    results["parameters"] = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in EVERY}
+    turbo = loads["SDXL-Turbo"]
+    if "fp32" in results["configurations"]["SDXL-Turbo"] and not args.skip_fp32:
+        results["latency"]["SDXL-Turbo"]["fp32"] = row = time_workload(pipe, turbo, args.rounds)
+        print(f"  SDXL-Turbo fp32: {row['total']:.2f} s", flush=True)
+        save()
+    pipe.to(torch.bfloat16)
+    gc.collect()
+    for workload, spec in loads.items():
+        results["latency"][workload]["bf16"] = row = time_workload(pipe, spec, rounds[workload])
+        print(f"  {workload} bf16: {row['total']:.2f} s", flush=True)
+        save()
+    start = time.perf_counter()
+    calibration = mixq.calibrate_ranges(pipe, [PROMPT], components=EVERY, progress=False, batch_size=1,
+                                        num_inference_steps=1, guidance_scale=0.0, height=args.size, width=args.size)
+    results["calibrate_s"] = round(time.perf_counter() - start, 1)
+    floats = float_layers(pipe)
+    plan = mixed_4bit_plan(pipe.unet)
+    results["plan_source"] = plan["source"]
+    for label, kwargs in (("mixq W8A8 UNet", {"w_bit": 8, "a_bit": 8}),
+                          ("mixq 4-bit plan UNet", {"plan": plan["layers"]})):
+        measure_unet_setting(pipe, label, kwargs, calibration, floats, loads, rounds, results, save)
+    return results
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def write(results: dict, out: Path) -> Path:
+    """Written after every configuration, so that an interrupted run keeps what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"cpu-pipeline-{results['date'][:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    stem.with_suffix(".md").write_text(report(results))
+    return stem.with_suffix(".md")
+
+
+def report(results: dict) -> str:
+    machine = results["machine"]
+    features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["features"].items())
+    lines = [f"# CPU: the whole SDXL pipeline, per stage, {results['date']}", "",
+             f"- Command: `{results['command']}`",
+             f"- Machine: {machine['cpu']} ({machine['machine']}); {features}; {results['threads']} threads",
+             f"- Versions: {', '.join(f'{k} {v}' for k, v in results['environment']['versions'].items() if v)}",
+             f"- Parameters: {', '.join(f'{k} {v / 1e6:.0f} M' for k, v in results.get('parameters', {}).items())}",
+             f"- 4-bit plan: {results.get('plan_source', '-')}; activation ranges from one bf16 generation "
+             f"({results.get('calibrate_s', '-')} s); quantize (every component): "
+             f"{', '.join(f'{k} {v} s' for k, v in results['quantize_s'].items()) or '-'}", ""]
+    for workload, rows in results["latency"].items():
+        spec = results["workloads"][workload]
+        lines += [f"## {workload}: {spec['size']}x{spec['size']}, {spec['num_inference_steps']} step(s), guidance "
+                  f"{spec['guidance_scale']}, batch 1", "",
+                  "Median seconds per image; speed-up over bf16 end to end and of the UNet stage alone:", "",
+                  "| configuration | " + " | ".join(STAGES) + " | total | end to end vs bf16 | UNet vs bf16 | load |",
+                  "|---|" + "---|" * (len(STAGES) + 4)]
+        base = rows.get("bf16")
+        for name, row in rows.items():
+            e2e = f"{base['total'] / row['total']:.2f}x" if base else "-"
+            unet = f"{base['UNet'] / row['UNet']:.2f}x" if base else "-"
+            lines.append(f"| {name} | " + " | ".join(f"{row[s]:.2f}" for s in STAGES)
+                         + f" | **{row['total']:.2f}** | {e2e} | {unet} | {row['load_average_1min']} |")
+        lines.append("")
+    lines += [f"- {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.cpu_pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-configs", type=Path, default=None,
+                        help="a diffusers SDXL folder with text_encoder/, text_encoder_2/, vae/ config.json "
+                             "(default: SDXL 1.0's configs built in)")
+    parser.add_argument("--unet-config", type=Path, help="the UNet's config.json (or its folder)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny offline pipeline instead: checks the benchmark runs")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a CLIP tokenizer folder (default: byte-level)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--size", type=int, default=512, help="SDXL-Turbo image size")
+    parser.add_argument("--lcm-size", type=int, default=1024, help="LCM-LoRA SDXL image size")
+    parser.add_argument("--rounds", type=int, default=3, help="timed SDXL-Turbo generations per configuration")
+    parser.add_argument("--lcm-rounds", type=int, default=1, help="timed LCM-LoRA generations per configuration")
+    parser.add_argument("--skip-fp32", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.tiny and args.unet_config is None:
+        parser.error("--unet-config is required (or --tiny)")
+    print(f"report: {write(run(args), args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
