@@ -1,23 +1,24 @@
-"""The end-to-end CPU benchmark runs on the tiny pipeline and reports every stage of every configuration.
+"""The end-to-end benchmark runs on the tiny pipeline and reports every stage of every configuration.
 
 Structure only: no speed target is asserted here (they live in the report).
 """
 
 import json
 
-from benchmarks import cpu_pipeline
+from benchmarks import end_to_end
 
 
 def test_cpu_pipeline_benchmark_reports_every_stage_and_configuration(tmp_path):
     out = tmp_path / "results"
-    assert cpu_pipeline.main(["--tiny", "--out", str(out), "--size", "64", "--lcm-size", "64", "--rounds", "1"]) == 0
+    assert end_to_end.main(["--tiny", "--out", str(out), "--size", "64", "--lcm-size", "64", "--rounds", "1"]) == 0
     (report_path,) = out.glob("cpu-pipeline-*.md")
     results = json.loads(report_path.with_suffix(".json").read_text())
     for workload, names in results["configurations"].items():
         assert list(results["latency"][workload]) == names
         for row in results["latency"][workload].values():
             assert row["total"] > 0 and row["UNet"] > 0 and row["VAE decode"] > 0 and row["text encoders"] > 0
-            assert abs(sum(row[s] for s in cpu_pipeline.STAGES) - row["total"]) < 1e-6
+            assert abs(sum(row[s] for s in end_to_end.STAGES) - row["total"]) < 1e-6
     report = report_path.read_text()
     assert "| mixq 4-bit plan UNet + VAE + text encoders W8A8 |" in report and "amx_int8" in report
     assert "## LCM-LoRA SDXL: 64x64, 4 step(s)" in report
+    assert "| bfloat16 |" in report and "vs bfloat16" in report  # the half-precision baseline on CPU

@@ -1,7 +1,7 @@
-"""End to end on CPU: the whole text-to-image pipeline, per stage, for float and quantized components.
+"""End to end: the whole text-to-image pipeline, per stage, for float and quantized components.
 
-    python -m benchmarks.cpu_pipeline --model-configs PATH/sdxl-base-1.0 --unet-config PATH/sdxl-turbo/unet \
-        --tokenizer PATH/clip-tokenizer --out benchmarks/results
+    python -m benchmarks.end_to_end --model-configs PATH/sdxl-base-1.0 --unet-config PATH/sdxl-turbo/unet \
+        --tokenizer PATH/clip-tokenizer --out benchmarks/results [--device cuda]
 
 A full-size SDXL pipeline with random weights (seeded) from the real configs: both text encoders, the
 UNet, the VAE. A user waits for the image, not for a UNet call, so every configuration generates one
@@ -10,15 +10,16 @@ decode, post-processing to PIL, and the rest (scheduler, latents). Two workloads
 1 step, guidance 0) and LCM-LoRA SDXL (--lcm-size, 4 steps with LCMScheduler, guidance 1; the fused
 LoRA leaves SDXL's architecture, hence its speed, unchanged, so the same pipeline serves both).
 
-Configurations, side by side in one process: fp32, bf16, then mixq on the bf16 pipeline: the UNet at
+Configurations, side by side in one process: fp32, the half-precision pipeline ("half": bf16 on CPU,
+fp16 on CUDA), then mixq on the half-precision pipeline: the UNet at
 W8A8 or at the offline default's 4-bit plan proportions (benchmarks.plans.mixed_4bit_plan), alone, with
 the VAE decoder W8A8, and with the VAE decoder and both text encoders W8A8. Activation ranges come
-from one observed bf16 generation at the Turbo size (random weights: speed, not image quality). Each
+from one observed half-precision generation at the Turbo size (random weights: speed, not image quality). Each
 UNet setting is quantized once with every component; the float layers of the components a
 configuration leaves float are swapped back in for it.
 
 The median of --rounds generations (its stages sum to its total) after one warm-up generation, the machine's load average
-beside them; results go to OUT/cpu-pipeline-<date>.json and .md.
+beside them (CPU); results go to OUT/<device>-pipeline-<date>.json and .md.
 """
 
 from __future__ import annotations
@@ -51,19 +52,22 @@ COMPONENT_SETS = (("", ()), (" + VAE W8A8", ("vae",)),
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def build_pipeline(model_configs: Path, unet_config: Path, tokenizer: Path | None):
-    """A full-size StableDiffusionXLPipeline in fp32 with random weights from the real configs."""
+def build_pipeline(model_configs: Path, unet_config: Path, tokenizer: Path | None, device: str = "cpu"):
+    """A full-size StableDiffusionXLPipeline in fp32 on `device` with random weights from the real configs."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from benchmarks.models import component_configs
-    from mixq.offline import default_scheduler, load_tokenizer, load_unet_config, unet_from_config
+    from mixq.offline import (SDXL_UNET_STRUCTURE, default_scheduler, load_tokenizer, load_unet_config,
+                              unet_from_config)
 
     te_config, te2_config, vae_config = component_configs(model_configs)
-    unet = unet_from_config(load_unet_config(unet_config), seed=0, dtype=torch.float32)
-    torch.manual_seed(1)
-    text_encoder, text_encoder_2 = CLIPTextModel(te_config), CLIPTextModelWithProjection(te2_config)
-    vae = AutoencoderKL.from_config({**vae_config, "force_upcast": False})  # served SDXL VAEs are fp16-safe
+    with torch.device(device):  # random init on the device itself: minutes faster on a GPU
+        config = dict(SDXL_UNET_STRUCTURE) if unet_config is None else load_unet_config(unet_config)
+        unet = unet_from_config(config, seed=0, dtype=torch.float32, device=device)
+        torch.manual_seed(1)
+        text_encoder, text_encoder_2 = CLIPTextModel(te_config), CLIPTextModelWithProjection(te2_config)
+        vae = AutoencoderKL.from_config({**vae_config, "force_upcast": False})  # served SDXL VAEs are fp16-safe
     tok = load_tokenizer(tokenizer)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok,
                                      tokenizer_2=tok, unet=unet, scheduler=default_scheduler(),
@@ -104,14 +108,20 @@ class StageClock:
 
     def __init__(self, pipe):
         self.pipe, self.seconds = pipe, {}
+        cuda = pipe.unet.device.type == "cuda"
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)  # GPU work is asynchronous
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
 
     def _wrapped(self, stage, function):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = self.now()
             try:
                 return function(*args, **kwargs)
             finally:
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + self.now() - start
         return timed
 
     @contextmanager
@@ -122,10 +132,10 @@ class StageClock:
             setattr(owner, attr, self._wrapped(stage, getattr(owner, attr)))
 
         def before(module, args):
-            started.append(time.perf_counter())
+            started.append(self.now())
 
         def after(module, args, output):
-            self.seconds["UNet"] = self.seconds.get("UNet", 0.0) + time.perf_counter() - started.pop()
+            self.seconds["UNet"] = self.seconds.get("UNet", 0.0) + self.now() - started.pop()
 
         hooks = [pipe.unet.register_forward_pre_hook(before), pipe.unet.register_forward_hook(after)]
         try:
@@ -140,11 +150,11 @@ class StageClock:
 def generate_timed(pipe, workload: dict) -> dict:
     clock = StageClock(pipe)
     with torch.no_grad(), clock.attached():
-        start = time.perf_counter()
+        start = clock.now()
         pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=workload["num_inference_steps"],
              guidance_scale=workload["guidance_scale"], height=workload["size"], width=workload["size"],
              output_type="pil")
-        total = time.perf_counter() - start
+        total = clock.now() - start
     stages = {s: clock.seconds.get(s, 0.0) for s in STAGES[:-1]}
     stages["other"] = total - sum(stages.values())
     return {"total": total, **stages}
@@ -157,8 +167,8 @@ def time_workload(pipe, workload: dict, rounds: int) -> dict:
         generate_timed(pipe, workload)
         runs = [generate_timed(pipe, workload) for _ in range(rounds)]
     row = dict(sorted(runs, key=lambda r: r["total"])[len(runs) // 2])  # the median generation, its stages
-    row.update(rounds=rounds, totals=[round(r["total"], 3) for r in runs],
-               load_average_1min=round(os.getloadavg()[0], 2), rss_bytes=rss_bytes())
+    row.update(rounds=rounds, totals=[round(r["total"], 3) for r in runs], rss_bytes=rss_bytes(),
+               load_average_1min=round(os.getloadavg()[0], 2) if pipe.unet.device.type == "cpu" else None)
     return row
 
 
@@ -227,18 +237,19 @@ def run(args) -> dict:
     from benchmarks.plans import mixed_4bit_plan
 
     loads = workloads(args.size, args.lcm_size)
+    half = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
     rounds = {"SDXL-Turbo": args.rounds, "LCM-LoRA SDXL": args.lcm_rounds}
     quantized_names = [f"{label}{suffix}" for label in ("mixq W8A8 UNet", "mixq 4-bit plan UNet")
                        for suffix, _ in COMPONENT_SETS]
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.cpu_pipeline", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.end_to_end", *sys.argv[1:]]),
         "machine": {"cpu": environment("cpu")["device"], "features": cpu_features(), "machine": platform.machine()},
-        "environment": environment("cpu"), "threads": torch.get_num_threads(),
+        "environment": environment(args.device), "threads": torch.get_num_threads(), "half": str(half)[6:],
         "workloads": {k: {key: v for key, v in w.items()} for k, w in loads.items()},
         "configurations": {
-            "SDXL-Turbo": ["fp32", "bf16", *quantized_names],
-            "LCM-LoRA SDXL": ["bf16", "mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8", "mixq 4-bit plan UNet + VAE W8A8"],
+            "SDXL-Turbo": ["fp32", "half", *quantized_names],
+            "LCM-LoRA SDXL": ["half", "mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8", "mixq 4-bit plan UNet + VAE W8A8"],
         },
         "latency": {k: {} for k in loads}, "quantize_s": {}, "notes": [],
     }
@@ -250,21 +261,21 @@ def run(args) -> dict:
     if args.tiny:
         from mixq.offline import tiny_sdxl_pipeline
 
-        pipe = tiny_sdxl_pipeline(seed=0)
+        pipe = tiny_sdxl_pipeline(seed=0, device=args.device)
         pipe.set_progress_bar_config(disable=True)
     else:
-        pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer)
+        pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer, args.device)
     results["parameters"] = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in EVERY}
     turbo = loads["SDXL-Turbo"]
     if "fp32" in results["configurations"]["SDXL-Turbo"] and not args.skip_fp32:
         results["latency"]["SDXL-Turbo"]["fp32"] = row = time_workload(pipe, turbo, args.rounds)
         print(f"  SDXL-Turbo fp32: {row['total']:.2f} s", flush=True)
         save()
-    pipe.to(torch.bfloat16)
+    pipe.to(half)
     gc.collect()
     for workload, spec in loads.items():
-        results["latency"][workload]["bf16"] = row = time_workload(pipe, spec, rounds[workload])
-        print(f"  {workload} bf16: {row['total']:.2f} s", flush=True)
+        results["latency"][workload]["half"] = row = time_workload(pipe, spec, rounds[workload])
+        print(f"  {workload} {results['half']}: {row['total']:.2f} s", flush=True)
         save()
     start = time.perf_counter()
     calibration = mixq.calibrate_ranges(pipe, [PROMPT], components=EVERY, progress=False, batch_size=1,
@@ -285,7 +296,8 @@ def run(args) -> dict:
 def write(results: dict, out: Path) -> Path:
     """Written after every configuration, so that an interrupted run keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-pipeline-{results['date'][:10]}"
+    device = "cpu" if results["environment"]["device_slug"] in (None, "cpu") else results["environment"]["device_slug"]
+    stem = out / f"{device}-pipeline-{results['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     stem.with_suffix(".md").write_text(report(results))
     return stem.with_suffix(".md")
@@ -294,26 +306,31 @@ def write(results: dict, out: Path) -> Path:
 def report(results: dict) -> str:
     machine = results["machine"]
     features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["features"].items())
-    lines = [f"# CPU: the whole SDXL pipeline, per stage, {results['date']}", "",
+    lines = [f"# The whole SDXL pipeline, per stage, {results['date']}", "",
              f"- Command: `{results['command']}`",
-             f"- Machine: {machine['cpu']} ({machine['machine']}); {features}; {results['threads']} threads",
+             f"- Device: {results['environment']['device']}; host CPU {machine['cpu']} ({machine['machine']}); "
+             f"{features}; {results['threads']} threads",
+             f"- \"half\" is {results['half']}: the float baseline, and the dtype of every layer mixq leaves float",
              f"- Versions: {', '.join(f'{k} {v}' for k, v in results['environment']['versions'].items() if v)}",
              f"- Parameters: {', '.join(f'{k} {v / 1e6:.0f} M' for k, v in results.get('parameters', {}).items())}",
-             f"- 4-bit plan: {results.get('plan_source', '-')}; activation ranges from one bf16 generation "
+             f"- 4-bit plan: {results.get('plan_source', '-')}; activation ranges from one half-precision generation "
              f"({results.get('calibrate_s', '-')} s); quantize (every component): "
              f"{', '.join(f'{k} {v} s' for k, v in results['quantize_s'].items()) or '-'}", ""]
     for workload, rows in results["latency"].items():
         spec = results["workloads"][workload]
         lines += [f"## {workload}: {spec['size']}x{spec['size']}, {spec['num_inference_steps']} step(s), guidance "
                   f"{spec['guidance_scale']}, batch 1", "",
-                  "Median seconds per image; speed-up over bf16 end to end and of the UNet stage alone:", "",
-                  "| configuration | " + " | ".join(STAGES) + " | total | end to end vs bf16 | UNet vs bf16 | load |",
+                  f"Seconds per image (the median generation); speed-up over {results['half']} end to end and of "
+                  "the UNet stage alone:", "",
+                  "| configuration | " + " | ".join(STAGES) + f" | total | end to end vs {results['half']} | UNet vs "
+                  f"{results['half']} | load |",
                   "|---|" + "---|" * (len(STAGES) + 4)]
-        base = rows.get("bf16")
+        base = rows.get("half")
         for name, row in rows.items():
             e2e = f"{base['total'] / row['total']:.2f}x" if base else "-"
             unet = f"{base['UNet'] / row['UNet']:.2f}x" if base else "-"
-            lines.append(f"| {name} | " + " | ".join(f"{row[s]:.2f}" for s in STAGES)
+            label = results["half"] if name == "half" else name
+            lines.append(f"| {label} | " + " | ".join(f"{row[s]:.2f}" for s in STAGES)
                          + f" | **{row['total']:.2f}** | {e2e} | {unet} | {row['load_average_1min']} |")
         lines.append("")
     lines += [f"- {note}" for note in results["notes"]]
@@ -321,12 +338,13 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.cpu_pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.end_to_end", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-configs", type=Path, default=None,
                         help="a diffusers SDXL folder with text_encoder/, text_encoder_2/, vae/ config.json "
                              "(default: SDXL 1.0's configs built in)")
-    parser.add_argument("--unet-config", type=Path, help="the UNet's config.json (or its folder)")
+    parser.add_argument("--unet-config", type=Path, help="the UNet's config.json (or its folder); default: SDXL-Turbo's "
+                        "block structure built in (mixq.offline.SDXL_UNET_STRUCTURE)")
     parser.add_argument("--tiny", action="store_true", help="the tiny offline pipeline instead: checks the benchmark runs")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a CLIP tokenizer folder (default: byte-level)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -335,9 +353,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed SDXL-Turbo generations per configuration")
     parser.add_argument("--lcm-rounds", type=int, default=1, help="timed LCM-LoRA generations per configuration")
     parser.add_argument("--skip-fp32", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args(argv)
-    if not args.tiny and args.unet_config is None:
-        parser.error("--unet-config is required (or --tiny)")
     print(f"report: {write(run(args), args.out)}")
     return 0
 
