@@ -153,6 +153,7 @@ def content_comparison(pipe, layers: dict, calibration, table: dict, plan: dict,
             c.save({name: (images[name], verdicts[name], by_name[name]) for name in c.names})
     rows = [{**row, **content_statistics(verdicts[row["name"]])} for row in rows]
     paired_comparisons(rows, images, verdicts)
+    component_comparisons(rows, images, verdicts)
     return rows, {"prompts": prompts, "images": images, "verdicts": verdicts}
 
 
@@ -179,6 +180,44 @@ def paired_comparisons(rows: list[dict], images: dict, verdicts: dict):
         if row["name"] != "float" and len(correct) > 1:  # PSNR is measured against the float images
             psnr = paired_difference(plan_psnr, per_image_psnr(images["float"], images[row["name"]]))
             row["vs_plan"]["psnr_difference"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in psnr.items()}
+
+
+def unet_only_base(name: str) -> str | None:
+    """The UNet-only configuration a row with opt-in components adds them to (None for other rows)."""
+    for base in ("uniform W8A8", PLAN_NAME):
+        if name.startswith(f"{base} + "):
+            return base
+    return None
+
+
+def component_comparisons(rows: list[dict], images: dict, verdicts: dict):
+    """Adds `vs_unet_only` to every row with opt-in components: its content minus that of the same UNet
+    configuration alone, the exact McNemar p-value, and its per-image PSNR (against float) minus the
+    UNet-only one's, with its interval."""
+    for row in rows:
+        base = unet_only_base(row["name"])
+        if base is None:
+            continue
+        base_row = next(r for r in rows if r["name"] == base)
+        correct, base_correct = ([v.correct for v in verdicts[n]] for n in (row["name"], base))
+        row["vs_unet_only"] = {"base": base, "mcnemar_p": mcnemar_exact(correct, base_correct),
+                               "content_difference": round(row["content"]["overall"] - base_row["content"]["overall"], 4)}
+        if len(correct) > 1:
+            psnr = paired_difference(per_image_psnr(images["float"], images[row["name"]]),
+                                     per_image_psnr(images["float"], images[base]))
+            row["vs_unet_only"]["psnr_difference"] = {k: (round(v, 3) if isinstance(v, float) else v)
+                                                      for k, v in psnr.items()}
+
+
+def component_sentence(row: dict) -> str:
+    """What the report states about adding components to a UNet configuration (significance as above)."""
+    vs = row["vs_unet_only"]
+    p, n, difference = vs["mcnemar_p"], row["n"], vs["content_difference"]
+    if p < SIGNIFICANCE:
+        content = f"{'more' if difference > 0 else 'LESS'} content than {vs['base']} alone ({difference * 100:+.1f} points"
+    else:
+        content = f"no significant difference in content from {vs['base']} alone ({difference * 100:+.1f} points"
+    return f"{row['name']}: {content}, n = {n}, McNemar {describe_p(p)})."
 
 
 def comparison_sentence(plan: dict, other: dict) -> str:

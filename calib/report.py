@@ -144,9 +144,29 @@ def content_section(rows: list[dict], grid: str | None) -> list[str]:
                   if "psnr_difference" in r["vs_plan"] else "-"]
                  for r in rows if r["name"] != PLAN_NAME]), ""]
     lines += [f"- {sentence}" for sentence in comparison_sentences(rows)] + [""]
+    lines += components_section(rows)
     if grid:
         lines += [f"![content grid]({grid})", ""]
     return lines
+
+
+def components_section(rows: list[dict]) -> list[str]:
+    """The opt-in components' rows against the same UNet configuration alone (none: no lines)."""
+    from mixq.calib.content import component_sentence
+
+    added = [r for r in rows if "vs_unet_only" in r]
+    if not added:
+        return []
+    return [f"### Quantized VAE decoder and text encoders against the UNet alone (paired, n = {added[0]['n']})", "",
+            "Content and per-image PSNR against float of each configuration minus those of the same UNet "
+            "configuration with the other components in floating point.", "",
+            _table(["configuration", "against", "content difference", "McNemar p",
+                    "per-image PSNR difference (dB) [95 %]"], [
+                [r["name"], r["vs_unet_only"]["base"], f"{r['vs_unet_only']['content_difference'] * 100:+.1f} points",
+                 f"{r['vs_unet_only']['mcnemar_p']:.2g}",
+                 "{mean:+.2f} [{low:+.2f}, {high:+.2f}]".format(**r["vs_unet_only"]["psnr_difference"])
+                 if "psnr_difference" in r["vs_unet_only"] else "-"] for r in added]), "",
+            *[f"- {component_sentence(r)}" for r in added], ""]
 
 
 def write_report(path: Path, *, config, budget: dict, command: str, averages: dict, sweeps: dict,

@@ -243,6 +243,11 @@ def test_calibrate_with_components_records_their_ranges_and_reports_them(tmp_pat
     assert names[-4:] == added
     report = (out / "report.md").read_text()
     assert all(name in report for name in added)
+    assert "against the UNet alone" in report
+    rows = {row["name"]: row for row in yaml.safe_load((out / "content.yaml").read_text())["rows"]}
+    assert rows[added[0]]["vs_unet_only"]["base"] == "uniform W8A8"
+    assert rows[added[3]]["vs_unet_only"]["base"] == PLAN_NAME
+    assert 0 <= rows[added[0]]["vs_unet_only"]["mcnemar_p"] <= 1
     # what the run measured quantizes the pipeline the same way, through the API
     pipe = mixq.quantize(mixq.proving.load_pipeline(), plan=out / "plan.yaml", calibration=out, components=EVERY)
     assert find_quantized_layers(pipe.vae) and find_quantized_layers(pipe.text_encoder_2)
@@ -254,3 +259,30 @@ def test_calibrate_refuses_an_unknown_component_before_loading(tmp_path, capsys)
     assert main(["--components", "unet,vea", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "unknown component 'vea'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_component_rows_are_compared_with_the_unet_alone():
+    """Paired against the same UNet configuration: a difference is claimed only at p < 0.01."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from mixq.calib.content import component_comparisons, component_sentence
+
+    n = 40
+    verdict = lambda ok: SimpleNamespace(correct=ok)  # noqa: E731
+    verdicts = {"float": [verdict(True)] * n, "uniform W8A8": [verdict(True)] * n,
+                "uniform W8A8 + VAE decoder W8A8": [verdict(i >= 30) for i in range(n)],  # 30 prompts lost
+                "mixed plan": [verdict(True)] * n, "mixed plan + VAE decoder W8A8": [verdict(i != 0) for i in range(n)]}
+    rng = np.random.default_rng(0)
+    images = {name: rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for name in verdicts}
+    rows = [{"name": name, "n": n, "content": {"overall": float(np.mean([v.correct for v in vs]))}}
+            for name, vs in verdicts.items()]
+    component_comparisons(rows, images, verdicts)
+    by_name = {r["name"]: r for r in rows}
+    assert "vs_unet_only" not in by_name["uniform W8A8"]
+    lost = by_name["uniform W8A8 + VAE decoder W8A8"]["vs_unet_only"]
+    assert lost["base"] == "uniform W8A8" and lost["content_difference"] == -0.75 and lost["mcnemar_p"] < 1e-6
+    assert "LESS content than uniform W8A8 alone" in component_sentence(by_name["uniform W8A8 + VAE decoder W8A8"])
+    one = by_name["mixed plan + VAE decoder W8A8"]
+    assert one["vs_unet_only"]["mcnemar_p"] == 1.0
+    assert "no significant difference in content from mixed plan alone" in component_sentence(one)
