@@ -104,10 +104,12 @@ def quantize_input(x, x_scale, x_zero, a_bits):
     return reference.quantize_input(x, x_scale, x_zero, a_bits)
 
 
-def prepare_layer(layer) -> None:
+def prepare_layer(layer, cpu_weights: str = "packed") -> None:
     """Lay out a QLinear / QConv2d's integer weights for the CPU kernels now (quantize / load time),
     so that no call, the first included, reorders weights, and record its activation parameters
-    as numbers (QuantizedLayer.input_key) so that layers reading one input may share its codes."""
+    as numbers (QuantizedLayer.input_key) so that layers reading one input may share its codes.
+    cpu_weights: "packed" keeps 4/2-bit weights packed (unpacked per call), "int8" unpacks them once
+    into oneDNN's int8 layout (kernels/onednn.py)."""
     if hasattr(layer, "refresh_input_key"):
         layer.refresh_input_key()
     qweight = getattr(layer, "qweight_0", None)  # None for fake-quant twins and weight-float layers
@@ -116,14 +118,15 @@ def prepare_layer(layer) -> None:
     # Probed here, once, for 4/2-bit layers too: a first probe inside torch.compile's trace would break
     # its graph (the probe runs a oneDNN op that dynamo does not trace).
     onednn.unavailable_reason()
-    if layer.w_bits != 8 or layer.a_bits == 16:
+    if layer.a_bits == 16:
         return
     for p, size in enumerate(layer.part_sizes):
         qweight = getattr(layer, f"qweight_{p}")
         if layer.kind == "linear":
-            onednn.prepare(qweight, 8, layer.w_scale, "linear")
+            onednn.prepare(qweight, layer.w_bits, layer.w_scale, "linear", layer.in_features, cpu_weights=cpu_weights)
         else:
-            onednn.prepare(qweight, 8, layer.w_scale, "conv2d", size, layer.kernel_size, layer.stride, layer.padding)
+            onednn.prepare(qweight, layer.w_bits, layer.w_scale, "conv2d", size, layer.kernel_size, layer.stride,
+                           layer.padding, cpu_weights=cpu_weights)
 
 
 __all__ = ["quantized_linear", "quantized_conv2d", "quantize_input", "prepare_layer", "selected_backend", "BACKENDS"]

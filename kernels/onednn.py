@@ -5,7 +5,10 @@ own x86 quantization lowers to: VNNI / AMX int8 dot products, zero-point compens
 scale/bias epilogue fused). Their weights are reordered into oneDNN's blocked layout once per layer,
 the first time the layer is prepared or run, and kept beside the packed buffer (see PackedWeights).
 
-4-bit and 2-bit weights stay packed in memory (resident bytes follow the bits). Each call unpacks
+4-bit and 2-bit weights stay packed in memory by default (resident bytes follow the bits; CPU weight
+mode "packed"). In mode "int8" (`mixq.quantize(..., cpu_weights="int8")`, and on load_quantized) they
+are unpacked once, when the layer is prepared, into the same oneDNN layout as 8-bit weights and run on
+its kernels: as fast as W8, at one byte per weight more than the packed buffer. Otherwise each call unpacks
 one layer into a per-thread scratch buffer that is reused from layer to layer, one contiguous run per
 lane (lane-major K order, the activations' columns permuted to match: dot products are unchanged),
 and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions gather int8 codes
@@ -30,12 +33,14 @@ import weakref
 
 import torch
 
-from mixq.quantizers import activation_qrange, values_per_byte
+from mixq.quantizers import activation_qrange, unpack_weight, values_per_byte
 
 from . import reference
 from .fallback import warn_once
 
 UNSIGNED_OFFSET = 128  # signed int8 code q <-> unsigned code q + 128
+# How 4/2-bit weights live on the CPU: packed (unpacked per call) or unpacked once into oneDNN's layout.
+CPU_WEIGHT_MODES = ("packed", "int8")
 ONEDNN_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 
@@ -108,12 +113,16 @@ class PackedWeights:
         self._entries: dict = {}
         self._lock = threading.Lock()
 
-    def get(self, qweight: torch.Tensor, layout: tuple, build):
+    def get(self, qweight: torch.Tensor, layout: tuple, build, only_if_prepared: bool = False):
+        """The layout of `qweight`, built now if there is none or it is stale; with only_if_prepared,
+        None where none was ever built (4/2-bit weights in the "packed" mode)."""
         key = (qweight.data_ptr(), layout)
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None and entry[0]() is not None and entry[1] == qweight._version:
             return entry[2]
+        if only_if_prepared and (entry is None or entry[0]() is None):
+            return None
         packed = build()
         owner = weakref.ref(qweight, lambda ref, key=key: self._drop(key, ref))
         with self._lock:
@@ -135,6 +144,11 @@ class PackedWeights:
 packed_weights = PackedWeights()
 
 
+def int8_codes(qweight: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+    """The int8 weight codes [N, K] in natural order (4/2-bit weights unpacked, a copy)."""
+    return qweight if w_bits == 8 else unpack_weight(qweight, w_bits, k)
+
+
 def _prepack_linear(qweight: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(qweight, None)
 
@@ -147,17 +161,21 @@ def _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -
     return torch.ops.onednn.qconv_prepack(weight, w_scale, 1.0, 0, list(stride), list(padding), [1, 1], 1, None)
 
 
-def linear_layout(qweight):
-    return packed_weights.get(qweight, ("linear",),
-                              lambda: (_prepack_linear(qweight), torch.zeros(qweight.shape[0], dtype=torch.int64)))
+def linear_layout(qweight, w_bits: int = 8, k: int | None = None, only_if_prepared: bool = False):
+    """(oneDNN weight, zero points) of a linear weight; 4/2-bit ones (K = k) are unpacked to build it."""
+    return packed_weights.get(qweight, ("linear",), lambda: (
+        _prepack_linear(int8_codes(qweight, w_bits, k)), torch.zeros(qweight.shape[0], dtype=torch.int64),
+    ), only_if_prepared)
 
 
-def conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding):
+def conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding, w_bits: int = 8,
+                only_if_prepared: bool = False):
     layout = ("conv2d", in_channels, tuple(kernel_size), tuple(stride), tuple(padding))
+    k = in_channels * kernel_size[0] * kernel_size[1]
     return packed_weights.get(qweight, layout, lambda: (
-        _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding),
+        _prepack_conv(int8_codes(qweight, w_bits, k), w_scale, in_channels, kernel_size, stride, padding),
         torch.zeros(qweight.shape[0], dtype=torch.int64),
-    ))
+    ), only_if_prepared)
 
 
 # --- 4/2-bit weights: unpacked per call into a reused scratch buffer ---------------------------
@@ -230,7 +248,8 @@ def onednn_bias(bias, out_dtype):
 
 
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
-    if w_bits != 8:
+    prepared = linear_layout(qweight, w_bits, x.shape[-1], only_if_prepared=w_bits != 8)
+    if prepared is None:  # a 4/2-bit weight kept packed: unpacked for this call
         per_byte = values_per_byte(w_bits)
         if x.shape[-1] % per_byte:
             warn_fallback(f"{w_bits}-bit linear layers with {x.shape[-1]} inputs (not a multiple of {per_byte})")
@@ -240,7 +259,7 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         return reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
     codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits)
-    packed, w_zero = linear_layout(qweight)
+    packed, w_zero = prepared
     y = _onednn_linear(codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero,
                        onednn_bias(bias, kernel_dtype), kernel_dtype)
     return y.to(out_dtype)
@@ -249,7 +268,8 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
 def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
                 out_dtype):
     b, c = x.shape[:2]
-    if w_bits != 8:
+    prepared = conv_layout(qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8)
+    if prepared is None:  # a 4/2-bit weight kept packed: unpacked for this call
         per_byte = values_per_byte(w_bits)
         if c % per_byte:
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
@@ -262,7 +282,7 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
     codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits).contiguous(memory_format=torch.channels_last)
-    packed, w_zero = conv_layout(qweight, w_scale, c, kernel_size, stride, padding)
+    packed, w_zero = prepared
     y = torch.ops.onednn.qconv2d_pointwise.tensor(
         codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero, onednn_bias(bias, kernel_dtype),
         list(stride), list(padding), [1, 1], 1, 1.0, 0, kernel_dtype, "none", [], None)
@@ -317,11 +337,13 @@ def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
     return y if reference.is_channels_last(x) else y.contiguous()
 
 
-def prepare(qweight, w_bits, w_scale, kind, in_channels=None, kernel_size=None, stride=None, padding=None):
-    """Lay out one 8-bit weight for the kernels now (at quantize / load time) rather than at first use."""
-    if w_bits != 8 or unavailable_reason() is not None:
+def prepare(qweight, w_bits, w_scale, kind, in_channels=None, kernel_size=None, stride=None, padding=None,
+            cpu_weights: str = "packed"):
+    """Lay out one weight for the kernels now (at quantize / load time) rather than at first use: every
+    8-bit weight, and 4/2-bit ones in the "int8" CPU weight mode. `in_channels`: K of a linear layer."""
+    if (w_bits != 8 and cpu_weights != "int8") or unavailable_reason() is not None:
         return
     if kind == "linear":
-        linear_layout(qweight)
+        linear_layout(qweight, w_bits, in_channels)
     else:
-        conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding)
+        conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding, w_bits)

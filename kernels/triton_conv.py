@@ -26,7 +26,6 @@ from .autotune import Config, device_tag
 from .reference import is_channels_last
 from .triton_gemm import (
     CARRIED_POINTERS,
-    INTERPRETED,
     OutputLayout,
     activation_ring,
     choose_config,

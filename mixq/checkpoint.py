@@ -78,7 +78,7 @@ import torch.nn as nn
 
 from mixq.kernels import dispatch
 from mixq._version import __version__
-from mixq.api import get_unet, quantized_components
+from mixq.api import check_cpu_weights, get_unet, quantized_components
 from mixq.components import OPTIONAL_COMPONENTS, UNET, ComponentTree, component_of, local_name
 from mixq.errors import CheckpointError, MixqError
 from mixq.io import TEMP_SUFFIX, publish, require_utf8_path, storage_errors, temporary_sibling
@@ -389,23 +389,25 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load_quantized(pipe, path, *, revision: str | None = None, subfolder: str | None = None,
-                   token: str | bool | None = None):
+                   token: str | bool | None = None, cpu_weights: str = "packed"):
     """Swap the quantized layers of the checkpoint at `path` into `pipe.unet` and return `pipe`.
 
     pipe: an unquantized pipeline of the model the checkpoint was made from (see the module docstring
         for what must match); the layers take the dtype and device of the layers they replace.
     path: a local checkpoint folder, or a Hugging Face Hub repo id ("owner/name"); for a repo,
         `revision` (branch, tag or commit), `subfolder` and `token` are passed to the download.
+    cpu_weights: "packed" or "int8", as in mixq.quantize (how 4/2-bit weights live on an x86 CPU).
     """
+    check_cpu_weights(cpu_weights)
     folder = checkpoint_folder(path, revision=revision, subfolder=subfolder, token=token)
     require_utf8_path(folder, CheckpointError)
     # Shared with other loaders, never beside a save: the manifest and the tensor file it names are read
     # as one pair, even while another process saves into the folder.
     with folder_lock(folder, shared=True, what="loading"):
-        return load_checkpoint_into(pipe, folder, path)
+        return load_checkpoint_into(pipe, folder, path, cpu_weights)
 
 
-def load_checkpoint_into(pipe, folder: Path, path):
+def load_checkpoint_into(pipe, folder: Path, path, cpu_weights: str = "packed"):
     manifest = read_manifest(folder)
     check_format_version(manifest)
     check_stored_fields(manifest, folder / MANIFEST_NAME)
@@ -428,7 +430,7 @@ def load_checkpoint_into(pipe, folder: Path, path):
     replacements = build_quantized_layers(manifest["layers"], weights, targets,
                                           offset_binary=manifest.get(OFFSET_BINARY_WEIGHTS, False))
     for layer in replacements.values():
-        dispatch.prepare_layer(layer)  # kernel weight layouts, made once here rather than per call
+        dispatch.prepare_layer(layer, cpu_weights)  # kernel weight layouts, made once here rather than per call
 
     for name, layer in replacements.items():
         set_submodule(tree, name, layer)

@@ -16,6 +16,7 @@ from mixq.kernels import fallback, onednn, reference
 from mixq.kernels.onednn import CpuBackendFallbackWarning
 from mixq.modules import QConv2d, QLinear, conv_weight_as_matrix
 from mixq.quantizers import activation_qparams, pack_weight, quantize_weight, weight_row_sums
+from tests.conftest import capture_unet_call, unet_output
 
 needs_onednn = pytest.mark.skipif(onednn.unavailable_reason() is not None,
                                   reason=f"oneDNN int8 kernels unavailable: {onednn.unavailable_reason()}")
@@ -202,6 +203,68 @@ def test_low_bit_weights_stay_packed(w_bits):
     layer(torch.randn(3, 64))
     assert len(onednn.packed_weights) == before  # nothing unpacked is kept
     assert layer.qweight_0.numel() == 16 * 64 * w_bits // 8
+
+
+# --- the "int8" CPU weight mode: 4/2-bit weights unpacked once into oneDNN's layout ---------------
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (2, 8), (4, 4)])
+@pytest.mark.parametrize("k", [44, 37])  # 37: no multiple of the values per byte, which "packed" cannot run
+def test_int8_mode_linear_accumulates_exactly(w_bits, a_bits, k):
+    x = activations((19, k), torch.float32)
+    layer = integer_layer(torch.randn(40, k), x, w_bits, a_bits, torch.float32, unit_scales=True)
+    onednn.prepare(layer["qweight"], w_bits, layer["w_scale"], "linear", k, cpu_weights="int8")
+    assert onednn.linear_layout(layer["qweight"], w_bits, k, only_if_prepared=True) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CpuBackendFallbackWarning)  # no fallback at any width
+        y = onednn.quantized_linear(x, **layer)
+    assert torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+@pytest.mark.parametrize("w_bits", (4, 2))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel,stride,padding", CONV_GEOMETRIES[:2])
+def test_int8_mode_matches_reference(w_bits, dtype, kernel, stride, padding):
+    x = activations((3, 16, 9, 8), dtype)
+    layer = conv_layer(16, 24, kernel, x, w_bits, 8, dtype)
+    onednn.prepare(layer["qweight"], w_bits, layer["w_scale"], "conv2d", 16, kernel, stride, padding, cpu_weights="int8")
+    geometry = dict(kernel_size=kernel, stride=stride, padding=padding)
+    # the 8-bit path's guarantee: the integer sums exact, the fused epilogue within the dtype's rounding
+    assert_within_rounding(onednn.quantized_conv2d(x, **layer, **geometry),
+                           reference.quantized_conv2d(x, **layer, **geometry))
+    x = activations((1, 16, 7, 6), torch.float32)
+    exact = conv_layer(16, 24, kernel, x, w_bits, 8, torch.float32, unit_scales=True)
+    onednn.prepare(exact["qweight"], w_bits, exact["w_scale"], "conv2d", 16, kernel, stride, padding, cpu_weights="int8")
+    assert torch.equal(onednn.quantized_conv2d(x, **exact, **geometry), reference.quantized_conv2d(x, **exact, **geometry))
+
+
+def test_int8_mode_through_quantize_and_load(_tiny_sdxl_master, tmp_path):
+    """cpu_weights="int8" lays out every 4-bit layer at quantize / load time (one int8 copy each); the
+    default keeps them packed; the outputs agree within the output's rounding."""
+    import copy
+
+    import mixq
+    from mixq.errors import ConfigError
+    from mixq.layers import find_quantized_layers
+
+    quick = dict(progress=False, num_prompts=2, num_inference_steps=1, guidance_scale=0.0)
+    calibration = mixq.calibrate_ranges(_tiny_sdxl_master, **quick)
+    packed = mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, calibration=calibration)
+    before = len(onednn.packed_weights)
+    unpacked = mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, calibration=calibration, cpu_weights="int8")
+    layers = [unpacked.unet.get_submodule(n) for n in find_quantized_layers(unpacked.unet)]
+    assert len(onednn.packed_weights) - before == sum(len(layer.part_sizes) for layer in layers)
+    call = capture_unet_call(_tiny_sdxl_master)
+    expected, y = unet_output(packed.unet, call), unet_output(unpacked.unet, call)
+    torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert not torch.equal(y, unet_output(_tiny_sdxl_master.unet, call))  # quantized, not float
+    mixq.save_quantized(unpacked, tmp_path)
+    before = len(onednn.packed_weights)
+    loaded = mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), tmp_path, cpu_weights="int8")
+    assert len(onednn.packed_weights) - before == sum(len(layer.part_sizes) for layer in layers)
+    assert torch.equal(unet_output(loaded.unet, call), y)
+    with pytest.raises(ConfigError, match="cpu_weights='int4'"):
+        mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, calibration=calibration, cpu_weights="int4")
 
 
 @pytest.mark.parametrize("bits,k", [(4, 8), (4, 64), (2, 8), (2, 132)])
