@@ -1,5 +1,6 @@
-"""The CPU rows: one full-size UNet forward in fp32, bf16, mixq W8A8 / W4A8 and torchao int8, side by
-side in one process, plus quantize()'s peak resident memory.
+"""The CPU rows: one full-size UNet forward in fp32, bf16, mixq W8A8 / W4A8 / the 4-bit mixed plan (4/2-bit
+weights packed, and unpacked once with cpu_weights="int8") and torchao int8, side by side in one
+process, plus quantize()'s peak resident memory and each variant's resident weight bytes.
 
     python -m benchmarks.cpu_unet --unet-config PATH/sdxl-turbo/unet/config.json --out benchmarks/results
 
@@ -127,18 +128,30 @@ def float_layer_bytes(modules) -> int:
 # --- the run -------------------------------------------------------------------------------------
 
 
-def measure_mixq(unet, calibration, w_bit, a_bit, sizes, all_inputs, rounds, results, profile=False):
+def mixq_variants(unet, w_bits) -> dict[str, dict]:
+    """name -> mixq.quantize keyword arguments: uniform W{w}A8, the 4-bit mixed plan, and the 4/2-bit
+    ones again with cpu_weights="int8"."""
+    from benchmarks.plans import mixed_4bit_plan
+
+    variants = {f"mixq W{w}A8": {"w_bit": w, "a_bit": 8} for w in w_bits}
+    variants["mixq 4-bit plan"] = {"plan": mixed_4bit_plan(unet)["layers"]}
+    for name, kwargs in list(variants.items()):
+        if kwargs.get("w_bit") != 8:
+            variants[f"{name} int8-weights"] = {**kwargs, "cpu_weights": "int8"}
+    return variants
+
+
+def measure_mixq(unet, calibration, name, quantize_kwargs, sizes, all_inputs, rounds, results, profile=False):
     import mixq
     from mixq.layers import find_quantized_layers, set_submodule
 
-    name = f"mixq W{w_bit}A{a_bit}"
     shim = types.SimpleNamespace(unet=unet)
     originals = {n: unet.get_submodule(n) for n in mixq.layers.quantizable_layers(unet)}
     gc.collect()
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
-    mixq.quantize(shim, w_bit=w_bit, a_bit=a_bit, calibration=calibration, progress=False)
+    mixq.quantize(shim, calibration=calibration, progress=False, **quantize_kwargs)
     quantize_s = time.perf_counter() - start
     peak = peak_rss_bytes()
     quantized = find_quantized_layers(unet)
@@ -154,7 +167,8 @@ def measure_mixq(unet, calibration, w_bit, a_bit, sizes, all_inputs, rounds, res
     print(f"{name}: quantize {quantize_s:.1f} s, peak RSS {peak / 2**30:.2f} GiB (before {before / 2**30:.2f} GiB, "
           f"quantized {sum(q_bytes.values()) / 2**30:.2f} GiB)", flush=True)
     for size in sizes:
-        results["latency"][f"{name} bf16"][str(size)] = row = time_forward(unet, all_inputs[size], rounds[size])
+        results["latency"].setdefault(f"{name} bf16", {})[str(size)] = row = time_forward(unet, all_inputs[size],
+                                                                                         rounds[size])
         print(f"  {name} {size}x{size}: {row['median_s']:.3f} s", flush=True)
     if profile:
         results["profiles"][name] = op_profile(unet, all_inputs[sizes[0]])
@@ -190,7 +204,7 @@ def measure_torchao(unet, sizes, all_inputs, rounds, results):
         compile_s = time.perf_counter() - start
         row = time_forward(unet, all_inputs[size], rounds[size])
         row["compile_s"] = round(compile_s, 1)
-        results["latency"]["torchao int8-dyn + compile bf16"][str(size)] = row
+        results["latency"].setdefault("torchao int8-dyn + compile bf16", {})[str(size)] = row
         print(f"  torchao {size}x{size}: {row['median_s']:.3f} s (compile {compile_s:.0f} s)", flush=True)
 
 
@@ -214,8 +228,7 @@ def run(args) -> dict:
         "command": " ".join(["python -m benchmarks.cpu_unet", *sys.argv[1:]]),
         "machine": {"cpu": environment("cpu")["device"], "features": cpu_features(), "machine": platform.machine()},
         "environment": environment("cpu"),
-        "latency": {k: {} for k in ("fp32", "bf16", "mixq W8A8 bf16", "mixq W4A8 bf16",
-                                    "torchao int8-dyn + compile bf16")},
+        "latency": {k: {} for k in ("fp32", "bf16")},
         "quantize_memory": {}, "profiles": {}, "notes": [],
     }
     unet = unet_from_config(load_unet_config(args.unet_config), seed=0, dtype=torch.float32).eval()
@@ -234,8 +247,8 @@ def run(args) -> dict:
         print(f"  bf16 {size}x{size}: {row['median_s']:.3f} s", flush=True)
     results["float_model_bytes"] = {"bf16": sum(p.numel() * p.element_size() for p in unet.parameters())}
     save(results, args.out)
-    for w_bit in args.w_bits:
-        measure_mixq(unet, calibration, w_bit, 8, sizes, bf16_inputs, rounds, results, profile=args.profile)
+    for name, kwargs in mixq_variants(unet, args.w_bits).items():
+        measure_mixq(unet, calibration, name, kwargs, sizes, bf16_inputs, rounds, results, profile=args.profile)
         save(results, args.out)
     if not args.skip_torchao:
         measure_torchao(unet, sizes, bf16_inputs, rounds, results)
@@ -282,12 +295,14 @@ def report(results: dict) -> str:
             cells.append(f"{row['median_s']:.3f}{ratio}, load {row['load_average_1min']}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "quantize() memory (from the bf16 model; RSS on Linux):", "",
-              "| variant | RSS before | peak RSS | quantized layers (+ oneDNN layouts) | peak above float + quantized | time |",
-              "|---|---|---|---|---|---|"]
+              "| variant | RSS before | peak RSS | quantized layers (+ oneDNN layouts) | resident / the same layers in "
+              "bf16 | peak above float + quantized | time |",
+              "|---|---|---|---|---|---|---|"]
     for name, m in results["quantize_memory"].items():
         q = m["quantized_bytes"]
+        resident = (q["layer_buffers"] + q["onednn_layouts"]) / m["replaced_float_bytes"]
         lines.append(f"| {name} | {gib(m['rss_before_bytes'])} | {gib(m['peak_rss_bytes'])} | "
-                     f"{gib(q['layer_buffers'])} (+ {gib(q['onednn_layouts'])}) | "
+                     f"{gib(q['layer_buffers'])} (+ {gib(q['onednn_layouts'])}) | {resident:.2f}x | "
                      f"{gib(m['excess_over_float_plus_quantized_bytes'])} | {m['quantize_s']} s |")
     if "float_model_bytes" in results:
         lines += ["", f"bf16 float model: {gib(results['float_model_bytes']['bf16'])}."]

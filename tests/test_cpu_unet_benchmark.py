@@ -18,11 +18,16 @@ def test_cpu_unet_benchmark_reports_each_variant(tmp_path):
 
     (report_path,) = out.glob("cpu-unet-*.md")
     report = report_path.read_text()
-    for row in ("| fp32 |", "| bf16 |", "| mixq W8A8 bf16 |", "| mixq W4A8 bf16 |", "| mixq W8A8 |", "| mixq W4A8 |"):
+    for row in ("| fp32 |", "| bf16 |", "| mixq W8A8 bf16 |", "| mixq W4A8 bf16 |", "| mixq W8A8 |", "| mixq W4A8 |",
+                "| mixq 4-bit plan bf16 |", "| mixq W4A8 int8-weights bf16 |", "| mixq 4-bit plan int8-weights |"):
         assert row in report, f"no row {row!r}"
     assert "avx512_vnni" in report and "amx_int8" in report  # the CPU's int8 features, yes or no
     results = json.loads(report_path.with_suffix(".json").read_text())
-    for variant in ("mixq W8A8", "mixq W4A8"):
+    for variant in ("mixq W8A8", "mixq W4A8", "mixq 4-bit plan", "mixq W4A8 int8-weights"):
         memory = results["quantize_memory"][variant]
         assert memory["quantized_bytes"]["layer_buffers"] > 0
+    memory = results["quantize_memory"]
+    # 4-bit weights: packed by default, one oneDNN int8 copy more with cpu_weights="int8"
+    assert memory["mixq W4A8"]["quantized_bytes"]["onednn_layouts"] == 0
+    assert memory["mixq W4A8 int8-weights"]["quantized_bytes"]["onednn_layouts"] > 0
     assert results["latency"]["fp32"]["8"]["median_s"] > 0
