@@ -217,7 +217,13 @@ def component_sentence(row: dict) -> str:
         content = f"{'more' if difference > 0 else 'LESS'} content than {vs['base']} alone ({difference * 100:+.1f} points"
     else:
         content = f"no significant difference in content from {vs['base']} alone ({difference * 100:+.1f} points"
-    return f"{row['name']}: {content}, n = {n}, McNemar {describe_p(p)})."
+    d = vs.get("psnr_difference")
+    if d is None:
+        return f"{row['name']}: {content}, n = {n}, McNemar {describe_p(p)})."
+    psnr = (f"per-image PSNR against float {'higher' if d['mean'] > 0 else 'LOWER'} by {abs(d['mean']):.2f} dB"
+            if d["p"] < SIGNIFICANCE else "no significant difference in per-image PSNR")
+    return (f"{row['name']}: {content}, n = {n}, McNemar {describe_p(p)}); {psnr} ({d['mean']:+.2f} dB, 95 % "
+            f"interval [{d['low']:+.2f}, {d['high']:+.2f}]).")
 
 
 def comparison_sentence(plan: dict, other: dict) -> str:
