@@ -13,7 +13,9 @@ LoRA leaves SDXL's architecture, hence its speed, unchanged, so the same pipelin
 Configurations, side by side in one process: fp32, the half-precision pipeline ("half": bf16 on CPU,
 fp16 on CUDA), then mixq on the half-precision pipeline: the UNet at
 W8A8 or at the offline default's 4-bit plan proportions (benchmarks.plans.mixed_4bit_plan), alone, with
-the VAE decoder W8A8, and with the VAE decoder and both text encoders W8A8. Activation ranges come
+the VAE decoder W8A8, and with the VAE decoder and both text encoders W8A8. The UNet's and the VAE's
+weights are channels-last in every configuration (--no-channels-last: NCHW), the layout in which CPU
+convolutions, float and quantized, run fastest. Activation ranges come
 from one observed half-precision generation at the Turbo size (random weights: speed, not image quality). Each
 UNet setting is quantized once with every component; the float layers of the components a
 configuration leaves float are swapped back in for it.
@@ -73,7 +75,7 @@ def build_pipeline(model_configs: Path, unet_config: Path, tokenizer: Path | Non
                                      tokenizer_2=tok, unet=unet, scheduler=default_scheduler(),
                                      force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device=device, dtype=torch.float32)  # the configs' torch_dtype made some modules fp16
 
 
 def workloads(turbo_size: int, lcm_size: int) -> dict:
@@ -246,6 +248,7 @@ def run(args) -> dict:
         "command": " ".join(["python -m benchmarks.end_to_end", *sys.argv[1:]]),
         "machine": {"cpu": environment("cpu")["device"], "features": cpu_features(), "machine": platform.machine()},
         "environment": environment(args.device), "threads": torch.get_num_threads(), "half": str(half)[6:],
+        "channels_last": args.channels_last,
         "workloads": {k: {key: v for key, v in w.items()} for k, w in loads.items()},
         "configurations": {
             "SDXL-Turbo": ["fp32", "half", *quantized_names],
@@ -267,11 +270,14 @@ def run(args) -> dict:
         pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer, args.device)
     results["parameters"] = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in EVERY}
     turbo = loads["SDXL-Turbo"]
+    if args.channels_last:  # the layout CPU convolutions (float and mixq's) run fastest in
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     if "fp32" in results["configurations"]["SDXL-Turbo"] and not args.skip_fp32:
         results["latency"]["SDXL-Turbo"]["fp32"] = row = time_workload(pipe, turbo, args.rounds)
         print(f"  SDXL-Turbo fp32: {row['total']:.2f} s", flush=True)
         save()
-    pipe.to(half)
+    pipe.to(half)  # keeps the memory format
     gc.collect()
     for workload, spec in loads.items():
         results["latency"][workload]["half"] = row = time_workload(pipe, spec, rounds[workload])
@@ -310,7 +316,8 @@ def report(results: dict) -> str:
              f"- Command: `{results['command']}`",
              f"- Device: {results['environment']['device']}; host CPU {machine['cpu']} ({machine['machine']}); "
              f"{features}; {results['threads']} threads",
-             f"- \"half\" is {results['half']}: the float baseline, and the dtype of every layer mixq leaves float",
+             f"- \"half\" is {results['half']}: the float baseline, and the dtype of every layer mixq leaves float; "
+             f"UNet and VAE {'channels-last' if results.get('channels_last') else 'NCHW'} in every configuration",
              f"- Versions: {', '.join(f'{k} {v}' for k, v in results['environment']['versions'].items() if v)}",
              f"- Parameters: {', '.join(f'{k} {v / 1e6:.0f} M' for k, v in results.get('parameters', {}).items())}",
              f"- 4-bit plan: {results.get('plan_source', '-')}; activation ranges from one half-precision generation "
@@ -354,6 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lcm-rounds", type=int, default=1, help="timed LCM-LoRA generations per configuration")
     parser.add_argument("--skip-fp32", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="keep the UNet and VAE in NCHW (default: channels-last for every configuration)")
     args = parser.parse_args(argv)
     print(f"report: {write(run(args), args.out)}")
     return 0

@@ -86,12 +86,54 @@ def _probe() -> str | None:
 
 def quantize_input_unsigned(x, x_scale, x_zero, a_bits) -> torch.Tensor:
     """The reference's codes (same rounding and clamping), shifted into uint8."""
+    return quantize_in_chunks(x, x_scale, x_zero, a_bits, UNSIGNED_OFFSET)
+
+
+def quantize_input_signed(x, x_scale, x_zero, a_bits) -> torch.Tensor:
+    """The reference's int8 codes (reference.quantize_input), computed as quantize_input_unsigned's."""
+    return quantize_in_chunks(x, x_scale, x_zero, a_bits, 0)
+
+
+# Elements quantized per pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
+QUANTIZE_CHUNK = 1 << 18
+
+
+def quantize_in_chunks(x, x_scale, x_zero, a_bits, offset: int) -> torch.Tensor:
+    """round(x / x_scale) + x_zero clamped to the code range, plus `offset`, as uint8 (offset 128) or
+    int8 (offset 0), in x's memory format: bit for bit the reference's codes.
+
+    One pass over x, a chunk at a time through a reused float32 scratch, instead of whole-tensor float32
+    temporaries: those are fresh allocations of up to hundreds of MB per layer, and the page faults of
+    their first touch cost more than the arithmetic (measured 3.5x on a 128x512x512 bf16 activation).
+    Shifting before clamping gives the same codes (in range they are exact small integers, out of
+    range both saturate)."""
     qmin, qmax = activation_qrange(a_bits)
-    # In place after the division: fewer passes over the activation in eager mode. Shifting before
-    # clamping gives the same codes (in range they are exact small integers, out of range both saturate).
-    q = torch.div(x.float(), x_scale).round_()
-    q.add_(x_zero + UNSIGNED_OFFSET).clamp_(qmin + UNSIGNED_OFFSET, qmax + UNSIGNED_OFFSET)
-    return q.to(torch.uint8)
+    dtype = torch.uint8 if offset else torch.int8
+    flat, codes, flat_codes = storage_order_views(x, dtype)
+    if flat is None:  # a strided view: whole-tensor temporaries, as the reference
+        q = torch.div(x.float(), x_scale).round_()
+        return q.add_(x_zero + offset).clamp_(qmin + offset, qmax + offset).to(dtype)
+    shift, total = x_zero + offset, flat.numel()
+    scratch = float_scratch(min(total, QUANTIZE_CHUNK))
+    for start in range(0, total, QUANTIZE_CHUNK):
+        stop = min(start + QUANTIZE_CHUNK, total)
+        q = scratch[:stop - start]
+        q.copy_(flat[start:stop])  # float32 first: the division must run in float32, as the reference's
+        q.div_(x_scale).round_().add_(shift).clamp_(qmin + offset, qmax + offset)
+        flat_codes[start:stop].copy_(q)  # exact: small integers
+    return codes
+
+
+def storage_order_views(x: torch.Tensor, dtype) -> tuple:
+    """(x flattened in storage order, an empty `dtype` tensor in x's memory format, it flattened alike);
+    (None, None, None) when x is neither contiguous nor channels-last contiguous."""
+    if x.is_contiguous():
+        codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return x.reshape(-1), codes, codes.view(-1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        codes = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+        return x.permute(0, 2, 3, 1).reshape(-1), codes, codes.permute(0, 2, 3, 1).reshape(-1)
+    return None, None, None
 
 
 def unsigned_zero(x_zero) -> torch.Tensor:
@@ -190,6 +232,14 @@ def scratch_bytes(nbytes: int) -> torch.Tensor:
     return buffer[:nbytes]
 
 
+def float_scratch(numel: int) -> torch.Tensor:
+    """A per-thread float32 buffer of at least `numel` elements, reused (activation quantization)."""
+    buffer = getattr(_scratch, "floats", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.floats = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]
+
+
 def unpack_lane_major(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """pack_weight's codes as signed int8 [N, per_byte * width], written into the scratch buffer in
     lane-major K order: column lane * width + j holds weight k = j * per_byte + lane (pack_weight puts
@@ -254,7 +304,7 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         if x.shape[-1] % per_byte:
             warn_fallback(f"{w_bits}-bit linear layers with {x.shape[-1]} inputs (not a multiple of {per_byte})")
             return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
-        q_x = reference.quantize_input(x, x_scale, x_zero, a_bits)
+        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits)
         acc = int_matmul_transposed(lane_major(q_x, per_byte), unpack_lane_major(qweight, w_bits))
         return reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
@@ -275,7 +325,7 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
             return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                               kernel_size, stride, padding)
-        q_x = reference.quantize_input(x, x_scale, x_zero, a_bits)
+        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits)
         cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding, per_byte)
         acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))
         y = reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
