@@ -233,6 +233,9 @@ def run(args) -> dict:
     }
     unet = unet_from_config(load_unet_config(args.unet_config), seed=0, dtype=torch.float32).eval()
     results["parameters"] = sum(p.numel() for p in unet.parameters())
+    results["channels_last"] = args.channels_last
+    if args.channels_last:  # the layout CPU convolutions, float and mixq's, run fastest in (inputs follow)
+        unet.to(memory_format=torch.channels_last)
     fp32_inputs = {s: unet_inputs(unet, s, torch.float32) for s in sizes}
     calibration = calibrate(unet, fp32_inputs[sizes[0]])
     for size in sizes:
@@ -272,7 +275,8 @@ def report(results: dict) -> str:
         f"- Command: `{results['command']}`",
         f"- Machine: {machine['cpu']} ({machine['machine']}); {features}",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in results['environment']['versions'].items() if v)}",
-        f"- mixq backend: `{results['environment']['mixq_kernel_backend']}`; UNet parameters: {results['parameters']:,}",
+        f"- mixq backend: `{results['environment']['mixq_kernel_backend']}`; UNet parameters: {results['parameters']:,}; "
+        f"weights {'channels-last' if results.get('channels_last') else 'NCHW'} in every variant",
         "",
         "UNet forward, batch 1, median wall-clock seconds (speed-up over fp32 / over bf16):",
         "",
@@ -323,6 +327,7 @@ def main(argv=None) -> int:
     parser.add_argument("--w-bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--profile", action="store_true", help="per-op profile of each mixq variant")
     parser.add_argument("--skip-torchao", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="UNet weights and latents channels-last")
     args = parser.parse_args(argv)
     print(f"report: {save(run(args), args.out)}")
     return 0

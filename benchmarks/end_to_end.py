@@ -314,8 +314,9 @@ def report(results: dict) -> str:
     features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["features"].items())
     lines = [f"# The whole SDXL pipeline, per stage, {results['date']}", "",
              f"- Command: `{results['command']}`",
-             f"- Device: {results['environment']['device']}; host CPU {machine['cpu']} ({machine['machine']}); "
-             f"{features}; {results['threads']} threads",
+             f"- Machine: {machine['cpu']} ({machine['machine']}); {features}; {results['threads']} torch threads"
+             + ("" if results["environment"]["device_slug"] in (None, "cpu")
+                else f"; device {results['environment']['device']}"),
              f"- \"half\" is {results['half']}: the float baseline, and the dtype of every layer mixq leaves float; "
              f"UNet and VAE {'channels-last' if results.get('channels_last') else 'NCHW'} in every configuration",
              f"- Versions: {', '.join(f'{k} {v}' for k, v in results['environment']['versions'].items() if v)}",
