@@ -314,7 +314,7 @@ def report(results: dict) -> str:
     features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["features"].items())
     lines = [f"# The whole SDXL pipeline, per stage, {results['date']}", "",
              f"- Command: `{results['command']}`",
-             f"- Machine: {machine['cpu']} ({machine['machine']}); {features}; {results['threads']} torch threads"
+             f"- Machine: {machine['cpu']} ({machine['machine']}); {features}"
              + ("" if results["environment"]["device_slug"] in (None, "cpu")
                 else f"; device {results['environment']['device']}"),
              f"- \"half\" is {results['half']}: the float baseline, and the dtype of every layer mixq leaves float; "

@@ -235,3 +235,30 @@ def test_tiny_conv2d_cpu(benchmark, backend, monkeypatch):
     y = benchmark(tiny_conv_call(backend, monkeypatch))
     b, _, size, n = TINY_CONV
     assert y.shape == (b, n, size, size) and torch.isfinite(y).all()
+
+
+# A VAE decoder activation at 512x512 (the largest a quantized SDXL-Turbo pipeline feeds a layer), bf16.
+VAE_ACTIVATION = (1, 128, 512, 512)
+
+
+def whole_tensor_unsigned_codes(x, x_scale, x_zero):
+    """What the oneDNN backend did before it quantized in chunks: whole-tensor float32 temporaries."""
+    q = torch.div(x.float(), x_scale).round_()
+    return q.add_(x_zero + 128).clamp_(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("method", ["whole-tensor", "chunked"])
+def test_activation_quantization(benchmark, method):
+    """uint8 codes of a large activation: the chunked pass through a reused scratch (onednn's) against
+    whole-tensor temporaries, whose fresh allocations page-fault on first touch."""
+    from mixq.kernels import onednn
+
+    benchmark.group = "activation quantization, 128x512x512 bf16 (CPU)"
+    x = (torch.randn(VAE_ACTIVATION, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    scale, zero = torch.tensor(0.05), torch.tensor(3.0)
+    run = (lambda: whole_tensor_unsigned_codes(x, scale, zero)) if method == "whole-tensor" else \
+        (lambda: onednn.quantize_input_unsigned(x, scale, zero, 8))
+    codes = benchmark(run)
+    assert torch.equal(codes, whole_tensor_unsigned_codes(x, scale, zero))
+    assert codes.is_contiguous(memory_format=torch.channels_last)

@@ -104,7 +104,8 @@ def quantize_in_chunks(x, x_scale, x_zero, a_bits, offset: int) -> torch.Tensor:
 
     One pass over x, a chunk at a time through a reused float32 scratch, instead of whole-tensor float32
     temporaries: those are fresh allocations of up to hundreds of MB per layer, and the page faults of
-    their first touch cost more than the arithmetic (measured 3.5x on a 128x512x512 bf16 activation).
+    their first touch cost more than the arithmetic on the large activations of a VAE decoder or a UNet at
+    1024x1024 (benchmarks/test_bench_kernels.py::test_activation_quantization).
     Shifting before clamping gives the same codes (in range they are exact small integers, out of
     range both saturate)."""
     qmin, qmax = activation_qrange(a_bits)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from mixq.kernels import dispatch
 from mixq.calibration import Calibration, observing
 from mixq.components import DEFAULT_KEEP_FP, UNET, ComponentTree, component_of, parse_components
-from mixq.errors import CalibrationFileError, ConfigError, NonFiniteActivationError
+from mixq.errors import CalibrationFileError, CheckpointError, ConfigError, NonFiniteActivationError
 from mixq.layers import (
     LayerInfo,
     find_lora_layers,
@@ -359,6 +359,21 @@ def replace_layers(tree, layers: dict[str, LayerInfo], bits: dict, keep: set[str
         from mixq.diffusers_quantizer import attach_quantizer
 
         attach_quantizer(tree.unet, settings)
+        for component in quantized:
+            if component != UNET:
+                refuse_save_pretrained(tree.modules[component], component)
+
+
+def refuse_save_pretrained(module: nn.Module, component: str):
+    """diffusers/transformers save_pretrained would write a quantized VAE or text encoder's integer
+    buffers as if they were its weights, and from_pretrained would then leave those layers randomly
+    initialized: make it fail, naming the way that works, for this module (and pipe.save_pretrained)."""
+    def save_pretrained(*args, **kwargs):
+        raise CheckpointError(
+            f"pipe.{component} holds mixq-quantized layers, which save_pretrained cannot store (only the UNet has a "
+            "diffusers quantization backend): save the quantized pipeline with mixq.save_quantized(pipe, folder) "
+            "and load it into the float pipeline with mixq.load_quantized")
+    module.save_pretrained = save_pretrained
 
 
 def check_ranges_cover(calibration: Calibration, names: list[str]):

@@ -78,7 +78,7 @@ import torch.nn as nn
 
 from mixq.kernels import dispatch
 from mixq._version import __version__
-from mixq.api import check_cpu_weights, get_unet, quantized_components
+from mixq.api import check_cpu_weights, get_unet, quantized_components, refuse_save_pretrained
 from mixq.components import OPTIONAL_COMPONENTS, UNET, ComponentTree, component_of, local_name
 from mixq.errors import CheckpointError, MixqError
 from mixq.io import TEMP_SUFFIX, publish, require_utf8_path, storage_errors, temporary_sibling
@@ -437,6 +437,7 @@ def load_checkpoint_into(pipe, folder: Path, path, cpu_weights: str = "packed"):
     tree.unet.mixq_info = {**manifest["mixq_info"], "checkpoint": str(path)}
     for name, component in components.items():
         tree.modules[name].mixq_info = {**component["mixq_info"], "checkpoint": str(path)}
+        refuse_save_pretrained(tree.modules[name], name)
     return pipe
 
 

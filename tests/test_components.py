@@ -286,3 +286,11 @@ def test_component_rows_are_compared_with_the_unet_alone():
     one = by_name["mixed plan + VAE decoder W8A8"]
     assert one["vs_unet_only"]["mcnemar_p"] == 1.0
     assert "no significant difference in content from mixed plan alone" in component_sentence(one)
+
+
+def test_save_pretrained_of_a_quantized_vae_is_refused(every_component, tmp_path):
+    """diffusers would store the integer buffers as weights and reload random ones: refused, naming the fix."""
+    with pytest.raises(CheckpointError, match="mixq.save_quantized"):
+        every_component.vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match="holds mixq-quantized layers"):
+        every_component.save_pretrained(tmp_path / "pipe")
