@@ -238,6 +238,22 @@ def test_int8_mode_matches_reference(w_bits, dtype, kernel, stride, padding):
     assert torch.equal(onednn.quantized_conv2d(x, **exact, **geometry), reference.quantized_conv2d(x, **exact, **geometry))
 
 
+def prepared_layouts(unet) -> list:
+    """Each quantized layer part's oneDNN layout, or None where none was made (a packed 4/2-bit weight)."""
+    from mixq.layers import find_quantized_layers
+
+    layouts = []
+    for name in find_quantized_layers(unet):
+        layer = unet.get_submodule(name)
+        for p, size in enumerate(layer.part_sizes):
+            qweight = getattr(layer, f"qweight_{p}")
+            layouts.append(onednn.linear_layout(qweight, layer.w_bits, layer.in_features, only_if_prepared=True)
+                           if layer.kind == "linear" else
+                           onednn.conv_layout(qweight, layer.w_scale, size, layer.kernel_size, layer.stride,
+                                              layer.padding, layer.w_bits, only_if_prepared=True))
+    return layouts
+
+
 def test_int8_mode_through_quantize_and_load(_tiny_sdxl_master, tmp_path):
     """cpu_weights="int8" lays out every 4-bit layer at quantize / load time (one int8 copy each); the
     default keeps them packed; the outputs agree within the output's rounding."""
@@ -245,23 +261,21 @@ def test_int8_mode_through_quantize_and_load(_tiny_sdxl_master, tmp_path):
 
     import mixq
     from mixq.errors import ConfigError
-    from mixq.layers import find_quantized_layers
 
     quick = dict(progress=False, num_prompts=2, num_inference_steps=1, guidance_scale=0.0)
     calibration = mixq.calibrate_ranges(_tiny_sdxl_master, **quick)
     packed = mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, calibration=calibration)
-    before = len(onednn.packed_weights)
     unpacked = mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, calibration=calibration, cpu_weights="int8")
-    layers = [unpacked.unet.get_submodule(n) for n in find_quantized_layers(unpacked.unet)]
-    assert len(onednn.packed_weights) - before == sum(len(layer.part_sizes) for layer in layers)
+    packed_layouts, unpacked_layouts = prepared_layouts(packed.unet), prepared_layouts(unpacked.unet)
+    assert packed_layouts and all(layout is None for layout in packed_layouts)
+    assert len(unpacked_layouts) == len(packed_layouts) and all(layout is not None for layout in unpacked_layouts)
     call = capture_unet_call(_tiny_sdxl_master)
     expected, y = unet_output(packed.unet, call), unet_output(unpacked.unet, call)
     torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     assert not torch.equal(y, unet_output(_tiny_sdxl_master.unet, call))  # quantized, not float
     mixq.save_quantized(unpacked, tmp_path)
-    before = len(onednn.packed_weights)
     loaded = mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), tmp_path, cpu_weights="int8")
-    assert len(onednn.packed_weights) - before == sum(len(layer.part_sizes) for layer in layers)
+    assert all(layout is not None for layout in prepared_layouts(loaded.unet))
     assert torch.equal(unet_output(loaded.unet, call), y)
     with pytest.raises(ConfigError, match="cpu_weights='int4'"):
         mixq.quantize(copy.deepcopy(_tiny_sdxl_master), 4, 8, calibration=calibration, cpu_weights="int4")
