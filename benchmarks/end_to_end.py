@@ -182,8 +182,15 @@ def float_layers(pipe) -> dict:
     from mixq.components import ComponentTree
     from mixq.layers import quantizable_layers
 
+    return layers_now(pipe, quantizable_layers(ComponentTree.of(pipe, EVERY)))
+
+
+def layers_now(pipe, names) -> dict:
+    """The modules at `names` (qualified) in the pipeline now, float or quantized."""
+    from mixq.components import ComponentTree
+
     tree = ComponentTree.of(pipe, EVERY)
-    return {n: tree.get_submodule(n) for n in quantizable_layers(tree)}
+    return {n: tree.get_submodule(n) for n in names}
 
 
 def set_layers(pipe, modules: dict):
@@ -205,7 +212,7 @@ def measure_unet_setting(pipe, label: str, quantize_kwargs: dict, calibration, f
     start = time.perf_counter()
     mixq.quantize(pipe, components=EVERY, calibration=calibration, progress=False, **quantize_kwargs)
     results["quantize_s"][label] = round(time.perf_counter() - start, 1)
-    quantized = {n: m for n, m in float_layers_now(pipe).items() if n in floats and m is not floats[n]}
+    quantized = {n: m for n, m in layers_now(pipe, floats).items() if m is not floats[n]}
     for suffix, components in COMPONENT_SETS:
         name = f"{label}{suffix}"
         set_layers(pipe, {n: (quantized[n] if component_of(n) in ("unet", *components) else floats[n])
@@ -222,13 +229,6 @@ def measure_unet_setting(pipe, label: str, quantize_kwargs: dict, calibration, f
         getattr(pipe, component).__dict__.pop("mixq_info", None)
     del quantized
     gc.collect()
-
-
-def float_layers_now(pipe) -> dict:
-    from mixq.components import ComponentTree
-
-    tree = ComponentTree.of(pipe, EVERY)
-    return dict(tree.named_modules())
 
 
 # --- the run -------------------------------------------------------------------------------------

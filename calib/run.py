@@ -98,14 +98,15 @@ class Session:
     def component_layers(self) -> dict:
         """The W8A8 layers of the opt-in components (config `components`), under their qualified names
         and without each component's default keep-fp layers; they take no part in sensitivity or the plan."""
-        from mixq.components import DEFAULT_KEEP_FP, UNET, ComponentTree, component_of
+        from mixq.api import resolve_component_keep_fp
+        from mixq.components import UNET, ComponentTree, component_of
 
         others = [c for c in self.config.components if c != UNET]
         if not others:
             return {}
         layers = {n: info for n, info in quantizable_layers(ComponentTree.of(self.pipe, (UNET, *others))).items()
                   if component_of(n) != UNET}
-        kept = resolve_keep_fp(None, layers, defaults=[p for c in others for p in DEFAULT_KEEP_FP[c]])
+        kept = resolve_component_keep_fp(None, layers)  # each component's defaults
         return {n: info for n, info in layers.items() if n not in kept}
 
     @cached_property

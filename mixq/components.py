@@ -58,7 +58,10 @@ def local_name(name: str) -> str:
 
 
 def qualified_name(component: str, local: str) -> str:
-    return local if component == UNET else f"{component}.{local}"
+    """The inverse of component_of/local_name ("" local: the component's own module)."""
+    if component == UNET:
+        return local
+    return f"{component}.{local}" if local else component
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,6 @@ class ComponentTree:
     def named_modules(self):
         """(qualified name, module) of every module of every component's quantized part."""
         for component, module in self.modules.items():
-            part = QUANTIZED_PART.get(component)
-            root = module.get_submodule(part) if part else module
-            prefix = qualified_name(component, part) if part else (component if component != UNET else "")
-            for name, child in root.named_modules():
-                yield (f"{prefix}.{name}" if prefix and name else prefix or name), child
+            part = QUANTIZED_PART.get(component, "")
+            for name, child in module.get_submodule(part).named_modules():
+                yield qualified_name(component, f"{part}.{name}" if part and name else part or name), child

@@ -107,8 +107,8 @@ def resolve_bits(layer_names, keep_fp: set[str], w_bit: int, a_bit: int, plan=No
                 f"{architecture_fingerprint(unet)}): calibrate this model with `python -m mixq.calibrate`"
             )
         check_plan_components(bits, layer_names)
-        given, bits = bits, {**{n: uniform[n] for n in layer_names if component_of(n) not in plan_components(bits)},
-                             **bits}
+        covered = plan_components(bits)
+        given, bits = bits, {**{n: uniform[n] for n in layer_names if component_of(n) not in covered}, **bits}
         check_plan_covers(bits, layer_names, keep_fp)
         warn_plan_overridden(given, keep_fp)
     return {n: (FLOAT_BITS, FLOAT_BITS) if n in keep_fp else bits[n] for n in layer_names}
