@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from mixq.calib.collect import Reference, run_unet, to_device
 from mixq.calib.distributed import (World, current_world, merge_shard_rows, remove_all_shards, remove_shards,
                                     shard, shard_paths, write_shard)
 from mixq.calib.pipeline import generate
+from mixq.calib.prefix import PrefixReuse
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError
 from mixq.io import read_yaml, write_yaml_atomic
@@ -76,11 +77,17 @@ def simulated_layers(unet, layers: dict[str, LayerInfo], bits: dict[str, tuple[i
 class Evaluator:
     """Scores the pipeline's current state against the reference."""
 
-    def __init__(self, pipe, reference: Reference, seed: int, pipeline_kwargs: dict, batch_size: int = 8):
+    def __init__(self, pipe, reference: Reference, seed: int, pipeline_kwargs: dict, batch_size: int = 8,
+                 prefix: PrefixReuse | None = None):
         self.pipe, self.reference, self.seed = pipe, reference, seed
         self.pipeline_kwargs, self.batch_size = pipeline_kwargs, batch_size
         unet = pipe.unet
         self.calls = list(reference.calls_on(unet.device, unet.dtype))
+        self.prefix = prefix  # the float UNet's recorded work, reused ahead of a changed layer
+
+    def reusing_work_before(self, layer: str):
+        """Scores computed inside are the same; UNet work ahead of `layer` comes from the recording."""
+        return self.prefix.reusing(layer) if self.prefix is not None else nullcontext()
 
     @torch.no_grad()
     def unet_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,13 +130,14 @@ def measure_layer(evaluator: Evaluator, unet, info: LayerInfo, calibration: Cali
     row = {"group": info.group, "metric": METRICS[info.group], "params": info.params,
            "act_numel": calibration.ranges(info.name).numel, "weight": {}, "activation": {}}
     module = unet.get_submodule(info.name)
-    for side, bit_list in candidates.items():
-        for bits in bit_list:
-            w, a = (bits, FLOAT_BITS) if side == "weight" else (FLOAT_BITS, bits)
-            twin = build_quantized_layer(module, info, w, a, calibration, simulate=True)
-            with swapped_layers(unet, {info.name: twin}):
-                # Full precision: content-group SSIMs differ from 1 in the 5th-7th decimal.
-                row[side][int(bits)] = float(evaluator.score(info.group))
+    with evaluator.reusing_work_before(info.name):
+        for side, bit_list in candidates.items():
+            for bits in bit_list:
+                w, a = (bits, FLOAT_BITS) if side == "weight" else (FLOAT_BITS, bits)
+                twin = build_quantized_layer(module, info, w, a, calibration, simulate=True)
+                with swapped_layers(unet, {info.name: twin}):
+                    # Full precision: content-group SSIMs differ from 1 in the 5th-7th decimal.
+                    row[side][int(bits)] = float(evaluator.score(info.group))
     return row
 
 
@@ -222,9 +230,10 @@ def measurement_precision(pipe):
 
 
 @torch.no_grad()
-def evaluator_at_current_precision(evaluator: Evaluator) -> Evaluator:
+def evaluator_at_current_precision(evaluator: Evaluator, reuse_prefix: bool = True) -> Evaluator:
     """The same prompts, seeds and UNet inputs, with the float reference recomputed by the pipeline
-    as it is now: scores then compare runs of one precision, not fp32 against fp16 rounding."""
+    as it is now: scores then compare runs of one precision, not fp32 against fp16 rounding.
+    `reuse_prefix`: record the float UNet's work on those inputs for reuse (mixq.calib.prefix)."""
     pipe, reference = evaluator.pipe, evaluator.reference
     unet = pipe.unet
     conditioning = to_device(reference.conditioning, unet.device, unet.dtype)
@@ -232,7 +241,10 @@ def evaluator_at_current_precision(evaluator: Evaluator) -> Evaluator:
              for args, kwargs, _ in reference.calls_on(unet.device, unet.dtype)]
     images = generate(pipe, conditioning, evaluator.seed, evaluator.pipeline_kwargs, evaluator.batch_size)
     recomputed = Reference(prompts=reference.prompts, conditioning=conditioning, images=images, unet_calls=calls)
-    return Evaluator(pipe, recomputed, evaluator.seed, evaluator.pipeline_kwargs, evaluator.batch_size)
+    precise = Evaluator(pipe, recomputed, evaluator.seed, evaluator.pipeline_kwargs, evaluator.batch_size)
+    if reuse_prefix:
+        precise.prefix = PrefixReuse(unet, precise.calls)
+    return precise
 
 
 def one_ulp_perturbed(module, seed: int):
@@ -259,11 +271,19 @@ def measure_noise_floor(evaluator: Evaluator, unet, probes: list[str]) -> dict:
     score: a candidate scoring near it is not resolved from rounding noise."""
     sqnrs, ssims = [], []
     for seed, name in enumerate(probes):
-        with swapped_layers(unet, {name: one_ulp_perturbed(unet.get_submodule(name), seed)}):
+        perturbed = one_ulp_perturbed(unet.get_submodule(name), seed)
+        with evaluator.reusing_work_before(name), swapped_layers(unet, {name: perturbed}):
             sqnrs.append(min(evaluator.unet_sqnr(), SQNR_CAP_DB))
             ssims.append(evaluator.image_ssim())
     return {"method": "one layer's weights moved by one unit in the last place; worst of the probe layers",
             "probe_layers": list(probes), "sqnr_db": min(sqnrs), "ssim": min(ssims)}
+
+
+def prefix_line(prefix: PrefixReuse | None) -> str:
+    if prefix is None or not prefix.enabled:
+        return "sensitivity: every candidate runs the whole UNet (the float UNet's module outputs do not fit in memory)"
+    return (f"sensitivity: reusing the float UNet's work ahead of each layer ({prefix.recorded_bytes / 2**20:.0f} MiB "
+            f"of module outputs, {len(prefix.calls)} UNet calls)")
 
 
 def load_measurement(path) -> dict | None:
@@ -441,6 +461,7 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
                                "noise_floor": floor}
                 save()  # a resumed run keeps this floor
             if world.is_main:
+                say(prefix_line(precise.prefix))
                 floor = measurement["noise_floor"]
                 say(f"sensitivity: measured in {measurement['dtype']}; noise floor SQNR {floor['sqnr_db']:.1f} dB, "
                     f"SSIM 1 - {1 - floor['ssim']:.1e}")
