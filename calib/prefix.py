@@ -8,9 +8,12 @@ content group it skips that share of each generation's first step (later steps s
 effect and run in full). Scores are bit for bit those of running everything
 (tests/test_sensitivity_prefix.py): the same kernels on the same inputs give the same tensors.
 
-Memory: the outputs of every module the UNet calls, for every recorded call. When that exceeds
-`max_bytes`, only modules down to a smaller nesting depth are recorded (coarser reuse); when even the
-UNet's direct children do not fit, nothing is reused.
+Memory: the outputs of every module the UNet calls, for every recorded call. When that exceeds the
+budget (2 GiB on the CPU, a quarter of the free memory on a GPU), only modules down to a smaller
+nesting depth are recorded (coarser reuse); when even the UNet's direct children do not fit, nothing
+is reused. For scale, in float32 with 8 prompts, one SDXL-Turbo call at 512x512 takes 0.13 GiB for
+the UNet's direct children, 0.46 GiB down to its blocks and 1.24 GiB down to their resnets and
+attention blocks; at 1024x1024 about four times that.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_RECORDED_BYTES = 2 << 30
+CPU_RECORDING_BYTES = 2 << 30
+GPU_FREE_MEMORY_SHARE = 0.25
+
+
+def recording_budget(device: torch.device) -> int:
+    """Bytes the recorded outputs may take on `device`."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_FREE_MEMORY_SHARE)
+    return CPU_RECORDING_BYTES
 
 
 def depth(name: str) -> int:
@@ -91,7 +103,7 @@ class Trace:
 @contextmanager
 def traced(unet, keep=None):
     """Hooks on every named module of the UNet; yields (trace, outputs), outputs holding the output
-    of each module `keep(name)` accepts (all when keep is None)."""
+    of each module `keep(name)` accepts, copied (when keep is None: every output, as returned, for sizing)."""
     trace, outputs, clock, handles = Trace({}, {}, {}), {}, [0], []
 
     def tick() -> int:
@@ -109,7 +121,8 @@ def traced(unet, keep=None):
         def after(module, args, output, name=name):
             trace.end[name] = tick()
             if keep is None or keep(name):
-                outputs[name] = output
+                # A copy: the forward could still modify the returned tensor in place after the module returns.
+                outputs[name] = copied(output) if keep is not None and replayable_output(output) else output
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
@@ -123,13 +136,13 @@ class PrefixReuse:
     """Recorded module outputs of the float UNet for `calls` (the evaluator's recorded UNet calls), and
     the means to replay them ahead of a changed layer (`reusing`)."""
 
-    def __init__(self, unet, calls, max_bytes: int = MAX_RECORDED_BYTES):
+    def __init__(self, unet, calls, max_bytes: int | None = None):
         self.unet, self.calls = unet, [(args, kwargs) for args, kwargs, *_ in calls]
         self.trace, self.outputs, self.max_depth = None, [], 0
         self.recorded_bytes = 0
         self.replayed = 0  # module calls answered from the recording (a count for tests and logs)
         if self.calls:
-            self._record(max_bytes)
+            self._record(recording_budget(unet.device) if max_bytes is None else max_bytes)
 
     @property
     def enabled(self) -> bool:

@@ -329,3 +329,23 @@ def small_input(dtype):
     return torch.cat([x, x], dim=1)[:, :8].to(dtype)
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_activation_codes_are_the_references_in_every_chunk(dtype, channels_last, a_bits, monkeypatch):
+    """The chunked quantization (fp32 inputs divided straight into the scratch, others copied first) gives
+    the reference's codes bit for bit, also at exact rounding ties and across chunk borders."""
+    monkeypatch.setattr(onednn, "QUANTIZE_CHUNK", 1000)  # several chunks, the last one partial
+    scale, zero = torch.tensor(0.0312345), torch.tensor(3.0)
+    near = (torch.arange(-100, 100, dtype=torch.float32) + 0.5) * scale  # x / scale at or next to a .5 tie
+    ties = torch.cat([near, torch.nextafter(near, near + 1), torch.nextafter(near, near - 1)])
+    x = torch.cat([ties, activations((2, 3, 16, 17), torch.float32).reshape(-1)[:2 * 3 * 16 * 17 - ties.numel()]])
+    x = x.reshape(2, 3, 16, 17).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = reference.quantize_input(x, scale, zero, a_bits)
+    assert torch.equal(onednn.quantize_input_signed(x, scale, zero, a_bits), expected)
+    assert torch.equal(onednn.quantize_input_unsigned(x, scale, zero, a_bits).to(torch.int16) - 128,
+                       expected.to(torch.int16))
