@@ -35,6 +35,7 @@ OVERRIDES = {
     "w_bits": "budget.w_bits",
     "a_bits": "budget.a_bits",
     "components": "components",
+    "content_prompts": "evaluation.content_prompts",
 }
 
 
@@ -171,7 +172,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def apply_overrides(config: Config, *, model=None, dtype=None, device=None, variant=None, steps=None, guidance=None,
-                    size=None, prompts=None, num_prompts=None, w_bits=None, a_bits=None, components=None) -> Config:
+                    size=None, prompts=None, num_prompts=None, w_bits=None, a_bits=None, components=None,
+                    content_prompts=None) -> Config:
     """The config with every given (not None) command-line value put in its field (see OVERRIDES)."""
     fields = {
         ("model", "id"): model, ("model", "dtype"): dtype, ("model", "device"): device, ("model", "variant"): variant,
@@ -179,6 +181,7 @@ def apply_overrides(config: Config, *, model=None, dtype=None, device=None, vari
         ("calibration", "prompts"): prompts, ("calibration", "num_prompts"): num_prompts,
         ("budget", "w_bits"): None if w_bits is None else float(w_bits),
         ("budget", "a_bits"): None if a_bits is None else float(a_bits),
+        ("evaluation", "content_prompts"): content_prompts,
     }
     if size is not None:
         fields[("sampling", "height")], fields[("sampling", "width")] = parse_size(size)

@@ -64,6 +64,10 @@ def parse_args(argv):
     parser.add_argument("--components", help="what to quantize besides the UNet, e.g. unet,vae or "
                         "unet,vae,text_encoder,text_encoder_2 (W8A8; calibrated in collect, compared in the report)"
                         + sets("components"))
+    parser.add_argument("--content-prompts", type=int,
+                        help="held-out prompts per configuration in the report's content check (proving-ground "
+                             "models; 0: no content check; fewer: a quicker, less certain report)"
+                             + sets("content_prompts"))
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the cores other processes leave free, chosen again as the "
                              "load changes; OMP_NUM_THREADS also fixes it)")
@@ -93,7 +97,8 @@ def resolve_config(args):
                                                 "a_bits": single_budget(args.a_bits, "--a-bits")}
     apply_overrides(config, model=args.model, dtype=args.dtype, device=args.device, variant=args.variant,
                     steps=args.steps, guidance=args.guidance, size=args.size, prompts=args.prompts,
-                    num_prompts=args.num_prompts, components=args.components, **budgets)
+                    num_prompts=args.num_prompts, components=args.components, content_prompts=args.content_prompts,
+                    **budgets)
     return config, args.out or f"runs/{config.name}"
 
 

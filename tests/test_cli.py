@@ -195,11 +195,21 @@ def test_dtype_size_steps_and_guidance_reach_the_pipeline(workdir, tmp_path, mon
     (["--size", "big"], "WIDTHxHEIGHT"),
     (["--device", "gpu7"], "'model.device'"),
     (["--guidance", "-1"], "'sampling.guidance_scale'"),
+    (["--content-prompts", "-1"], "'evaluation.content_prompts'"),
 ])
 def test_bad_overrides_name_the_flag(tmp_path, capsys, flags, expected):
     assert main([*flags, "--out", str(tmp_path / "run")]) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_content_prompts_flag_sets_the_report_field():
+    from mixq.calibrate import parse_args, resolve_config
+
+    default, _ = resolve_config(parse_args([]))
+    quick, _ = resolve_config(parse_args(["--content-prompts", "200"]))
+    assert default.evaluation.content_prompts == 1000 and quick.evaluation.content_prompts == 200
+    assert quick.to_dict()["calibration"] == default.to_dict()["calibration"]  # the measurement is unchanged
 
 
 def test_load_quantized_with_a_hub_id_in_offline_mode_says_so(tmp_path):
