@@ -21,12 +21,18 @@ the reference's exactly. The fused epilogue rounds in its own order (oneDNN appl
 the bias in fp32, sometimes with an FMA), so 8-bit outputs agree with the reference within the output
 dtype's rounding rather than bit for bit.
 
-Under torch.compile each GEMM is one custom op (mixq::cpu_linear / mixq::cpu_conv2d): the input
-quantization around it stays visible to inductor, which fuses it into the producing op.
+Activation quantization is exact too (the reference's codes, bit for bit). Large activations go
+through one loop that torch.compile generates once per process and dtype (FUSED_MIN_ELEMENTS; a C++
+compiler is needed, and without one a warning says so once and the eager pass runs); smaller ones
+through a few eager ops a chunk at a time. MIXQ_CPU_FUSED_QUANTIZE=0 keeps to the eager pass.
+
+Under torch.compile of a whole model each GEMM is one custom op (mixq::cpu_linear / mixq::cpu_conv2d).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import threading
 import weakref
@@ -84,37 +90,51 @@ def _probe() -> str | None:
 # --- activations -------------------------------------------------------------------------------
 
 
-def quantize_input_unsigned(x, x_scale, x_zero, a_bits) -> torch.Tensor:
-    """The reference's codes (same rounding and clamping), shifted into uint8."""
-    return quantize_in_chunks(x, x_scale, x_zero, a_bits, UNSIGNED_OFFSET)
+def quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse: bool = False) -> torch.Tensor:
+    """The reference's codes (same rounding and clamping), shifted into uint8. `reuse`: into this thread's
+    codes buffer (valid until its next reuse: for a kernel call that consumes them at once)."""
+    return quantize_codes(x, x_scale, x_zero, a_bits, UNSIGNED_OFFSET, reuse)
 
 
 def quantize_input_signed(x, x_scale, x_zero, a_bits) -> torch.Tensor:
     """The reference's int8 codes (reference.quantize_input), computed as quantize_input_unsigned's."""
-    return quantize_in_chunks(x, x_scale, x_zero, a_bits, 0)
+    return quantize_codes(x, x_scale, x_zero, a_bits, 0)
 
 
-# Elements quantized per pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
+# Elements quantized per eager pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
 QUANTIZE_CHUNK = 1 << 18
+# Activations of at least this many elements take the compiled pass; below, its call overhead (guards,
+# about 70 us) costs as much as the eager ops it replaces (benchmarks/results/cpu-activation-quantization-2026-12-06.md).
+FUSED_MIN_ELEMENTS = 1 << 18
 
 
-def quantize_in_chunks(x, x_scale, x_zero, a_bits, offset: int) -> torch.Tensor:
+def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False) -> torch.Tensor:
     """round(x / x_scale) + x_zero clamped to the code range, plus `offset`, as uint8 (offset 128) or
     int8 (offset 0), in x's memory format: bit for bit the reference's codes.
 
-    One pass over x, a chunk at a time through a reused float32 scratch, instead of whole-tensor float32
-    temporaries: those are fresh allocations of up to hundreds of MB per layer, and the page faults of
-    their first touch cost more than the arithmetic on the large activations of a VAE decoder or a UNet at
-    1024x1024 (benchmarks/test_bench_kernels.py::test_activation_quantization).
+    One pass over x: a loop torch.compile generates (large activations, where a compiler is at hand),
+    else a few eager ops a chunk at a time through a reused float32 scratch. Never whole-tensor float32
+    temporaries: fresh allocations of up to hundreds of MB per layer, whose page faults on first touch
+    cost more than the arithmetic on the activations of a VAE decoder or a UNet at 1024x1024; with
+    `reuse` the codes themselves go into a reused buffer for the same reason.
     Shifting before clamping gives the same codes (in range they are exact small integers, out of
     range both saturate)."""
     qmin, qmax = activation_qrange(a_bits)
     dtype = torch.uint8 if offset else torch.int8
-    flat, codes, flat_codes = storage_order_views(x, dtype)
+    flat, codes, flat_codes = storage_order_views(x, dtype, reuse)
     if flat is None:  # a strided view: whole-tensor temporaries, as the reference
         q = torch.div(x.float(), x_scale).round_()
         return q.add_(x_zero + offset).clamp_(qmin + offset, qmax + offset).to(dtype)
-    shift, total = x_zero + offset, flat.numel()
+    shift, low, high = x_zero + offset, qmin + offset, qmax + offset
+    if flat.numel() >= FUSED_MIN_ELEMENTS and fused_enabled() and not _compiling():
+        if compiled_codes_into(flat, flat_codes, x_scale, shift, low, high):
+            return codes
+    eager_codes_into(flat, flat_codes, x_scale, shift, low, high)
+    return codes
+
+
+def eager_codes_into(flat, out, x_scale, shift, low: int, high: int):
+    total = flat.numel()
     scratch = float_scratch(min(total, QUANTIZE_CHUNK))
     for start in range(0, total, QUANTIZE_CHUNK):
         stop = min(start + QUANTIZE_CHUNK, total)
@@ -123,21 +143,66 @@ def quantize_in_chunks(x, x_scale, x_zero, a_bits, offset: int) -> torch.Tensor:
             torch.div(flat[start:stop], x_scale, out=q)  # one pass fewer: no copy into the scratch
         else:
             q.copy_(flat[start:stop]).div_(x_scale)  # float32 first: the division runs in float32, as the reference's
-        q.round_().add_(shift).clamp_(qmin + offset, qmax + offset)
-        flat_codes[start:stop].copy_(q)  # exact: small integers
-    return codes
+        q.round_().add_(shift).clamp_(low, high)
+        out[start:stop].copy_(q)  # exact: small integers
 
 
-def storage_order_views(x: torch.Tensor, dtype) -> tuple:
-    """(x flattened in storage order, an empty `dtype` tensor in x's memory format, it flattened alike);
-    (None, None, None) when x is neither contiguous nor channels-last contiguous."""
-    if x.is_contiguous():
-        codes = torch.empty(x.shape, dtype=dtype, device=x.device)
-        return x.reshape(-1), codes, codes.view(-1)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        codes = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
-        return x.permute(0, 2, 3, 1).reshape(-1), codes, codes.permute(0, 2, 3, 1).reshape(-1)
-    return None, None, None
+# --- the compiled pass ---------------------------------------------------------------------------
+
+
+class FusedQuantizeWarning(UserWarning):
+    """The compiled activation quantization is unavailable here; the eager ops (same codes) run instead."""
+
+
+def _codes_into(flat, out, x_scale, shift, low, high):
+    """The reference's arithmetic on a flat activation (float32 division, round half to even, the zero
+    point and offset added, clamped), stored into `out`: one loop once inductor has compiled it."""
+    out.copy_(torch.div(flat.float(), x_scale).round().add(shift).clamp(low, high))
+
+
+_compiled: list = []  # [the compiled _codes_into], or [None] once it could not be built or run
+
+
+def fused_enabled() -> bool:
+    return os.environ.get("MIXQ_CPU_FUSED_QUANTIZE", "1").strip() != "0" and _compiled != [None]
+
+
+@functools.lru_cache(maxsize=None)
+def code_bounds(low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clamp bounds as tensors: Python numbers would be compiled in as constants (a graph per range)."""
+    return torch.tensor(float(low)), torch.tensor(float(high))
+
+
+def compiled_codes_into(flat, out, x_scale, shift, low: int, high: int) -> bool:
+    """`_codes_into` compiled by torch.compile (inductor's C++ backend: a C++ compiler is needed; seconds
+    of compiling, once per process, input dtype and code type); False, after a one-time warning naming
+    why, where it cannot be built or run."""
+    if not _compiled:
+        _compiled.append(torch.compile(_codes_into, dynamic=True, fullgraph=True))
+    try:
+        _compiled[0](flat, out, x_scale, shift, *code_bounds(low, high))
+        return True
+    except Exception as err:  # no compiler, an inductor limitation: the eager pass gives the same codes
+        _compiled[:] = [None]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        warn_once(FusedQuantizeWarning, "compiled", "mixq: the compiled activation quantization is unavailable "
+                  f"({reason}); quantizing activations with eager ops instead (same codes, slower on large "
+                  "activations). MIXQ_CPU_FUSED_QUANTIZE=0 skips the attempt.")
+        return False
+
+
+def storage_order_views(x: torch.Tensor, dtype, reuse: bool = False) -> tuple:
+    """(x flattened in storage order, a `dtype` tensor in x's memory format, it flattened alike: fresh, or
+    with `reuse` this thread's codes buffer); (None, None, None) when x is neither contiguous nor
+    channels-last contiguous."""
+    channels_last = not x.is_contiguous()
+    if channels_last and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return None, None, None
+    flat_codes = codes_scratch(x.numel(), dtype) if reuse else torch.empty(x.numel(), dtype=dtype, device=x.device)
+    if not channels_last:
+        return x.reshape(-1), flat_codes.view(x.shape), flat_codes
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(-1), flat_codes.view(b, h, w, c).permute(0, 3, 1, 2), flat_codes
 
 
 def unsigned_zero(x_zero) -> torch.Tensor:
@@ -236,6 +301,15 @@ def scratch_bytes(nbytes: int) -> torch.Tensor:
     return buffer[:nbytes]
 
 
+def codes_scratch(numel: int, dtype) -> torch.Tensor:
+    """This thread's activation-codes buffer, `numel` codes of `dtype` (uint8 or int8); it grows to the
+    largest activation quantized with reuse (one byte per element) and stays."""
+    buffer = getattr(_scratch, "codes", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.codes = torch.empty(numel, dtype=torch.uint8)
+    return buffer[:numel].view(dtype)
+
+
 def float_scratch(numel: int) -> torch.Tensor:
     """A per-thread float32 buffer of at least `numel` elements, reused (activation quantization)."""
     buffer = getattr(_scratch, "floats", None)
@@ -312,7 +386,7 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         acc = int_matmul_transposed(lane_major(q_x, per_byte), unpack_lane_major(qweight, w_bits))
         return reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
-    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits)
+    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
     packed, w_zero = prepared
     y = _onednn_linear(codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero,
                        onednn_bias(bias, kernel_dtype), kernel_dtype)
@@ -335,7 +409,8 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         y = reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
-    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits).contiguous(memory_format=torch.channels_last)
+    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
+    codes = codes.contiguous(memory_format=torch.channels_last)  # (a copy for NCHW input)
     packed, w_zero = prepared
     y = torch.ops.onednn.qconv2d_pointwise.tensor(
         codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero, onednn_bias(bias, kernel_dtype),
