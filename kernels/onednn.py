@@ -21,18 +21,13 @@ the reference's exactly. The fused epilogue rounds in its own order (oneDNN appl
 the bias in fp32, sometimes with an FMA), so 8-bit outputs agree with the reference within the output
 dtype's rounding rather than bit for bit.
 
-Activation quantization is exact too (the reference's codes, bit for bit). Large activations go
-through one loop that torch.compile generates once per process and dtype (FUSED_MIN_ELEMENTS; a C++
-compiler is needed, and without one a warning says so once and the eager pass runs); smaller ones
-through a few eager ops a chunk at a time. MIXQ_CPU_FUSED_QUANTIZE=0 keeps to the eager pass.
+Activation quantization gives the reference's codes bit for bit (quantize_codes).
 
 Under torch.compile of a whole model each GEMM is one custom op (mixq::cpu_linear / mixq::cpu_conv2d).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import platform
 import threading
 import weakref
@@ -103,20 +98,15 @@ def quantize_input_signed(x, x_scale, x_zero, a_bits) -> torch.Tensor:
 
 # Elements quantized per eager pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
 QUANTIZE_CHUNK = 1 << 18
-# Activations of at least this many elements take the compiled pass; below, its call overhead (guards,
-# about 70 us) costs as much as the eager ops it replaces (benchmarks/results/cpu-activation-quantization-2026-12-06.md).
-FUSED_MIN_ELEMENTS = 1 << 18
-
-
 def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False) -> torch.Tensor:
     """round(x / x_scale) + x_zero clamped to the code range, plus `offset`, as uint8 (offset 128) or
     int8 (offset 0), in x's memory format: bit for bit the reference's codes.
 
-    One pass over x: a loop torch.compile generates (large activations, where a compiler is at hand),
-    else a few eager ops a chunk at a time through a reused float32 scratch. Never whole-tensor float32
+    One pass over x, a chunk at a time through a reused float32 scratch, instead of whole-tensor float32
     temporaries: fresh allocations of up to hundreds of MB per layer, whose page faults on first touch
     cost more than the arithmetic on the activations of a VAE decoder or a UNet at 1024x1024; with
-    `reuse` the codes themselves go into a reused buffer for the same reason.
+    `reuse` the codes themselves go into a reused buffer for the same reason
+    (benchmarks/results/cpu-activation-quantization-2026-12-06.md).
     Shifting before clamping gives the same codes (in range they are exact small integers, out of
     range both saturate)."""
     qmin, qmax = activation_qrange(a_bits)
@@ -125,15 +115,11 @@ def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False)
     if flat is None:  # a strided view: whole-tensor temporaries, as the reference
         q = torch.div(x.float(), x_scale).round_()
         return q.add_(x_zero + offset).clamp_(qmin + offset, qmax + offset).to(dtype)
-    shift, low, high = x_zero + offset, qmin + offset, qmax + offset
-    if flat.numel() >= FUSED_MIN_ELEMENTS and fused_enabled() and not _compiling():
-        if compiled_codes_into(flat, flat_codes, x_scale, shift, low, high):
-            return codes
-    eager_codes_into(flat, flat_codes, x_scale, shift, low, high)
+    codes_into(flat, flat_codes, x_scale, x_zero + offset, qmin + offset, qmax + offset)
     return codes
 
 
-def eager_codes_into(flat, out, x_scale, shift, low: int, high: int):
+def codes_into(flat, out, x_scale, shift, low: int, high: int):
     total = flat.numel()
     scratch = float_scratch(min(total, QUANTIZE_CHUNK))
     for start in range(0, total, QUANTIZE_CHUNK):
@@ -145,50 +131,6 @@ def eager_codes_into(flat, out, x_scale, shift, low: int, high: int):
             q.copy_(flat[start:stop]).div_(x_scale)  # float32 first: the division runs in float32, as the reference's
         q.round_().add_(shift).clamp_(low, high)
         out[start:stop].copy_(q)  # exact: small integers
-
-
-# --- the compiled pass ---------------------------------------------------------------------------
-
-
-class FusedQuantizeWarning(UserWarning):
-    """The compiled activation quantization is unavailable here; the eager ops (same codes) run instead."""
-
-
-def _codes_into(flat, out, x_scale, shift, low, high):
-    """The reference's arithmetic on a flat activation (float32 division, round half to even, the zero
-    point and offset added, clamped), stored into `out`: one loop once inductor has compiled it."""
-    out.copy_(torch.div(flat.float(), x_scale).round().add(shift).clamp(low, high))
-
-
-_compiled: list = []  # [the compiled _codes_into], or [None] once it could not be built or run
-
-
-def fused_enabled() -> bool:
-    return os.environ.get("MIXQ_CPU_FUSED_QUANTIZE", "1").strip() != "0" and _compiled != [None]
-
-
-@functools.lru_cache(maxsize=None)
-def code_bounds(low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clamp bounds as tensors: Python numbers would be compiled in as constants (a graph per range)."""
-    return torch.tensor(float(low)), torch.tensor(float(high))
-
-
-def compiled_codes_into(flat, out, x_scale, shift, low: int, high: int) -> bool:
-    """`_codes_into` compiled by torch.compile (inductor's C++ backend: a C++ compiler is needed; seconds
-    of compiling, once per process, input dtype and code type); False, after a one-time warning naming
-    why, where it cannot be built or run."""
-    if not _compiled:
-        _compiled.append(torch.compile(_codes_into, dynamic=True, fullgraph=True))
-    try:
-        _compiled[0](flat, out, x_scale, shift, *code_bounds(low, high))
-        return True
-    except Exception as err:  # no compiler, an inductor limitation: the eager pass gives the same codes
-        _compiled[:] = [None]
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        warn_once(FusedQuantizeWarning, "compiled", "mixq: the compiled activation quantization is unavailable "
-                  f"({reason}); quantizing activations with eager ops instead (same codes, slower on large "
-                  "activations). MIXQ_CPU_FUSED_QUANTIZE=0 skips the attempt.")
-        return False
 
 
 def storage_order_views(x: torch.Tensor, dtype, reuse: bool = False) -> tuple:

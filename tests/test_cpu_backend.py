@@ -5,8 +5,6 @@ reference's), weights laid out once, packed weights staying packed (torch.compil
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 
 import pytest
@@ -337,10 +335,9 @@ def small_input(dtype):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("a_bits", [4, 8])
 def test_activation_codes_are_the_references_in_every_chunk(dtype, channels_last, a_bits, monkeypatch):
-    """The chunked eager quantization (fp32 inputs divided straight into the scratch, others copied first)
-    gives the reference's codes bit for bit, also at exact rounding ties and across chunk borders."""
+    """The chunked quantization (fp32 inputs divided straight into the scratch, others copied first) gives
+    the reference's codes bit for bit, also at exact rounding ties and across chunk borders."""
     monkeypatch.setattr(onednn, "QUANTIZE_CHUNK", 1000)  # several chunks, the last one partial
-    monkeypatch.setattr(onednn, "FUSED_MIN_ELEMENTS", 1 << 30)  # the eager pass only
     x, zero = tie_activations(dtype, channels_last), torch.tensor(3.0)
     expected = reference.quantize_input(x, TIE_SCALE, zero, a_bits)
     assert torch.equal(onednn.quantize_input_signed(x, TIE_SCALE, zero, a_bits), expected)
@@ -358,60 +355,6 @@ def tie_activations(dtype, channels_last):
 
 
 TIE_SCALE = torch.tensor(0.0312345)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_activation_codes_are_the_references(dtype, channels_last, monkeypatch):
-    """The one-pass compiled quantization (large activations) gives the reference's codes bit for bit,
-    in the input's memory format, for signed and unsigned codes at 4 and 8 bits, into a fresh tensor or
-    into the reused codes buffer."""
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
-        pytest.skip("no C++ compiler here for the compiled pass (the fallback test covers this case)")
-    monkeypatch.setattr(onednn, "FUSED_MIN_ELEMENTS", 0)
-    x, zero = tie_activations(dtype, channels_last), torch.tensor(3.0)
-    ran = []
-    compiled = onednn.compiled_codes_into
-    monkeypatch.setattr(onednn, "compiled_codes_into", lambda *args: ran.append(1) or compiled(*args))
-    for a_bits in (4, 8):
-        expected = reference.quantize_input(x, TIE_SCALE, zero, a_bits)
-        signed = onednn.quantize_input_signed(x, TIE_SCALE, zero, a_bits)
-        assert onednn.fused_enabled(), "the compiled pass failed (see the warning)"
-        unsigned = onednn.quantize_input_unsigned(x, TIE_SCALE, zero, a_bits)
-        assert torch.equal(signed, expected) and signed.dtype == torch.int8
-        assert torch.equal(unsigned.to(torch.int16) - 128, expected.to(torch.int16)) and unsigned.dtype == torch.uint8
-        assert unsigned.is_contiguous(memory_format=torch.channels_last) == channels_last
-        reused = onednn.quantize_input_unsigned(x, TIE_SCALE, zero, a_bits, reuse=True)
-        assert torch.equal(reused, unsigned) and reused.stride() == unsigned.stride()
-    assert len(ran) == 6
-
-
-def test_compiled_quantization_falls_back_with_one_warning(monkeypatch):
-    """Where the compiled pass cannot be built or run (no C++ compiler), one warning names why and the
-    eager pass gives the same codes from then on."""
-
-    def no_compiler(*args):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-    monkeypatch.setattr(onednn, "FUSED_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(onednn, "_compiled", [no_compiler])
-    monkeypatch.setattr(fallback, "_warned", set())
-    x, zero = tie_activations(torch.bfloat16, True), torch.tensor(-5.0)
-    expected = reference.quantize_input(x, TIE_SCALE, zero, 8)
-    with pytest.warns(onednn.FusedQuantizeWarning, match="No working C\\+\\+ compiler"):
-        assert torch.equal(onednn.quantize_input_signed(x, TIE_SCALE, zero, 8), expected)
-    assert not onednn.fused_enabled()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.equal(onednn.quantize_input_signed(x, TIE_SCALE, zero, 8), expected)
-
-
-def test_compiled_quantization_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(onednn, "FUSED_MIN_ELEMENTS", 0)
-    monkeypatch.setenv("MIXQ_CPU_FUSED_QUANTIZE", "0")
-    monkeypatch.setattr(onednn, "compiled_codes_into", lambda *args: pytest.fail("the compiled pass ran"))
-    x, zero = tie_activations(torch.float32, False), torch.tensor(3.0)
-    assert torch.equal(onednn.quantize_input_signed(x, TIE_SCALE, zero, 8), reference.quantize_input(x, TIE_SCALE, zero, 8))
 
 
 def test_reused_codes_buffer_serves_each_call_in_turn():
