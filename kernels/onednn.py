@@ -96,8 +96,10 @@ def quantize_input_signed(x, x_scale, x_zero, a_bits) -> torch.Tensor:
     return quantize_codes(x, x_scale, x_zero, a_bits, 0)
 
 
-# Elements quantized per eager pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
+# Elements quantized per pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
 QUANTIZE_CHUNK = 1 << 18
+
+
 def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False) -> torch.Tensor:
     """round(x / x_scale) + x_zero clamped to the code range, plus `offset`, as uint8 (offset 128) or
     int8 (offset 0), in x's memory format: bit for bit the reference's codes.
@@ -120,6 +122,7 @@ def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False)
 
 
 def codes_into(flat, out, x_scale, shift, low: int, high: int):
+    """round(flat / x_scale) + shift clamped to [low, high], into `out`, a chunk at a time."""
     total = flat.numel()
     scratch = float_scratch(min(total, QUANTIZE_CHUNK))
     for start in range(0, total, QUANTIZE_CHUNK):
