@@ -82,7 +82,10 @@ def same_value(a, b) -> bool:
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # no plain equality (an array, a custom object): treated as a different call
+        return False
 
 
 def same_call(args, kwargs, recorded_args, recorded_kwargs) -> bool:
@@ -102,8 +105,10 @@ class Trace:
 
 @contextmanager
 def traced(unet, keep=None):
-    """Hooks on every named module of the UNet; yields (trace, outputs), outputs holding the output
-    of each module `keep(name)` accepts, copied (when keep is None: every output, as returned, for sizing)."""
+    """Hooks on every named module of the UNet; yields (trace, outputs). With `keep`, outputs holds a copy
+    of the output of each module keep(name) accepts (the forward could still modify a returned tensor in
+    place); without, each module's output size in bytes, or None where a replay could not hand it back
+    (sizes only: holding every output of a full-size UNet call at once could exhaust memory)."""
     trace, outputs, clock, handles = Trace({}, {}, {}), {}, [0], []
 
     def tick() -> int:
@@ -120,9 +125,10 @@ def traced(unet, keep=None):
 
         def after(module, args, output, name=name):
             trace.end[name] = tick()
-            if keep is None or keep(name):
-                # A copy: the forward could still modify the returned tensor in place after the module returns.
-                outputs[name] = copied(output) if keep is not None and replayable_output(output) else output
+            if keep is None:
+                outputs[name] = output_bytes(output) if replayable_output(output) else None
+            elif keep(name):
+                outputs[name] = copied(output)
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
@@ -150,12 +156,11 @@ class PrefixReuse:
 
     @torch.no_grad()
     def _record(self, max_bytes: int):
-        with traced(self.unet) as (trace, outputs):
+        with traced(self.unet) as (trace, output_sizes):
             self._run(self.calls[0])
-        eligible = {name for name, output in outputs.items()
-                    if trace.count.get(name) == 1 and name in trace.end and replayable_output(output)}
-        sizes = {name: output_bytes(outputs[name]) for name in eligible}
-        del outputs
+        sizes = {name: size for name, size in output_sizes.items()
+                 if size is not None and trace.count.get(name) == 1 and name in trace.end}
+        eligible = set(sizes)
         self.max_depth = deepest_fitting(sizes, len(self.calls), max_bytes)
         if not self.enabled:
             return

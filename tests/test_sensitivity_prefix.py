@@ -2,6 +2,7 @@
 bit for bit, as running every candidate through the whole UNet, in both groups, and really skips work;
 a memory limit makes it coarser or turns it off, never wrong."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,5 @@ def test_helpers():
     assert same_call((x, 1), {"y": x, "return_dict": True}, (x.clone(), 1), {"y": x})
     assert not same_call((x, 1), {"y": x}, (x + 1, 1), {"y": x})
     assert not same_call((x, 1), {"y": x}, (x.double(), 1), {"y": x})
+    array = np.ones(2)  # no plain equality: a different call, not an error
+    assert not same_call((array,), {}, (array.copy(),), {})
