@@ -3,9 +3,9 @@
 A sensitivity candidate changes one layer. In a UNet call whose inputs equal a recorded call's, every
 module that runs to completion before that layer starts computes exactly what the float model
 computed: its output is recorded once and returned instead of being computed again. For the quality
-group, whose score replays the recorded calls, that skips on average half of every UNet call; for the
-content group it skips that share of each generation's first step (later steps see the candidate's
-effect and run in full). Scores are bit for bit those of running everything
+group, whose score replays the recorded calls, that skips the share of every UNet call ahead of the
+layer; for the content group, that share of each generation's first step (later steps see the
+candidate's effect and run in full). Scores are bit for bit those of running everything
 (tests/test_sensitivity_prefix.py): the same kernels on the same inputs give the same tensors.
 
 Memory: the outputs of every module the UNet calls, for every recorded call. When that exceeds the

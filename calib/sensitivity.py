@@ -281,7 +281,8 @@ def measure_noise_floor(evaluator: Evaluator, unet, probes: list[str]) -> dict:
 
 def prefix_line(prefix: PrefixReuse | None) -> str:
     if prefix is None or not prefix.enabled:
-        return "sensitivity: every candidate runs the whole UNet (the float UNet's module outputs do not fit in memory)"
+        return ("sensitivity: every candidate runs the whole UNet (the float UNet's module outputs do not fit the "
+                "memory budget, or its recorded calls run different modules)")
     return (f"sensitivity: reusing the float UNet's work ahead of each layer ({prefix.recorded_bytes / 2**20:.0f} MiB "
             f"of module outputs, {len(prefix.calls)} UNet calls)")
 
