@@ -158,13 +158,12 @@ class PrefixReuse:
     def _record(self, max_bytes: int):
         with traced(self.unet) as (trace, output_sizes):
             self._run(self.calls[0])
-        sizes = {name: size for name, size in output_sizes.items()
+        sizes = {name: size for name, size in output_sizes.items()  # replayable, run once per call
                  if size is not None and trace.count.get(name) == 1 and name in trace.end}
-        eligible = set(sizes)
         self.max_depth = deepest_fitting(sizes, len(self.calls), max_bytes)
         if not self.enabled:
             return
-        keep = {name for name in eligible if depth(name) <= self.max_depth}
+        keep = {name for name in sizes if depth(name) <= self.max_depth}
         for call in self.calls:
             with traced(self.unet, keep=keep.__contains__) as (call_trace, outputs):
                 self._run(call)

@@ -239,28 +239,30 @@ def conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding, w_b
 _scratch = threading.local()
 
 
+def thread_buffer(name: str, numel: int, dtype) -> torch.Tensor:
+    """The first `numel` elements of this thread's reused `dtype` buffer `name`, grown to the largest
+    request so far (and kept): fresh large allocations page-fault on first touch at every call."""
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel]
+
+
 def scratch_bytes(nbytes: int) -> torch.Tensor:
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer[:nbytes]
+    """Bytes for unpacking one 4/2-bit weight."""
+    return thread_buffer("weights", nbytes, torch.uint8)
 
 
 def codes_scratch(numel: int, dtype) -> torch.Tensor:
-    """This thread's activation-codes buffer, `numel` codes of `dtype` (uint8 or int8); it grows to the
-    largest activation quantized with reuse (one byte per element) and stays."""
-    buffer = getattr(_scratch, "codes", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch.codes = torch.empty(numel, dtype=torch.uint8)
-    return buffer[:numel].view(dtype)
+    """`numel` activation codes of `dtype` (uint8 or int8) for a kernel call that consumes them at once;
+    the buffer grows to the largest activation quantized with reuse (one byte per element) and stays."""
+    return thread_buffer("codes", numel, torch.uint8).view(dtype)
 
 
 def float_scratch(numel: int) -> torch.Tensor:
-    """A per-thread float32 buffer of at least `numel` elements, reused (activation quantization)."""
-    buffer = getattr(_scratch, "floats", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch.floats = torch.empty(numel, dtype=torch.float32)
-    return buffer[:numel]
+    """float32 room for one chunk of activation quantization."""
+    return thread_buffer("floats", numel, torch.float32)
 
 
 def unpack_lane_major(packed: torch.Tensor, bits: int) -> torch.Tensor:

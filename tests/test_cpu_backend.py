@@ -329,6 +329,16 @@ def small_input(dtype):
     return torch.cat([x, x], dim=1)[:, :8].to(dtype)
 
 
+TIE_SCALE = torch.tensor(0.0312345)
+
+
+def tie_activations(dtype, channels_last):
+    """[2, 3, 16, 17] activations whose first values divide by TIE_SCALE to a .5 tie or its neighbours."""
+    near = (torch.arange(-100, 100, dtype=torch.float32) + 0.5) * TIE_SCALE
+    ties = torch.cat([near, torch.nextafter(near, near + 1), torch.nextafter(near, near - 1)])
+    rest = activations((2 * 3 * 16 * 17,), torch.float32)[:2 * 3 * 16 * 17 - ties.numel()]
+    x = torch.cat([ties, rest]).reshape(2, 3, 16, 17).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -343,18 +353,6 @@ def test_activation_codes_are_the_references_in_every_chunk(dtype, channels_last
     assert torch.equal(onednn.quantize_input_signed(x, TIE_SCALE, zero, a_bits), expected)
     assert torch.equal(onednn.quantize_input_unsigned(x, TIE_SCALE, zero, a_bits).to(torch.int16) - 128,
                        expected.to(torch.int16))
-
-
-def tie_activations(dtype, channels_last):
-    """[2, 3, 16, 17] activations whose first values divide by SCALE to a .5 tie or its neighbours."""
-    near = (torch.arange(-100, 100, dtype=torch.float32) + 0.5) * TIE_SCALE
-    ties = torch.cat([near, torch.nextafter(near, near + 1), torch.nextafter(near, near - 1)])
-    rest = activations((2 * 3 * 16 * 17,), torch.float32)[:2 * 3 * 16 * 17 - ties.numel()]
-    x = torch.cat([ties, rest]).reshape(2, 3, 16, 17).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-TIE_SCALE = torch.tensor(0.0312345)
 
 
 def test_reused_codes_buffer_serves_each_call_in_turn():
