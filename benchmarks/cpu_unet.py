@@ -113,12 +113,19 @@ def time_forward(unet, inputs, rounds: int) -> dict:
 
 
 def quantized_bytes(unet) -> dict:
-    """Resident bytes of the quantized layers: their buffers, and the oneDNN layouts beside them."""
+    """Resident bytes of the quantized layers: what they hold (buffers, and the oneDNN layouts 8-bit layers
+    hold instead of plain buffers), and the oneDNN layouts kept beside packed 4/2-bit weights."""
     from mixq.kernels import onednn
     from mixq.layers import find_quantized_layers
 
     layers = [unet.get_submodule(n) for n in find_quantized_layers(unet)]
     return {"layer_buffers": sum(layer.state_bytes() for layer in layers), "onednn_layouts": onednn.packed_weights.nbytes()}
+
+
+def int8_weights_plus_scales(layers) -> int:
+    """One byte per weight and an fp32 scale per output channel: the floor for 8-bit layers' resident bytes."""
+    return sum(layer.out_features * (layer.in_features * layer.kernel_size[0] * layer.kernel_size[1] + 4)
+               for layer in layers)
 
 
 def float_layer_bytes(modules) -> int:
@@ -157,9 +164,12 @@ def measure_mixq(unet, calibration, name, quantize_kwargs, sizes, all_inputs, ro
     quantized = find_quantized_layers(unet)
     q_bytes = quantized_bytes(unet)
     replaced_float = float_layer_bytes(originals[n] for n in quantized)
+    gc.collect()
     memory = {
         "rss_before_bytes": before, "peak_rss_bytes": peak, "quantize_s": round(quantize_s, 1),
+        "rss_after_bytes": rss_bytes(),  # the float layers stay resident (kept aside): the rise is mixq's
         "quantized_bytes": q_bytes, "replaced_float_bytes": replaced_float,
+        "int8_weights_plus_scales_bytes": int8_weights_plus_scales(unet.get_submodule(n) for n in quantized),
         # Above float model + quantized layers (both resident during quantize, by design):
         "excess_over_float_plus_quantized_bytes": None if peak is None else peak - before - sum(q_bytes.values()),
     }
@@ -299,14 +309,18 @@ def report(results: dict) -> str:
             cells.append(f"{row['median_s']:.3f}{ratio}, load {row['load_average_1min']}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "quantize() memory (from the bf16 model; RSS on Linux):", "",
-              "| variant | RSS before | peak RSS | quantized layers (+ oneDNN layouts) | resident / the same layers in "
-              "bf16 | peak above float + quantized | time |",
-              "|---|---|---|---|---|---|---|"]
+              "| variant | RSS before | peak RSS | RSS rise | quantized layers (+ oneDNN layouts beside them) | "
+              "resident / the same layers in bf16 | resident / int8 weights + scales | peak above float + quantized "
+              "| time |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["quantize_memory"].items():
         q = m["quantized_bytes"]
-        resident = (q["layer_buffers"] + q["onednn_layouts"]) / m["replaced_float_bytes"]
-        lines.append(f"| {name} | {gib(m['rss_before_bytes'])} | {gib(m['peak_rss_bytes'])} | "
-                     f"{gib(q['layer_buffers'])} (+ {gib(q['onednn_layouts'])}) | {resident:.2f}x | "
+        held = q["layer_buffers"] + q["onednn_layouts"]
+        floor = m.get("int8_weights_plus_scales_bytes")
+        rise = None if m.get("rss_after_bytes") is None else m["rss_after_bytes"] - m["rss_before_bytes"]
+        lines.append(f"| {name} | {gib(m['rss_before_bytes'])} | {gib(m['peak_rss_bytes'])} | {gib(rise)} | "
+                     f"{gib(q['layer_buffers'])} (+ {gib(q['onednn_layouts'])}) | "
+                     f"{held / m['replaced_float_bytes']:.2f}x | {'n/a' if not floor else f'{held / floor:.3f}x'} | "
                      f"{gib(m['excess_over_float_plus_quantized_bytes'])} | {m['quantize_s']} s |")
     if "float_model_bytes" in results:
         lines += ["", f"bf16 float model: {gib(results['float_model_bytes']['bf16'])}."]

@@ -77,6 +77,8 @@ def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
     backend = selected_backend(x)
     if backend == "onednn":
         return onednn.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
+    if qweight.is_mkldnn:  # a held oneDNN layout, another backend asked for (MIXQ_BACKEND): the plain codes
+        qweight = onednn.plain_codes(qweight, "linear", x.shape[-1])
     if backend == "triton":
         return _triton().quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                           input_key=input_key)
@@ -90,6 +92,8 @@ def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
         return onednn.quantized_conv2d(
             x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding
         )
+    if qweight.is_mkldnn:
+        qweight = onednn.plain_codes(qweight, "conv2d", x.shape[1], kernel_size)
     if backend == "triton":
         return _triton().quantized_conv2d(
             x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
@@ -112,13 +116,14 @@ def prepare_layer(layer, cpu_weights: str = "packed") -> None:
     into oneDNN's int8 layout (kernels/onednn.py)."""
     if hasattr(layer, "refresh_input_key"):
         layer.refresh_input_key()
-    qweight = getattr(layer, "qweight_0", None)  # None for fake-quant twins and weight-float layers
-    if qweight is None or qweight.is_cuda:
+    if not hasattr(layer, "kernel_weight") or layer.w_bits == 16:  # fake-quant twins, weight-float layers
+        return
+    if layer.kernel_weight(0).is_cuda:
         return
     # Probed here, once, for 4/2-bit layers too: a first probe inside torch.compile's trace would break
     # its graph (the probe runs a oneDNN op that dynamo does not trace).
     onednn.unavailable_reason()
-    if layer.a_bits == 16:
+    if layer.a_bits == 16 or layer.hold_kernel_layouts():  # 8-bit: the layer keeps oneDNN's layout alone
         return
     for p, size in enumerate(layer.part_sizes):
         qweight = getattr(layer, f"qweight_{p}")

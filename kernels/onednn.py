@@ -3,7 +3,10 @@
 8-bit weights run on torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise (the kernels PyTorch's
 own x86 quantization lowers to: VNNI / AMX int8 dot products, zero-point compensation and the
 scale/bias epilogue fused). Their weights are reordered into oneDNN's blocked layout once per layer,
-the first time the layer is prepared or run, and kept beside the packed buffer (see PackedWeights).
+when the layer is prepared (quantize / load time), and the layer then holds that layout instead of its
+plain buffer (QuantizedLayer.hold_kernel_layouts: one copy of the weights); the ops take either. A
+plain 8-bit buffer that reaches them (a layer never prepared) gets its layout on first use, kept
+beside it (see PackedWeights).
 
 4-bit and 2-bit weights stay packed in memory by default (resident bytes follow the bits; CPU weight
 mode "packed"). In mode "int8" (`mixq.quantize(..., cpu_weights="int8")`, and on load_quantized) they
@@ -217,10 +220,37 @@ def _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -
     return torch.ops.onednn.qconv_prepack(weight, w_scale, 1.0, 0, list(stride), list(padding), [1, 1], 1, None)
 
 
+def weight_layout(qweight, w_scale, kind: str, in_channels: int, kernel_size=None, stride=None,
+                  padding=None) -> torch.Tensor:
+    """oneDNN's layout of 8-bit codes [N, K] ((row, col, channel) order for a convolution), a new
+    tensor that the ops take in place of qweight; `in_channels`: K of a linear layer."""
+    if kind == "linear":
+        return _prepack_linear(qweight)
+    return _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding)
+
+
+def plain_codes(layout: torch.Tensor, kind: str, in_channels: int, kernel_size=None) -> torch.Tensor:
+    """The codes [N, K] a weight_layout was made from, exactly (oneDNN's reorder only moves bytes)."""
+    dense = layout.to_dense()
+    if kind == "linear":
+        return dense.t().contiguous()  # oneDNN keeps linear weights as [K, N]
+    return dense.permute(0, 2, 3, 1).reshape(dense.shape[0], -1).contiguous()  # [N, C, kh, kw] -> [N, K]
+
+
+_zero_points: dict = {}
+
+
+def zero_points(n: int) -> torch.Tensor:
+    """int64 zeros [N]: the weights' zero points (symmetric), made once per N."""
+    if n not in _zero_points:
+        _zero_points[n] = torch.zeros(n, dtype=torch.int64)
+    return _zero_points[n]
+
+
 def linear_layout(qweight, w_bits: int = 8, k: int | None = None, only_if_prepared: bool = False):
     """(oneDNN weight, zero points) of a linear weight; 4/2-bit ones (K = k) are unpacked to build it."""
     return packed_weights.get(qweight, ("linear",), lambda: (
-        _prepack_linear(int8_codes(qweight, w_bits, k)), torch.zeros(qweight.shape[0], dtype=torch.int64),
+        _prepack_linear(int8_codes(qweight, w_bits, k)), zero_points(qweight.shape[0]),
     ), only_if_prepared)
 
 
@@ -230,7 +260,7 @@ def conv_layout(qweight, w_scale, in_channels, kernel_size, stride, padding, w_b
     k = in_channels * kernel_size[0] * kernel_size[1]
     return packed_weights.get(qweight, layout, lambda: (
         _prepack_conv(int8_codes(qweight, w_bits, k), w_scale, in_channels, kernel_size, stride, padding),
-        torch.zeros(qweight.shape[0], dtype=torch.int64),
+        zero_points(qweight.shape[0]),
     ), only_if_prepared)
 
 
@@ -322,8 +352,14 @@ def onednn_bias(bias, out_dtype):
     return bias if bias is None or bias.dtype in (torch.float32, out_dtype) else bias.float()
 
 
+def held_or_built_layout(qweight, w_scale, build):
+    """(oneDNN weight, zero points): qweight itself where a layer holds its layout, else `build()`."""
+    return (qweight, zero_points(w_scale.shape[0])) if qweight.is_mkldnn else build()
+
+
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
-    prepared = linear_layout(qweight, w_bits, x.shape[-1], only_if_prepared=w_bits != 8)
+    prepared = held_or_built_layout(qweight, w_scale, lambda: linear_layout(
+        qweight, w_bits, x.shape[-1], only_if_prepared=w_bits != 8))
     if prepared is None:  # a 4/2-bit weight kept packed: unpacked for this call
         per_byte = values_per_byte(w_bits)
         if x.shape[-1] % per_byte:
@@ -343,7 +379,8 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
 def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
                 out_dtype):
     b, c = x.shape[:2]
-    prepared = conv_layout(qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8)
+    prepared = held_or_built_layout(qweight, w_scale, lambda: conv_layout(
+        qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8))
     if prepared is None:  # a 4/2-bit weight kept packed: unpacked for this call
         per_byte = values_per_byte(w_bits)
         if c % per_byte:
@@ -374,7 +411,7 @@ def _linear_op(x: torch.Tensor, qweight: torch.Tensor, w_bits: int, w_scale: tor
 
 @_linear_op.register_fake
 def _(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
-    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=out_dtype)
+    return x.new_empty((x.shape[0], w_scale.shape[0]), dtype=out_dtype)  # (a held linear layout is [K, N])
 
 
 @torch.library.custom_op("mixq::cpu_conv2d", mutates_args=())
@@ -392,7 +429,7 @@ def _(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_
     b, _, h, w = x.shape
     ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return x.new_empty((b, qweight.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
+    return x.new_empty((b, w_scale.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
 
 
 def _compiling() -> bool:

@@ -19,14 +19,16 @@ dequantized weights instead ("float").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixq.kernels import dispatch
+from mixq.kernels import dispatch, onednn
 from mixq.quantizers import (
     FLOAT_BITS,
     activation_qparams,
@@ -141,6 +143,9 @@ class QuantizedLayer(nn.Module):
       x_scale, x_zero   fp32 [parts] activation parameters
       bias         the original bias (pipeline dtype), if any
       bos_output   [N] the stored output row of token 0 (BOS mode "cached")
+
+    On an x86 CPU an 8-bit layer holds its weights once, in the oneDNN kernels' layout (see
+    hold_kernel_layouts): `qweight_{p}` is then rebuilt from that layout on demand.
     """
 
     def __init__(self, out_features, in_features, w_bits, a_bits, kernel_size=(1, 1), split_at=None,
@@ -177,11 +182,13 @@ class QuantizedLayer(nn.Module):
         # The calibrated token-0 input the stored row was computed from: checked on every call (see QLinear).
         self.register_buffer("bos_input", torch.zeros(in_features, dtype=dtype, device=device) if bos_mode == "cached" else None)
         self._input_key = None  # see input_key
+        self._kernel_layouts: dict[str, torch.Tensor] = {}  # see hold_kernel_layouts
 
     # --- construction from a float layer ---------------------------------------------------------
 
     def load_float_weight(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """weight: the float layer's weight, in its own shape."""
+        held = self.release_kernel_layouts()
         if bias is not None:
             self.bias.copy_(bias.detach())
         if self.w_bits == FLOAT_BITS:
@@ -193,6 +200,8 @@ class QuantizedLayer(nn.Module):
         for p, part in enumerate(self._weight_parts(q)):
             getattr(self, f"qweight_{p}").copy_(pack_weight(part, self.w_bits))
             getattr(self, f"w_sum_{p}").copy_(weight_row_sums(part))
+        if held:
+            self.hold_kernel_layouts()
 
     def set_activation_ranges(self, lows, highs):
         if self.a_bits == FLOAT_BITS:
@@ -266,7 +275,7 @@ class QuantizedLayer(nn.Module):
         for p, size in enumerate(self.part_sizes):
             xp = x if len(self.part_sizes) == 1 else x.narrow(1 if x.dim() == 4 else -1, start, size)
             yp = run_kernel(
-                xp, getattr(self, f"qweight_{p}"), getattr(self, f"w_sum_{p}"),
+                xp, self.kernel_weight(p), getattr(self, f"w_sum_{p}"),
                 self.x_scale[p], self.x_zero[p], self.bias if p == 0 else None, functools.partial(self.input_key, p),
             )
             y = yp if y is None else y + yp
@@ -286,6 +295,8 @@ class QuantizedLayer(nn.Module):
     _FP32_BUFFERS = ("w_scale", "x_scale", "x_zero")
 
     def _apply(self, fn, recurse=True):
+        if self._kernel_layouts and not keeps_cpu_int8(fn):
+            self.release_kernel_layouts()  # moving to another device or dtype: the plain buffers move
         key_valid = self.input_key(0) is not None
         kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS if name in self._buffers}
         super()._apply(fn, recurse)
@@ -301,10 +312,101 @@ class QuantizedLayer(nn.Module):
     def qweight(self) -> torch.Tensor:
         """The packed weight of the first input part (the float weight when w_bits == 16): where PEFT, like
         other libraries that wrap quantized layers, looks for a layer's device."""
-        return self._buffers["weight"] if self.w_bits == FLOAT_BITS else self.qweight_0
+        return self._buffers["weight"] if self.w_bits == FLOAT_BITS else self.kernel_weight(0)
 
     def state_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes the layer holds: its buffers and the weight layouts it holds instead of plain buffers."""
+        held = sum(layout.numel() * layout.element_size() for layout in self._kernel_layouts.values())
+        return held + sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # --- 8-bit weights held once, in the CPU kernels' layout --------------------------------------
+    #
+    # oneDNN's int8 kernels read weights reordered into a blocked layout. Keeping that layout beside
+    # the plain `qweight_{p}` buffer would hold every 8-bit weight twice, so prepare_layer (quantize /
+    # load time) has the layer keep the layout alone; its `_buffers` entry stays, as None, so that
+    # state_dict keeps its keys and their order. The plain codes come back exactly (the reorder only
+    # moves bytes): `layer.qweight_{p}` gives a fresh copy, and state_dict, load_state_dict, pickling,
+    # deepcopy and moves to another device or dtype work on them as on an unprepared layer.
+
+    def hold_kernel_layouts(self) -> bool:
+        """Keep 8-bit integer weights only in oneDNN's layout, where that layout can be built here (an x86
+        CPU with oneDNN, the weights on the CPU); True when the layer now holds them so."""
+        if self._kernel_layouts:
+            return True
+        plain = [self._buffers.get(f"qweight_{p}") for p in range(len(self.part_sizes))]
+        if (self.w_bits != 8 or self.a_bits == FLOAT_BITS or any(q is None or q.device.type != "cpu" for q in plain)
+                or onednn.unavailable_reason() is not None):
+            return False
+        for p, (qweight, size) in enumerate(zip(plain, self.part_sizes)):
+            self._kernel_layouts[f"qweight_{p}"] = onednn.weight_layout(
+                qweight, self.w_scale, self.kind, size if self.kind == "conv2d" else self.in_features,
+                self.kernel_size, getattr(self, "stride", None), getattr(self, "padding", None))
+        for name in self._kernel_layouts:
+            self._buffers[name] = None
+        return True
+
+    def release_kernel_layouts(self) -> bool:
+        """Put the plain `qweight_{p}` buffers back and drop the layouts; True when there were any."""
+        if not self._kernel_layouts:
+            return False
+        for name in list(self._kernel_layouts):
+            self._buffers[name] = self._plain_codes(name)
+            del self._kernel_layouts[name]
+        return True
+
+    def kernel_weight(self, part: int) -> torch.Tensor:
+        """What the kernels take for input part `part`: the held oneDNN layout, or the packed buffer."""
+        layout = self._kernel_layouts.get(f"qweight_{part}")
+        return layout if layout is not None else self._buffers[f"qweight_{part}"]
+
+    def _plain_codes(self, name: str) -> torch.Tensor:
+        part = int(name.rsplit("_", 1)[1])
+        return onednn.plain_codes(self._kernel_layouts[name], self.kind, self.part_sizes[part], self.kernel_size)
+
+    def __getattr__(self, name):
+        layouts = self.__dict__.get("_kernel_layouts")
+        if layouts and name in layouts:
+            return self._plain_codes(name)  # a copy: writing to it changes nothing (see load_float_weight)
+        return super().__getattr__(name)
+
+    @contextlib.contextmanager
+    def _plain_buffers(self):
+        """The plain buffers in place of the held layouts for the duration (for state_dict)."""
+        names = list(self._kernel_layouts)
+        for name in names:
+            self._buffers[name] = self._plain_codes(name)
+        try:
+            yield
+        finally:
+            for name in names:
+                self._buffers[name] = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        with self._plain_buffers():
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        held = self.release_kernel_layouts()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if held:
+            self.hold_kernel_layouts()  # from the values just loaded
+
+    def __getstate__(self):  # pickle and deepcopy: the plain buffers, laid out again on restore
+        state = super().__getstate__()
+        if self._kernel_layouts:
+            state["_buffers"] = OrderedDict(
+                (name, self._plain_codes(name) if name in self._kernel_layouts else tensor)
+                for name, tensor in self._buffers.items())
+            state["_kernel_layouts"] = {}
+            state["_restore_kernel_layouts"] = True
+        return state
+
+    def __setstate__(self, state):
+        restore = state.pop("_restore_kernel_layouts", False)
+        super().__setstate__(state)
+        self.__dict__.setdefault("_kernel_layouts", {})
+        if restore:
+            self.hold_kernel_layouts()
 
     def extra_repr(self):
         extra = f", split={self.part_sizes}" if self.split_at else ""
@@ -424,6 +526,13 @@ class QConv2d(QuantizedLayer):
                 ),
             )
         return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding))
+
+
+def keeps_cpu_int8(fn) -> bool:
+    """Whether Module._apply's `fn` leaves an int8 CPU tensor an int8 CPU tensor (.half(), .to(dtype), a
+    move within the CPU), so that held kernel layouts stay valid."""
+    probe = fn(torch.empty(0, dtype=torch.int8))
+    return probe.device.type == "cpu" and probe.dtype == torch.int8
 
 
 def check_supported_conv(conv: nn.Conv2d):

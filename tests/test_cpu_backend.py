@@ -187,12 +187,94 @@ def test_weights_are_laid_out_once(monkeypatch):
 
 
 def test_layouts_go_with_their_layer():
-    layer = QLinear.from_float(nn.Linear(32, 16), 8, 8, lows=(-3.0,), highs=(3.0,))
+    """A plain 8-bit buffer that reaches the ops unprepared gets its layout on first use, dropped with it."""
+    qweight = torch.randint(-128, 128, (16, 32), dtype=torch.int8)
     before = len(onednn.packed_weights)
-    dispatch.prepare_layer(layer)
+    onednn.linear_layout(qweight)
     assert len(onednn.packed_weights) == before + 1
-    del layer
+    del qweight
     assert len(onednn.packed_weights) == before
+
+
+# --- 8-bit weights held once, in oneDNN's layout -------------------------------------------------
+
+
+def held_layers(dtype=torch.float32):
+    """A prepared 8-bit linear, convolution and split convolution, with inputs, and unprepared twins."""
+    torch.manual_seed(0)
+    floats = {
+        "linear": (nn.Linear(32, 24), dict(lows=(-3.0,), highs=(3.0,)), activations((5, 32), dtype)),
+        "conv": (nn.Conv2d(16, 24, 3, stride=2, padding=1), dict(lows=(-3.0,), highs=(3.0,)),
+                 activations((2, 16, 9, 8), dtype)),
+        "split": (nn.Conv2d(24, 16, 1), dict(lows=(-3.0, -1.0), highs=(3.0, 2.0), split_at=16),
+                  activations((2, 24, 5, 6), dtype)),
+    }
+    cases = {}
+    for name, (float_layer, ranges, x) in floats.items():
+        build = QLinear.from_float if name == "linear" else QConv2d.from_float
+        held, plain = (build(float_layer.to(dtype), 8, 8, **ranges) for _ in range(2))
+        dispatch.prepare_layer(held)
+        cases[name] = (held, plain, x)
+    return cases
+
+
+def int8_weight_bytes(layer) -> int:
+    return sum(layer.out_features * layer.kernel_size[0] * layer.kernel_size[1] * size for size in layer.part_sizes)
+
+
+@pytest.mark.parametrize("case", ("linear", "conv", "split"))
+def test_8_bit_weights_are_held_once(case):
+    held, plain, x = held_layers()[case]
+    names = [f"qweight_{p}" for p in range(len(held.part_sizes))]
+    assert all(held._buffers[name] is None for name in names)  # no plain copy beside the layout
+    assert all(held.kernel_weight(p).is_mkldnn for p in range(len(names)))
+    # The layer's bytes: the layout (one byte per weight) instead of the plain buffer, not beside it.
+    assert held.state_bytes() == plain.state_bytes()
+    assert int8_weight_bytes(held) <= held.state_bytes() < 1.05 * int8_weight_bytes(held) + 4096
+    for name in names:  # the plain codes come back exactly
+        assert torch.equal(getattr(held, name), getattr(plain, name))
+    assert list(held.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in held.state_dict().items())
+    assert torch.equal(held(x), plain(x))  # the same oneDNN kernels, on the same layout
+
+
+@pytest.mark.parametrize("case", ("linear", "conv", "split"))
+def test_held_weights_follow_loads_copies_and_moves(case, tmp_path):
+    import copy
+    import pickle
+
+    held, plain, x = held_layers()[case]
+    expected = plain(x)
+    for copied in (copy.deepcopy(held), pickle.loads(pickle.dumps(held))):
+        assert copied.kernel_weight(0).is_mkldnn and torch.equal(copied(x), expected)
+    # New values through load_state_dict are laid out again (and still held once).
+    other = held_layers()[case][0]
+    with torch.no_grad():
+        for p in range(len(plain.part_sizes)):
+            getattr(plain, f"qweight_{p}").neg_()
+    other.load_state_dict(plain.state_dict())
+    assert other.kernel_weight(0).is_mkldnn and torch.equal(other(x), plain(x))
+    # A cast of the float buffers keeps the layout; a move elsewhere takes the plain buffers along.
+    assert held.to(torch.bfloat16).kernel_weight(0).is_mkldnn
+    moved = copy.deepcopy(plain).to("meta")
+    held.to("meta")
+    assert held._kernel_layouts == {} and held.qweight_0.is_meta and held.qweight_0.shape == moved.qweight_0.shape
+
+
+@pytest.mark.parametrize("case", ("linear", "conv", "split"))
+def test_held_weights_serve_the_reference_backend_exactly(case, monkeypatch):
+    held, plain, x = held_layers()[case]
+    monkeypatch.setenv("MIXQ_BACKEND", "torch")
+    assert torch.equal(held(x), plain(x))
+
+
+def test_requantizing_a_held_layer_lays_out_the_new_weights():
+    held, plain, x = held_layers()["linear"]
+    weight = torch.randn(24, 32)
+    held.load_float_weight(weight, None)
+    plain.load_float_weight(weight, None)
+    assert held.kernel_weight(0).is_mkldnn
+    assert torch.equal(held.qweight_0, plain.qweight_0) and torch.equal(held(x), plain(x))
 
 
 @pytest.mark.parametrize("w_bits", (4, 2))
@@ -246,7 +328,10 @@ def prepared_layouts(unet) -> list:
     for name in find_quantized_layers(unet):
         layer = unet.get_submodule(name)
         for p, size in enumerate(layer.part_sizes):
-            qweight = getattr(layer, f"qweight_{p}")
+            qweight = layer.kernel_weight(p)
+            if qweight.is_mkldnn:  # an 8-bit weight, held in its layout
+                layouts.append(qweight)
+                continue
             layouts.append(onednn.linear_layout(qweight, layer.w_bits, layer.in_features, only_if_prepared=True)
                            if layer.kind == "linear" else
                            onednn.conv_layout(qweight, layer.w_scale, size, layer.kernel_size, layer.stride,

@@ -29,5 +29,9 @@ def test_cpu_unet_benchmark_reports_each_variant(tmp_path):
     memory = results["quantize_memory"]
     # 4-bit weights: packed by default, one oneDNN int8 copy more with cpu_weights="int8"
     assert memory["mixq W4A8"]["quantized_bytes"]["onednn_layouts"] == 0
+    # 8-bit weights: held once, in oneDNN's layout (counted in the layers' own bytes), nothing beside them
+    assert memory["mixq W8A8"]["quantized_bytes"]["onednn_layouts"] == 0
+    assert memory["mixq W8A8"]["quantized_bytes"]["layer_buffers"] > memory["mixq W8A8"]["int8_weights_plus_scales_bytes"]
+    assert "resident / int8 weights + scales" in report
     assert memory["mixq W4A8 int8-weights"]["quantized_bytes"]["onednn_layouts"] > 0
     assert results["latency"]["fp32"]["8"]["median_s"] > 0
