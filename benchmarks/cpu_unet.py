@@ -112,6 +112,15 @@ def time_forward(unet, inputs, rounds: int) -> dict:
             "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
+def settle_memory():
+    """Free what is unreachable and hand freed heap memory back, so that RSS differences between two points
+    count live memory, not what the allocator kept from an earlier variant."""
+    from mixq.memory import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
+
+
 def quantized_bytes(unet) -> dict:
     """Resident bytes of the quantized layers: what they hold (buffers, and the oneDNN layouts 8-bit layers
     hold instead of plain buffers), and the oneDNN layouts kept beside packed 4/2-bit weights."""
@@ -154,7 +163,7 @@ def measure_mixq(unet, calibration, name, quantize_kwargs, sizes, all_inputs, ro
 
     shim = types.SimpleNamespace(unet=unet)
     originals = {n: unet.get_submodule(n) for n in mixq.layers.quantizable_layers(unet)}
-    gc.collect()
+    settle_memory()
     before = rss_bytes()
     reset_peak_rss()
     start = time.perf_counter()
@@ -164,7 +173,7 @@ def measure_mixq(unet, calibration, name, quantize_kwargs, sizes, all_inputs, ro
     quantized = find_quantized_layers(unet)
     q_bytes = quantized_bytes(unet)
     replaced_float = float_layer_bytes(originals[n] for n in quantized)
-    gc.collect()
+    settle_memory()
     memory = {
         "rss_before_bytes": before, "peak_rss_bytes": peak, "quantize_s": round(quantize_s, 1),
         "rss_after_bytes": rss_bytes(),  # the float layers stay resident (kept aside): the rise is mixq's
@@ -185,7 +194,7 @@ def measure_mixq(unet, calibration, name, quantize_kwargs, sizes, all_inputs, ro
     for n, module in originals.items():  # back to the float model
         set_submodule(unet, n, module)
     del originals, shim
-    gc.collect()
+    settle_memory()
 
 
 def op_profile(unet, inputs, rows: int = 15) -> str:

@@ -49,8 +49,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `module` (each tensor counted once)."""
-    seen, total = set(), 0
+    """Bytes of every parameter and buffer of `module` (each tensor counted once), and of the weight
+    layouts quantized layers hold in place of buffers."""
+    from mixq.modules import QuantizedLayer
+
+    seen = set()
+    total = sum(m.held_layout_bytes() for m in module.modules() if isinstance(m, QuantizedLayer))
     for tensor in [*module.parameters(), *module.buffers()]:
         if id(tensor) not in seen:
             seen.add(id(tensor))

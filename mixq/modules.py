@@ -316,8 +316,11 @@ class QuantizedLayer(nn.Module):
 
     def state_bytes(self) -> int:
         """Bytes the layer holds: its buffers and the weight layouts it holds instead of plain buffers."""
-        held = sum(layout.numel() * layout.element_size() for layout in self._kernel_layouts.values())
-        return held + sum(b.numel() * b.element_size() for b in self.buffers())
+        return self.held_layout_bytes() + sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def held_layout_bytes(self) -> int:
+        """Bytes of the kernel layouts held in place of `qweight_{p}` buffers (which buffers() skips)."""
+        return sum(layout.numel() * layout.element_size() for layout in self._kernel_layouts.values())
 
     # --- 8-bit weights held once, in the CPU kernels' layout --------------------------------------
     #

@@ -224,12 +224,15 @@ def int8_weight_bytes(layer) -> int:
 
 @pytest.mark.parametrize("case", ("linear", "conv", "split"))
 def test_8_bit_weights_are_held_once(case):
+    from benchmarks.measure import module_bytes
+
     held, plain, x = held_layers()[case]
     names = [f"qweight_{p}" for p in range(len(held.part_sizes))]
     assert all(held._buffers[name] is None for name in names)  # no plain copy beside the layout
     assert all(held.kernel_weight(p).is_mkldnn for p in range(len(names)))
     # The layer's bytes: the layout (one byte per weight) instead of the plain buffer, not beside it.
     assert held.state_bytes() == plain.state_bytes()
+    assert module_bytes(held) == module_bytes(plain)  # the benchmarks' memory tables count the layout
     assert int8_weight_bytes(held) <= held.state_bytes() < 1.05 * int8_weight_bytes(held) + 4096
     for name in names:  # the plain codes come back exactly
         assert torch.equal(getattr(held, name), getattr(plain, name))

@@ -1,0 +1,84 @@
+"""8-bit weights held once in oneDNN's layout against the plain buffer with the layout beside it, on the
+full-size UNet: one process, three arms swapped in between alternating calls (bf16 float layers, W8A8
+layers holding their layout, the same W8A8 layers with plain buffers and the layout built beside them),
+so all arms see the same machine load.
+
+    python -m benchmarks.held_weights_ab --unet-config PATH/sdxl-turbo/unet/config.json --latents 32 64
+
+Prints, per latent size, each arm's median UNet forward and its speed-up over bf16, and each W8A8
+arm's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+import types
+
+import torch
+
+from benchmarks.cpu_unet import calibrate, unet_inputs
+from benchmarks.environment import environment
+
+
+def timed(unet, inputs) -> float:
+    start = time.perf_counter()
+    unet(**inputs)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    import mixq
+    from mixq.kernels import onednn
+    from mixq.layers import find_quantized_layers, quantizable_layers, set_submodule
+    from mixq.offline import load_unet_config, unet_from_config
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.held_weights_ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unet-config", required=True)
+    parser.add_argument("--latents", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--rounds", type=int, default=5, help="calls per arm and size (alternating)")
+    args = parser.parse_args(argv)
+    unet = unet_from_config(load_unet_config(args.unet_config), dtype=torch.bfloat16).eval()
+    unet.to(memory_format=torch.channels_last)
+    print(f"{environment('cpu')['device']}; torch {torch.__version__}; full-size UNet from its config, random "
+          "weights, bf16, channels-last, batch 1", flush=True)
+    all_inputs = {size: unet_inputs(unet, size, torch.bfloat16) for size in args.latents}
+    originals = {n: unet.get_submodule(n) for n in quantizable_layers(unet)}
+    with torch.no_grad():
+        calibration = calibrate(unet, all_inputs[args.latents[0]])
+    mixq.quantize(types.SimpleNamespace(unet=unet), w_bit=8, a_bit=8, calibration=calibration, progress=False)
+    held = {n: unet.get_submodule(n) for n in find_quantized_layers(unet)}
+    beside = {}
+    for name, layer in held.items():
+        beside[name] = twin = copy.deepcopy(layer)
+        twin.release_kernel_layouts()  # the plain buffer; the ops build the layout beside it on first use
+    arms = {"bf16": {n: originals[n] for n in held}, "W8A8 held once": held, "W8A8 layout beside": beside}
+    with torch.no_grad():
+        for size, inputs in all_inputs.items():
+            times = {arm: [] for arm in arms}
+            for layers in arms.values():  # warm-up of each arm (the "beside" arm builds its layouts)
+                for name, module in layers.items():
+                    set_submodule(unet, name, module)
+                unet(**inputs)
+            for _ in range(args.rounds):
+                for arm, layers in arms.items():
+                    for name, module in layers.items():
+                        set_submodule(unet, name, module)
+                    times[arm].append(timed(unet, inputs))
+            medians = {arm: statistics.median(t) for arm, t in times.items()}
+            cells = [f"{arm} {s:.3f} s ({medians['bf16'] / s:.2f}x bf16)" for arm, s in medians.items()]
+            print(f"{size}x{size} latents, {args.rounds} alternating rounds: " + "; ".join(cells)
+                  + f"; held / beside {medians['W8A8 layout beside'] / medians['W8A8 held once']:.3f}x; "
+                  f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    held_bytes = sum(layer.state_bytes() for layer in held.values())
+    beside_bytes = sum(layer.state_bytes() for layer in beside.values()) + onednn.packed_weights.nbytes()
+    print(f"W8A8 bytes: held once {held_bytes / 2**30:.2f} GiB, layout beside {beside_bytes / 2**30:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
