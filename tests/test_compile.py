@@ -55,6 +55,19 @@ def test_compiles_layers_built_by_load_quantized_and_the_diffusers_backend(_tiny
         assert_compiles_like_eager(layer, x)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiles_layers_holding_their_weights_in_onednn_layout(dtype):
+    """Prepared 8-bit layers hand the ops their held oneDNN layout (no plain buffer) inside the graph too."""
+    from mixq.kernels import dispatch
+
+    model = SmallQuantizedModel(dtype)
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLayer):
+            dispatch.prepare_layer(layer)
+    assert model.conv.kernel_weight(0).is_mkldnn and model.linear.kernel_weight(0).is_mkldnn
+    assert_compiles_like_eager(model, small_input(dtype))
+
+
 def test_compiles_with_lora_adapters():
     from peft import LoraConfig, inject_adapter_in_model
 
