@@ -63,9 +63,10 @@ def test_every_component_is_quantized_with_its_defaults(every_component, _tiny_s
     for r in rows.values():
         by_group.setdefault(r["group"], []).append(r)
     assert {"content", "quality", "vae", "text_encoder", "text_encoder_2"} <= set(by_group)
-    # VAE: the decoder only, its first/last convs and mid-block attention kept in floating point
+    # VAE: the decoder only, its first/last convs, mid-block attention and up-block shortcuts kept in floating point
     assert all(n.startswith("vae.decoder.") for n in rows if component_of(n) == "vae")
-    for kept in ("vae.decoder.conv_in", "vae.decoder.conv_out", "vae.decoder.mid_block.attentions.0.to_q"):
+    for kept in ("vae.decoder.conv_in", "vae.decoder.conv_out", "vae.decoder.mid_block.attentions.0.to_q",
+                 "vae.decoder.up_blocks.1.resnets.0.conv_shortcut"):
         assert rows[kept]["w_bits"] == 16
     assert rows["vae.decoder.up_blocks.0.resnets.0.conv1"]["w_bits"] == 8
     assert isinstance(every_component.vae.decoder.up_blocks[0].resnets[0].conv1, QConv2d)
