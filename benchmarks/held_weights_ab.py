@@ -76,7 +76,8 @@ def main(argv=None) -> int:
                   f"load average {os.getloadavg()[0]:.2f}", flush=True)
     held_bytes = sum(layer.state_bytes() for layer in held.values())
     beside_bytes = sum(layer.state_bytes() for layer in beside.values()) + onednn.packed_weights.nbytes()
-    print(f"W8A8 bytes: held once {held_bytes / 2**30:.2f} GiB, layout beside {beside_bytes / 2**30:.2f} GiB")
+    print(f"W8A8 bytes: held once {held_bytes / 2**30:.2f} GiB, layout beside {beside_bytes / 2**30:.2f} GiB "
+          f"({held_bytes} / {beside_bytes} bytes)")
     return 0
 
 

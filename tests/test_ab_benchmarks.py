@@ -1,0 +1,39 @@
+"""The one-off A/B benchmarks run end to end on small inputs and print what their results files quote.
+
+Structure only: the numbers they print are measurements, asserted nowhere.
+"""
+
+import json
+import re
+
+import pytest
+
+from benchmarks import held_weights_ab, vae_layers
+from mixq.kernels import onednn
+from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
+
+
+@pytest.mark.skipif(onednn.unavailable_reason() is not None, reason="needs the oneDNN int8 kernels")
+def test_held_weights_ab_compares_both_arms_and_their_bytes(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(shrink_unet_config(SDXL_UNET_STRUCTURE)))
+    assert held_weights_ab.main(["--unet-config", str(config), "--latents", "8", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"8x8 latents, 1 alternating rounds: bf16 .* W8A8 held once .* W8A8 layout beside .* held / "
+                     r"beside \d", out)
+    held, beside = map(int, re.search(r"\((\d+) / (\d+) bytes\)", out).groups())
+    assert 0 < held < beside  # the layout alone, against the plain buffer and the layout beside it
+
+
+def test_vae_layers_ranks_every_decoder_layer_and_checks_the_largest(capsys):
+    assert vae_layers.main(["--prompts", "2", "--confirm", "4", "--calibration-prompts", "2"]) == 0
+    out = capsys.readouterr().out
+    ranked = re.findall(r"^  (vae\.decoder\.\S+) in float: [+-][\d.]+ dB$", out, flags=re.M)
+    assert len(ranked) > 10 and any("conv_shortcut" in name for name in ranked)
+    assert re.search(r"^largest: vae\.decoder\.\S+ ", out, flags=re.M)
+    assert re.search(r"^prompts 2-3: .* n = 2, p = ", out, flags=re.M)
+
+
+def test_vae_layers_refuses_too_few_prompts_to_confirm():
+    with pytest.raises(SystemExit):
+        vae_layers.main(["--prompts", "4", "--confirm", "5"])
