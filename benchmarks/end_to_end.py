@@ -17,11 +17,14 @@ the VAE decoder W8A8, and with the VAE decoder and both text encoders W8A8. The 
 weights are channels-last in every configuration (--no-channels-last: NCHW), the layout in which CPU
 convolutions, float and quantized, run fastest. Activation ranges come
 from one observed half-precision generation at the Turbo size (random weights: speed, not image quality). Each
-UNet setting is quantized once with every component; the float layers of the components a
-configuration leaves float are swapped back in for it.
+UNet setting is quantized once with every component; each configuration's layers (float where it leaves
+a component float) are swapped into the one pipeline before each of its generations.
 
-The median of --rounds generations (its stages sum to its total) after one warm-up generation, the machine's load average
-beside them (CPU); results go to OUT/<device>-pipeline-<date>.json and .md.
+Per workload, the half-precision and quantized configurations generate in turn, round by round (one
+warm-up generation each first), so that the machine's drift over the minutes of a run falls on all of
+them alike; fp32 runs on its own before the cast. The median of --rounds generations (its stages sum to
+its total), the machine's load average beside them (CPU); results go to OUT/<device>-pipeline-<date>.json
+and .md.
 """
 
 from __future__ import annotations
@@ -168,8 +171,12 @@ def time_workload(pipe, workload: dict, rounds: int) -> dict:
     with workload_scheduler(pipe, workload["scheduler"]):
         generate_timed(pipe, workload)
         runs = [generate_timed(pipe, workload) for _ in range(rounds)]
+    return median_row(pipe, runs)
+
+
+def median_row(pipe, runs: list[dict]) -> dict:
     row = dict(sorted(runs, key=lambda r: r["total"])[len(runs) // 2])  # the median generation, its stages
-    row.update(rounds=rounds, totals=[round(r["total"], 3) for r in runs], rss_bytes=rss_bytes(),
+    row.update(rounds=len(runs), totals=[round(r["total"], 3) for r in runs], rss_bytes=rss_bytes(),
                load_average_1min=round(os.getloadavg()[0], 2) if pipe.unet.device.type == "cpu" else None)
     return row
 
@@ -202,10 +209,10 @@ def set_layers(pipe, modules: dict):
         set_submodule(tree, name, module)
 
 
-def measure_unet_setting(pipe, label: str, quantize_kwargs: dict, calibration, floats: dict, loads: dict,
-                         rounds: dict, results: dict, save):
-    """Quantize the UNet (and every other component) once, then time each component set by swapping the
-    float layers of the components it leaves float back in."""
+def quantized_layer_sets(pipe, label: str, quantize_kwargs: dict, calibration, floats: dict, results: dict) -> dict:
+    """Quantize the UNet (and every other component) once for a UNet setting, then put the float layers
+    back; returns configuration name -> the layers it runs with (quantized for the UNet and the
+    components its suffix names, float elsewhere)."""
     import mixq
     from mixq.components import component_of
 
@@ -213,22 +220,31 @@ def measure_unet_setting(pipe, label: str, quantize_kwargs: dict, calibration, f
     mixq.quantize(pipe, components=EVERY, calibration=calibration, progress=False, **quantize_kwargs)
     results["quantize_s"][label] = round(time.perf_counter() - start, 1)
     quantized = {n: m for n, m in layers_now(pipe, floats).items() if m is not floats[n]}
-    for suffix, components in COMPONENT_SETS:
-        name = f"{label}{suffix}"
-        set_layers(pipe, {n: (quantized[n] if component_of(n) in ("unet", *components) else floats[n])
-                          for n in quantized})
-        for workload, spec in loads.items():
-            if name not in results["configurations"][workload]:
-                continue
-            results["latency"][workload][name] = row = time_workload(pipe, spec, rounds[workload])
-            print(f"  {workload} {name}: {row['total']:.2f} s (UNet {row['UNet']:.2f}, VAE {row['VAE decode']:.2f}, "
-                  f"text {row['text encoders']:.2f})", flush=True)
-            save()
-    set_layers(pipe, {n: floats[n] for n in quantized})  # the float pipeline again
+    set_layers(pipe, floats)  # the float pipeline again
     for component in EVERY:
         getattr(pipe, component).__dict__.pop("mixq_info", None)
-    del quantized
-    gc.collect()
+    return {f"{label}{suffix}": {n: (quantized[n] if component_of(n) in ("unet", *components) else floats[n])
+                                 for n in quantized}
+            for suffix, components in COMPONENT_SETS}
+
+
+def time_interleaved(pipe, workload: dict, layer_sets: dict, floats: dict, rounds: int) -> dict:
+    """time_workload for several configurations at once, their generations interleaved round by round
+    (each configuration's layers swapped in before its generation), so that the machine's drift over the
+    minutes a run takes falls on every configuration alike; one warm-up generation each first."""
+    def generate_with(name):
+        set_layers(pipe, {**floats, **layer_sets[name]})
+        return generate_timed(pipe, workload)
+
+    runs = {name: [] for name in layer_sets}
+    with workload_scheduler(pipe, workload["scheduler"]):
+        for name in layer_sets:
+            generate_with(name)
+        for _ in range(rounds):
+            for name in layer_sets:
+                runs[name].append(generate_with(name))
+    set_layers(pipe, floats)
+    return {name: median_row(pipe, generations) for name, generations in runs.items()}
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -279,10 +295,6 @@ def run(args) -> dict:
         save()
     pipe.to(half)  # keeps the memory format
     gc.collect()
-    for workload, spec in loads.items():
-        results["latency"][workload]["half"] = row = time_workload(pipe, spec, rounds[workload])
-        print(f"  {workload} {results['half']}: {row['total']:.2f} s", flush=True)
-        save()
     start = time.perf_counter()
     calibration = mixq.calibrate_ranges(pipe, [PROMPT], components=EVERY, progress=False, batch_size=1,
                                         num_inference_steps=1, guidance_scale=0.0, height=args.size, width=args.size)
@@ -290,9 +302,19 @@ def run(args) -> dict:
     floats = float_layers(pipe)
     plan = mixed_4bit_plan(pipe.unet)
     results["plan_source"] = plan["source"]
+    layer_sets = {"half": {}}
     for label, kwargs in (("mixq W8A8 UNet", {"w_bit": 8, "a_bit": 8}),
                           ("mixq 4-bit plan UNet", {"plan": plan["layers"]})):
-        measure_unet_setting(pipe, label, kwargs, calibration, floats, loads, rounds, results, save)
+        layer_sets.update(quantized_layer_sets(pipe, label, kwargs, calibration, floats, results))
+        gc.collect()
+    for workload, spec in loads.items():
+        names = [n for n in results["configurations"][workload] if n in layer_sets]
+        rows = time_interleaved(pipe, spec, {n: layer_sets[n] for n in names}, floats, rounds[workload])
+        for name in names:
+            results["latency"][workload][name] = row = rows[name]
+            print(f"  {workload} {name}: {row['total']:.2f} s (UNet {row['UNet']:.2f}, VAE {row['VAE decode']:.2f}, "
+                  f"text {row['text encoders']:.2f})", flush=True)
+        save()
     return results
 
 

@@ -78,7 +78,7 @@ def quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
     if backend == "onednn":
         return onednn.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
     if qweight.is_mkldnn:  # a held oneDNN layout, another backend asked for (MIXQ_BACKEND): the plain codes
-        qweight = onednn.plain_codes(qweight, "linear", x.shape[-1])
+        qweight = onednn.plain_codes(qweight, "linear")
     if backend == "triton":
         return _triton().quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                           input_key=input_key)
@@ -93,7 +93,7 @@ def quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits
             x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding
         )
     if qweight.is_mkldnn:
-        qweight = onednn.plain_codes(qweight, "conv2d", x.shape[1], kernel_size)
+        qweight = onednn.plain_codes(qweight, "conv2d")
     if backend == "triton":
         return _triton().quantized_conv2d(
             x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,

@@ -229,7 +229,7 @@ def weight_layout(qweight, w_scale, kind: str, in_channels: int, kernel_size=Non
     return _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding)
 
 
-def plain_codes(layout: torch.Tensor, kind: str, in_channels: int, kernel_size=None) -> torch.Tensor:
+def plain_codes(layout: torch.Tensor, kind: str) -> torch.Tensor:
     """The codes [N, K] a weight_layout was made from, exactly (oneDNN's reorder only moves bytes)."""
     dense = layout.to_dense()
     if kind == "linear":

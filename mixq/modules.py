@@ -363,8 +363,7 @@ class QuantizedLayer(nn.Module):
         return layout if layout is not None else self._buffers[f"qweight_{part}"]
 
     def _plain_codes(self, name: str) -> torch.Tensor:
-        part = int(name.rsplit("_", 1)[1])
-        return onednn.plain_codes(self._kernel_layouts[name], self.kind, self.part_sizes[part], self.kernel_size)
+        return onednn.plain_codes(self._kernel_layouts[name], self.kind)
 
     def __getattr__(self, name):
         layouts = self.__dict__.get("_kernel_layouts")
