@@ -352,19 +352,29 @@ def report(results: dict) -> str:
                   f"{spec['guidance_scale']}, batch 1", "",
                   f"Seconds per image (the median generation); speed-up over {results['half']} end to end and of "
                   "the UNet stage alone:", "",
-                  "| configuration | " + " | ".join(STAGES) + f" | total | end to end vs {results['half']} | UNet vs "
-                  f"{results['half']} | load |",
-                  "|---|" + "---|" * (len(STAGES) + 4)]
+                  "| configuration | " + " | ".join(STAGES) + f" | total | end to end vs {results['half']} | "
+                  f"per round: median [min, max] | UNet vs {results['half']} | load |",
+                  "|---|" + "---|" * (len(STAGES) + 5)]
         base = rows.get("half")
         for name, row in rows.items():
             e2e = f"{base['total'] / row['total']:.2f}x" if base else "-"
             unet = f"{base['UNet'] / row['UNet']:.2f}x" if base else "-"
+            paired = "-"
+            if base and name not in ("half", "fp32"):  # generated in the same rounds as the baseline
+                ratios = sorted(round_ratios(base["totals"], row["totals"]))
+                paired = f"{ratios[len(ratios) // 2]:.2f}x [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
             label = results["half"] if name == "half" else name
             lines.append(f"| {label} | " + " | ".join(f"{row[s]:.2f}" for s in STAGES)
-                         + f" | **{row['total']:.2f}** | {e2e} | {unet} | {row['load_average_1min']} |")
-        lines.append("")
+                         + f" | **{row['total']:.2f}** | {e2e} | {paired} | {unet} | {row['load_average_1min']} |")
+        lines += ["", "Per round: the baseline's total over the configuration's in each round of interleaved "
+                  "generations (a paired ratio, robust to the machine's drift between rounds).", ""]
     lines += [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def round_ratios(base_totals: list[float], totals: list[float]) -> list[float]:
+    """Speed-up over the baseline in each round: its total over the configuration's, round by round."""
+    return [b / t for b, t in zip(base_totals, totals)]
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ Structure only: no speed target is asserted here (they live in the report).
 """
 
 import json
+import re
 
 from benchmarks import end_to_end
 
@@ -22,3 +23,7 @@ def test_cpu_pipeline_benchmark_reports_every_stage_and_configuration(tmp_path):
     assert "| mixq 4-bit plan UNet + VAE + text encoders W8A8 |" in report and "amx_int8" in report
     assert "## LCM-LoRA SDXL: 64x64, 4 step(s)" in report
     assert "| bfloat16 |" in report and "vs bfloat16" in report  # the half-precision baseline on CPU
+    # quantized rows carry the per-round paired ratio against the baseline they were interleaved with
+    assert "per round: median [min, max]" in report
+    assert re.search(r"^\| mixq W8A8 UNet \|.*\| [\d.]+x \[[\d.]+, [\d.]+\] \|", report, flags=re.M)
+    assert end_to_end.round_ratios([2.0, 3.0], [1.0, 6.0]) == [2.0, 0.5]
