@@ -60,6 +60,30 @@ def run_unet(unet, call) -> torch.Tensor:
     return unet_sample(unet(*args, **{**kwargs, "return_dict": False}))
 
 
+def call_batch(call) -> int:
+    """The batch of a recorded UNet call: its sample's first dimension."""
+    args, kwargs = call[0], call[1]
+    return (args[0] if args else kwargs["sample"]).shape[0]
+
+
+def repeated_call(call, copies: int):
+    """(args, kwargs) of a recorded UNet call whose batch holds `copies` copies of the recorded batch, one
+    after another: every input with the batch as its first dimension repeated (a scalar timestep stays)."""
+    batch = call_batch(call)
+
+    def repeat(value):
+        if isinstance(value, torch.Tensor):
+            fits = value.dim() > 0 and value.shape[0] == batch
+            return value.repeat(copies, *[1] * (value.dim() - 1)) if fits else value
+        if isinstance(value, dict):
+            return {k: repeat(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(repeat(v) for v in value)
+        return value
+
+    return repeat(tuple(call[0])), repeat(dict(call[1]))
+
+
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()

@@ -131,7 +131,8 @@ def read_all_shards(table_path) -> list[dict]:
 def write_shard(table_path, rank: int, rows: dict, measurement: dict | None = None, run: str | None = None):
     """`run`: the key of the inputs the rows were measured from; shards of other inputs are never merged."""
     data = {"measurement": measurement} if measurement else {}
-    write_yaml_atomic(shard_path(table_path, rank), {**({"run": run} if run else {}), **data, "layers": rows})
+    write_yaml_atomic(shard_path(table_path, rank), {**({"run": run} if run else {}), **data, "layers": rows},
+                      table=True)
 
 
 def remove_shards(table_path, shards_of_ranks):

@@ -145,15 +145,27 @@ def slice_conditioning(conditioning: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in conditioning.items()}
 
 
+def repeated_conditioning(conditioning: dict, copies: int) -> dict:
+    if copies == 1:
+        return conditioning
+    return {k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in conditioning.items()}
+
+
 @torch.no_grad()
 def generate(pipe, conditioning: dict, seed: int, pipeline_kwargs: dict, batch_size: int = 8,
-             output_type: str = "pt") -> torch.Tensor:
-    """Images (or latents) for every prompt of `conditioning`, as one float32 CPU tensor."""
+             output_type: str = "pt", copies: int = 1) -> torch.Tensor:
+    """Images (or latents) for every prompt of `conditioning`, as one float32 CPU tensor.
+
+    `copies` > 1: each batch of prompts runs as one pipeline call of that many copies of it (same
+    noise per copy, copy-major), so a model whose layers treat the copies differently (candidates
+    under test) makes them all at once; the result is [copies, prompts, ...]."""
     count = len(next(iter(conditioning.values())))
     outputs = []
     for start in range(0, count, batch_size):
         stop = min(start + batch_size, count)
-        result = pipe(**slice_conditioning(conditioning, start, stop), generator=seeded_generators(seed, stop - start, start),
-                      output_type=output_type, **pipeline_kwargs)
-        outputs.append(result.images.float().cpu())
-    return torch.cat(outputs)
+        generators = [g for _ in range(copies) for g in seeded_generators(seed, stop - start, start)]
+        result = pipe(**repeated_conditioning(slice_conditioning(conditioning, start, stop), copies),
+                      generator=generators, output_type=output_type, **pipeline_kwargs)
+        images = result.images.float().cpu()
+        outputs.append(images.view(copies, stop - start, *images.shape[1:]) if copies > 1 else images)
+    return torch.cat(outputs, dim=1 if copies > 1 else 0)

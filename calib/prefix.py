@@ -7,6 +7,8 @@ group, whose score replays the recorded calls, that skips the share of every UNe
 layer; for the content group, that share of each generation's first step (later steps see the
 candidate's effect and run in full). Scores are bit for bit those of running everything
 (tests/test_sensitivity_prefix.py): the same kernels on the same inputs give the same tensors.
+Calls that score several candidates at once hold `copies` copies of a recorded call's batch
+(copy-major); they get the recorded outputs repeated likewise.
 
 Memory: the outputs of every module the UNet calls, for every recorded call. When that exceeds the
 budget (2 GiB on the CPU, a quarter of the free memory on a GPU), only modules down to a smaller
@@ -71,6 +73,16 @@ def copied(value):
         return value.clone()
     if isinstance(value, (tuple, list)):
         return type(value)(copied(v) for v in value)
+    return value
+
+
+def repeated(value, copies: int):
+    """A fresh copy of a recorded output for a batch of `copies` copies of the recorded batch, one after
+    another along dim 0 (what a module computing row by row returns for that batch)."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(copies, *[1] * (value.dim() - 1)) if value.dim() else value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(repeated(v, copies) for v in value)
     return value
 
 
@@ -146,6 +158,8 @@ class PrefixReuse:
         self.unet, self.calls = unet, [(args, kwargs) for args, kwargs, *_ in calls]
         self.trace, self.outputs, self.max_depth = None, [], 0
         self.recorded_bytes = 0
+        self.copied_calls: dict[int, list] = {1: self.calls}  # copies -> the recorded calls with that batch
+        self.scaling: dict[int, set[str]] = {}  # copies -> recorded modules whose output grows with the batch
         self.replayed = 0  # module calls answered from the recording (a count for tests and logs)
         if self.calls:
             self._record(recording_budget(unet.device) if max_bytes is None else max_bytes)
@@ -188,24 +202,46 @@ class PrefixReuse:
         return [name for name in recorded
                 if parent(name) in enclosing and name != layer and self.trace.end[name] < begins]
 
-    def matching_call(self, args, kwargs) -> int | None:
-        for index, (recorded_args, recorded_kwargs) in enumerate(self.calls):
+    def matching_call(self, args, kwargs, copies: int = 1) -> int | None:
+        for index, (recorded_args, recorded_kwargs) in enumerate(self.calls_with_copies(copies)):
             if same_call(args, kwargs, recorded_args, recorded_kwargs):
                 return index
         return None
 
+    def calls_with_copies(self, copies: int) -> list:
+        """The recorded calls with `copies` copies of each one's batch (mixq.calib.collect.repeated_call)."""
+        if copies not in self.copied_calls:
+            from mixq.calib.collect import repeated_call
+
+            self.copied_calls[copies] = [repeated_call(call, copies) for call in self.calls]
+        return self.copied_calls[copies]
+
+    @torch.no_grad()
+    def units_scaling_with(self, copies: int) -> set[str]:
+        """Recorded modules whose output, for a call with `copies` copies of the batch, is `copies` times
+        the recorded one (checked once by running such a call): only those are replayed as repeats."""
+        if copies not in self.scaling:
+            with traced(self.unet) as (_, sizes):
+                self._run(self.calls_with_copies(copies)[0])
+            self.scaling[copies] = {name for name, output in self.outputs[0].items()
+                                    if sizes.get(name) == copies * output_bytes(output)}
+        return self.scaling[copies]
+
     @contextmanager
-    def reusing(self, layer: str):
-        """While inside, UNet calls with a recorded call's inputs take the outputs of the modules ahead
-        of `layer` from the recording; other calls run as usual. `layer` may be replaced meanwhile."""
+    def reusing(self, layer: str, copies: int = 1):
+        """While inside, UNet calls with a recorded call's inputs (`copies` copies of its batch) take the
+        outputs of the modules ahead of `layer` from the recording; other calls run as usual. `layer`
+        may be replaced meanwhile."""
         units = self.units_before(layer)
+        if units and copies != 1:
+            units = [name for name in units if name in self.units_scaling_with(copies)]
         if not units:
             yield self
             return
         active: list[int | None] = [None]
 
         def on_call(module, args, kwargs):
-            active[0] = self.matching_call(args, kwargs)
+            active[0] = self.matching_call(args, kwargs, copies)
 
         def on_return(module, args, kwargs, output):
             active[0] = None
@@ -215,7 +251,7 @@ class PrefixReuse:
                 if active[0] is None:
                     return original(*args, **kwargs)
                 self.replayed += 1
-                return copied(self.outputs[active[0]][name])
+                return repeated(self.outputs[active[0]][name], copies)
             return forward
 
         modules = {name: self.unet.get_submodule(name) for name in units}

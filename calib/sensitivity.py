@@ -15,7 +15,11 @@ change exact arithmetic would not see: one layer's weights moved by one unit in 
 measured and stored with the table, so readers can tell resolved scores from noise.
 
 Batching: the saved UNet calls and the images are evaluated in batches of `calibration.batch_size`
-prompts, so with sensitivity_prompts <= batch_size every candidate costs one UNet call per step.
+prompts, so with sensitivity_prompts <= batch_size every candidate costs one UNet call per step. On
+small models several candidates of a layer also share a call (`CandidateStack`): its batch holds one
+copy of the prompts per candidate, so the per-call overhead that dominates small models counts once.
+A copy computes what it would alone up to the float32 rounding of kernels whose blocking follows the
+batch (tests/test_sensitivity_batching.py); on the proving ground the table is byte for byte the same.
 
 Resuming and sharding: finished rows are written atomically after every layer (to the table, or
 to this process's shard under torchrun, see mixq.calib.distributed); a rerun measures only what is
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 
 from mixq.api import build_quantized_layer
-from mixq.calib.collect import Reference, run_unet, to_device
+from mixq.calib.collect import Reference, call_batch, repeated_call, run_unet, to_device
 from mixq.calib.distributed import (World, current_world, merge_shard_rows, remove_all_shards, remove_shards,
                                     shard, shard_paths, write_shard)
 from mixq.calib.pipeline import generate
@@ -50,6 +54,10 @@ METRICS = {"quality": "sqnr_db", "content": "ssim"}
 MEASUREMENT_DTYPE = torch.float32
 NOISE_FLOOR_PROBES = 3  # layers whose one-ulp perturbation gives the floor (the worst of them)
 ESTIMATE_AFTER_LAYERS = 3  # log the measured time per layer and the expected total after this many
+# Candidates of a layer share a UNet call while its batch's latents hold at most this many pixels (8
+# prompts of 64x64 latents: one candidate per call for SDXL at 512x512; all of them on the proving
+# ground, 8 prompts of 16x16 latents: up to 16).
+CANDIDATE_BATCH_LATENT_PIXELS = 1 << 15
 
 
 @contextmanager
@@ -74,20 +82,70 @@ def simulated_layers(unet, layers: dict[str, LayerInfo], bits: dict[str, tuple[i
     }
 
 
+class CandidateStack(torch.nn.Module):
+    """Stands in for a layer while several of its candidates are scored in one call: the batch is
+    `len(twins)` copies of the prompts' batch, one after another, and twin i computes copy i."""
+
+    def __init__(self, twins: list):
+        super().__init__()
+        self.twins = torch.nn.ModuleList(twins)
+
+    def forward(self, x, *args, **kwargs):
+        copies = len(self.twins)
+        if x.shape[0] % copies:
+            raise RuntimeError(f"a batch of {x.shape[0]} inputs does not split into {copies} candidate copies")
+        return torch.cat([twin(part, *args, **kwargs) for twin, part in zip(self.twins, x.chunk(copies))])
+
+
+def candidates_sharing_a_call(calls: list, pipeline_kwargs: dict) -> int:
+    """How many candidates one UNet call scores. One under classifier-free guidance (the pipeline puts
+    the unconditional half of the batch ahead of the conditional one, so copies would interleave) and
+    for calls whose latents are large (memory); else as many as CANDIDATE_BATCH_LATENT_PIXELS allows."""
+    guidance = pipeline_kwargs.get("guidance_scale")
+    if not calls or guidance is None or guidance > 1.0:
+        return 1
+    latent_pixels = max(call_batch(call) * (call[0][0] if call[0] else call[1]["sample"])[0, 0].numel()
+                        for call in calls)
+    return max(1, CANDIDATE_BATCH_LATENT_PIXELS // latent_pixels)
+
+
 class Evaluator:
     """Scores the pipeline's current state against the reference."""
 
     def __init__(self, pipe, reference: Reference, seed: int, pipeline_kwargs: dict, batch_size: int = 8,
-                 prefix: PrefixReuse | None = None):
+                 prefix: PrefixReuse | None = None, candidates_per_call: int | None = None):
         self.pipe, self.reference, self.seed = pipe, reference, seed
         self.pipeline_kwargs, self.batch_size = pipeline_kwargs, batch_size
         unet = pipe.unet
         self.calls = list(reference.calls_on(unet.device, unet.dtype))
         self.prefix = prefix  # the float UNet's recorded work, reused ahead of a changed layer
+        self.candidates_per_call = (candidates_sharing_a_call(self.calls, pipeline_kwargs)
+                                    if candidates_per_call is None else candidates_per_call)
 
-    def reusing_work_before(self, layer: str):
+    def reusing_work_before(self, layer: str, copies: int = 1):
         """Scores computed inside are the same; UNet work ahead of `layer` comes from the recording."""
-        return self.prefix.reusing(layer) if self.prefix is not None else nullcontext()
+        return self.prefix.reusing(layer, copies) if self.prefix is not None else nullcontext()
+
+    def scores_with(self, group: str, layer: str, twins: list) -> list[float]:
+        """The score with each of `twins` in place of `layer`: all in one evaluation (CandidateStack)."""
+        unet = self.pipe.unet
+        if len(twins) == 1:
+            with self.reusing_work_before(layer), swapped_layers(unet, {layer: twins[0]}):
+                return [self.score(group)]
+        with self.reusing_work_before(layer, len(twins)), swapped_layers(unet, {layer: CandidateStack(twins)}):
+            return self.scores_of_copies(group, len(twins))
+
+    @torch.no_grad()
+    def scores_of_copies(self, group: str, copies: int) -> list[float]:
+        """score(group) of each of `copies` candidates computing its own copy of the batch."""
+        if group == "content":
+            images = generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs,
+                              self.batch_size, copies=copies)
+            return [batch_ssim(self.reference.images, images[i]) for i in range(copies)]
+        outputs = [run_unet(self.pipe.unet, repeated_call(call, copies)).float().cpu().chunk(copies)
+                   for call in self.calls]
+        expected = torch.cat([call[2] for call in self.calls])
+        return [min(sqnr_db(expected, torch.cat([o[i] for o in outputs])), SQNR_CAP_DB) for i in range(copies)]
 
     @torch.no_grad()
     def unet_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -130,14 +188,14 @@ def measure_layer(evaluator: Evaluator, unet, info: LayerInfo, calibration: Cali
     row = {"group": info.group, "metric": METRICS[info.group], "params": info.params,
            "act_numel": calibration.ranges(info.name).numel, "weight": {}, "activation": {}}
     module = unet.get_submodule(info.name)
-    with evaluator.reusing_work_before(info.name):
-        for side, bit_list in candidates.items():
-            for bits in bit_list:
-                w, a = (bits, FLOAT_BITS) if side == "weight" else (FLOAT_BITS, bits)
-                twin = build_quantized_layer(module, info, w, a, calibration, simulate=True)
-                with swapped_layers(unet, {info.name: twin}):
-                    # Full precision: content-group SSIMs differ from 1 in the 5th-7th decimal.
-                    row[side][int(bits)] = float(evaluator.score(info.group))
+    choices = [(side, int(bits)) for side, bit_list in candidates.items() for bits in bit_list]
+    per_call = evaluator.candidates_per_call
+    for start in range(0, len(choices), per_call):
+        chunk = choices[start:start + per_call]
+        twins = [build_quantized_layer(module, info, *((bits, FLOAT_BITS) if side == "weight" else (FLOAT_BITS, bits)),
+                                       calibration, simulate=True) for side, bits in chunk]
+        for (side, bits), score in zip(chunk, evaluator.scores_with(info.group, info.name, twins)):
+            row[side][bits] = float(score)  # full precision: content SSIMs differ from 1 in the 5th-7th decimal
     return row
 
 
@@ -241,7 +299,8 @@ def evaluator_at_current_precision(evaluator: Evaluator, reuse_prefix: bool = Tr
              for args, kwargs, _ in reference.calls_on(unet.device, unet.dtype)]
     images = generate(pipe, conditioning, evaluator.seed, evaluator.pipeline_kwargs, evaluator.batch_size)
     recomputed = Reference(prompts=reference.prompts, conditioning=conditioning, images=images, unet_calls=calls)
-    precise = Evaluator(pipe, recomputed, evaluator.seed, evaluator.pipeline_kwargs, evaluator.batch_size)
+    precise = Evaluator(pipe, recomputed, evaluator.seed, evaluator.pipeline_kwargs, evaluator.batch_size,
+                        candidates_per_call=evaluator.candidates_per_call)
     if reuse_prefix:
         precise.prefix = PrefixReuse(unet, precise.calls)
     return precise
@@ -366,7 +425,7 @@ def in_layer_order(rows: dict, layers: dict) -> dict:
 
 
 def write_table(path, measurement: dict | None, rows: dict):
-    write_yaml_atomic(path, {**({"measurement": measurement} if measurement else {}), "layers": rows})
+    write_yaml_atomic(path, {**({"measurement": measurement} if measurement else {}), "layers": rows}, table=True)
 
 
 def check_no_stale_rows(rows: dict, layers: dict, where):

@@ -85,8 +85,15 @@ def write_text_atomic(path, text: str):
         tmp.write_text(text)
 
 
-def write_yaml_atomic(path, data):
-    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+# libyaml's emitter where PyYAML has it: 4x faster, the same bytes for numbers and short plain strings
+# (it wraps long escaped strings differently), so only for tables rewritten often (the sensitivity table
+# after every layer: 0.055 s at 200 layers with the pure-Python emitter, 5 % of the proving ground's pass).
+_FastSafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def write_yaml_atomic(path, data, table: bool = False):
+    """`data` as YAML, atomically. `table`: a table of numbers and names, written with the faster emitter."""
+    write_text_atomic(path, yaml.dump(data, Dumper=_FastSafeDumper if table else yaml.SafeDumper, sort_keys=False))
 
 
 # libyaml's parser where PyYAML has it (10x faster on large files), with the same safe constructors.

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from benchmarks import held_weights_ab, vae_layers
+from benchmarks import held_weights_ab, sensitivity_batching_ab, vae_layers
 from mixq.kernels import onednn
 from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
 
@@ -37,3 +37,11 @@ def test_vae_layers_ranks_every_decoder_layer_and_checks_the_largest(capsys):
 def test_vae_layers_refuses_too_few_prompts_to_confirm():
     with pytest.raises(SystemExit):
         vae_layers.main(["--prompts", "4", "--confirm", "5"])
+
+
+def test_sensitivity_batching_ab_times_both_arms_on_the_same_layers(capsys):
+    assert sensitivity_batching_ab.main(["--every", "101", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"config proving: 2 of 202 layers, up to \d+ candidates per call", out)
+    assert re.search(r"^1 alternating rounds: one candidate per call median [\d.]+ s, candidates sharing a call "
+                     r"median [\d.]+ s; per-round speed-up [\d.]+x .*rows alike bit for bit: \d of 2$", out, flags=re.M)

@@ -22,7 +22,9 @@ def setup(_tiny_sdxl_master):
     pipe = _tiny_sdxl_master
     layers = quantizable_layers(pipe.unet)
     calibration = calibrate_ranges(pipe, PROMPTS, batch_size=4, seed=1, progress=False, layers=layers, **KWARGS)
-    evaluator = Evaluator(pipe, collect_reference(pipe, PROMPTS, 1, KWARGS, 4), 1, KWARGS, 4)
+    # One candidate per call: replaying the recording is exact; candidates sharing a call, whose batch
+    # differs from the recording's, are tested in tests/test_sensitivity_batching.py.
+    evaluator = Evaluator(pipe, collect_reference(pipe, PROMPTS, 1, KWARGS, 4), 1, KWARGS, 4, candidates_per_call=1)
     plain = evaluator_at_current_precision(evaluator, reuse_prefix=False)
     reusing = evaluator_at_current_precision(evaluator)
     return pipe, layers, calibration, plain, reusing
