@@ -67,20 +67,12 @@ def output_bytes(value) -> int:
     return 0
 
 
-def copied(value):
-    """A fresh copy of a recorded output (the caller may modify what it gets in place)."""
+def repeated(value, copies: int = 1):
+    """A fresh copy of a recorded output (the caller may modify what it gets in place); with `copies`, for
+    a batch of that many copies of the recorded batch, one after another along dim 0 (what a module
+    computing row by row returns for that batch)."""
     if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(copied(v) for v in value)
-    return value
-
-
-def repeated(value, copies: int):
-    """A fresh copy of a recorded output for a batch of `copies` copies of the recorded batch, one after
-    another along dim 0 (what a module computing row by row returns for that batch)."""
-    if isinstance(value, torch.Tensor):
-        return value.repeat(copies, *[1] * (value.dim() - 1)) if value.dim() else value.clone()
+        return value.repeat(copies, *[1] * (value.dim() - 1)) if value.dim() and copies != 1 else value.clone()
     if isinstance(value, (tuple, list)):
         return type(value)(repeated(v, copies) for v in value)
     return value
@@ -140,7 +132,7 @@ def traced(unet, keep=None):
             if keep is None:
                 outputs[name] = output_bytes(output) if replayable_output(output) else None
             elif keep(name):
-                outputs[name] = copied(output)
+                outputs[name] = repeated(output)
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
