@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mixq.calib.pipeline import encode_prompts, generate
+from mixq.calib.pipeline import encode_prompts, generate, repeat_batch
 from mixq.io import atomic_path, storage_errors
 
 REFERENCE_FILENAME = "reference.safetensors"
@@ -60,21 +60,22 @@ def run_unet(unet, call) -> torch.Tensor:
     return unet_sample(unet(*args, **{**kwargs, "return_dict": False}))
 
 
-def call_batch(call) -> int:
-    """The batch of a recorded UNet call: its sample's first dimension."""
+def call_sample(call) -> torch.Tensor:
+    """The latents a recorded UNet call ran on ([batch, channels, height, width])."""
     args, kwargs = call[0], call[1]
-    return (args[0] if args else kwargs["sample"]).shape[0]
+    return args[0] if args else kwargs["sample"]
 
 
 def repeated_call(call, copies: int):
     """(args, kwargs) of a recorded UNet call whose batch holds `copies` copies of the recorded batch, one
     after another: every input with the batch as its first dimension repeated (a scalar timestep stays)."""
-    batch = call_batch(call)
+    if copies == 1:
+        return tuple(call[0]), dict(call[1])
+    batch = call_sample(call).shape[0]
 
     def repeat(value):
         if isinstance(value, torch.Tensor):
-            fits = value.dim() > 0 and value.shape[0] == batch
-            return value.repeat(copies, *[1] * (value.dim() - 1)) if fits else value
+            return repeat_batch(value, copies) if value.dim() > 0 and value.shape[0] == batch else value
         if isinstance(value, dict):
             return {k: repeat(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):

@@ -145,10 +145,15 @@ def slice_conditioning(conditioning: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in conditioning.items()}
 
 
+def repeat_batch(tensor: torch.Tensor, copies: int) -> torch.Tensor:
+    """`copies` copies of a batch-first tensor, one after another along dim 0."""
+    return tensor.repeat(copies, *[1] * (tensor.dim() - 1))
+
+
 def repeated_conditioning(conditioning: dict, copies: int) -> dict:
     if copies == 1:
         return conditioning
-    return {k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in conditioning.items()}
+    return {k: repeat_batch(v, copies) for k, v in conditioning.items()}
 
 
 @torch.no_grad()

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mixq.calib.collect import repeated_call
+from mixq.calib.pipeline import repeat_batch
+
 CPU_RECORDING_BYTES = 2 << 30
 GPU_FREE_MEMORY_SHARE = 0.25
 
@@ -72,7 +75,7 @@ def repeated(value, copies: int = 1):
     a batch of that many copies of the recorded batch, one after another along dim 0 (what a module
     computing row by row returns for that batch)."""
     if isinstance(value, torch.Tensor):
-        return value.repeat(copies, *[1] * (value.dim() - 1)) if value.dim() and copies != 1 else value.clone()
+        return repeat_batch(value, copies) if value.dim() and copies != 1 else value.clone()
     if isinstance(value, (tuple, list)):
         return type(value)(repeated(v, copies) for v in value)
     return value
@@ -203,8 +206,6 @@ class PrefixReuse:
     def calls_with_copies(self, copies: int) -> list:
         """The recorded calls with `copies` copies of each one's batch (mixq.calib.collect.repeated_call)."""
         if copies not in self.copied_calls:
-            from mixq.calib.collect import repeated_call
-
             self.copied_calls[copies] = [repeated_call(call, copies) for call in self.calls]
         return self.copied_calls[copies]
 

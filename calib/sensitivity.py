@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from mixq.api import build_quantized_layer
-from mixq.calib.collect import Reference, call_batch, repeated_call, run_unet, to_device
+from mixq.calib.collect import Reference, call_sample, repeated_call, run_unet, to_device
 from mixq.calib.distributed import (World, current_world, merge_shard_rows, remove_all_shards, remove_shards,
                                     shard, shard_paths, write_shard)
 from mixq.calib.pipeline import generate
@@ -104,8 +104,7 @@ def candidates_sharing_a_call(calls: list, pipeline_kwargs: dict) -> int:
     guidance = pipeline_kwargs.get("guidance_scale")
     if not calls or guidance is None or guidance > 1.0:
         return 1
-    latent_pixels = max(call_batch(call) * (call[0][0] if call[0] else call[1]["sample"])[0, 0].numel()
-                        for call in calls)
+    latent_pixels = max(call_sample(call)[:, 0].numel() for call in calls)
     return max(1, CANDIDATE_BATCH_LATENT_PIXELS // latent_pixels)
 
 
@@ -127,25 +126,25 @@ class Evaluator:
         return self.prefix.reusing(layer, copies) if self.prefix is not None else nullcontext()
 
     def scores_with(self, group: str, layer: str, twins: list) -> list[float]:
-        """The score with each of `twins` in place of `layer`: all in one evaluation (CandidateStack)."""
-        unet = self.pipe.unet
-        if len(twins) == 1:
-            with self.reusing_work_before(layer), swapped_layers(unet, {layer: twins[0]}):
-                return [self.score(group)]
-        with self.reusing_work_before(layer, len(twins)), swapped_layers(unet, {layer: CandidateStack(twins)}):
-            return self.scores_of_copies(group, len(twins))
+        """The score with each of `twins` in place of `layer`, all in one evaluation (several twins: a
+        CandidateStack, each computing its own copy of the batch)."""
+        copies = len(twins)
+        stand_in = twins[0] if copies == 1 else CandidateStack(twins)
+        with self.reusing_work_before(layer, copies), swapped_layers(self.pipe.unet, {layer: stand_in}):
+            return self.scores_of_copies(group, copies)
 
     @torch.no_grad()
     def scores_of_copies(self, group: str, copies: int) -> list[float]:
-        """score(group) of each of `copies` candidates computing its own copy of the batch."""
+        """The group's score (content: image SSIM; quality: UNet SQNR, capped) of each of `copies` copies
+        of the batch, as the current UNet computes them."""
         if group == "content":
             images = generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs,
                               self.batch_size, copies=copies)
-            return [batch_ssim(self.reference.images, images[i]) for i in range(copies)]
+            return [batch_ssim(self.reference.images, one) for one in (images if copies > 1 else [images])]
         outputs = [run_unet(self.pipe.unet, repeated_call(call, copies)).float().cpu().chunk(copies)
                    for call in self.calls]
-        expected = torch.cat([call[2] for call in self.calls])
-        return [min(sqnr_db(expected, torch.cat([o[i] for o in outputs])), SQNR_CAP_DB) for i in range(copies)]
+        return [min(self.unet_sqnr([(call[2], o[i]) for call, o in zip(self.calls, outputs)]), SQNR_CAP_DB)
+                for i in range(copies)]
 
     @torch.no_grad()
     def unet_outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,11 +170,6 @@ class Evaluator:
 
     def image_mse(self) -> float:
         return float((self.images() - self.reference.images).pow(2).mean())
-
-    def score(self, group: str) -> float:
-        if group == "content":
-            return self.image_ssim()
-        return min(self.unet_sqnr(), SQNR_CAP_DB)
 
 
 def candidate_bits(group: str, weight_content, weight_quality, activation) -> dict[str, list[int]]:
