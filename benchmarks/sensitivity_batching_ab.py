@@ -17,17 +17,17 @@ import time
 
 
 def main(argv=None) -> int:
+    import tempfile
+
     import torch
 
     from benchmarks.environment import environment
-    from mixq.api import calibrate_ranges
-    from mixq.calib.collect import collect_reference
+    from mixq.calib.collect import Reference
     from mixq.calib.config import load_config
     from mixq.calib.pipeline import load_pipeline
-    from mixq.calib.prompts import fit_prompts_to_text_encoder
-    from mixq.calib.run import prompts_for
+    from mixq.calib.run import Session, collect_stage, prompts_for
+    from mixq.calib.runfolder import RunFolder
     from mixq.calib.sensitivity import Evaluator, candidate_bits, evaluator_at_current_precision, measure_layer
-    from mixq.layers import quantizable_layers, resolve_keep_fp
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sensitivity_batching_ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,19 +37,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     config = load_config(args.config)
-    cal, kwargs, seed = config.calibration, config.pipeline_kwargs(), config.sampling.seed
-    pipe = load_pipeline(config.model, progress=False)
-    all_layers = quantizable_layers(pipe.unet)
-    kept = resolve_keep_fp(config.keep_fp, all_layers)
-    layers = {n: info for n, info in all_layers.items() if n not in kept}
-    prompts = fit_prompts_to_text_encoder(pipe, prompts_for(config))
-    calibration = calibrate_ranges(pipe, prompts, batch_size=cal.batch_size, seed=seed, progress=False,
-                                   layers=all_layers, **kwargs)
-    reference = collect_reference(pipe, prompts[:cal.sensitivity_prompts], seed, kwargs, cal.batch_size)
-    arms = {}
-    for label, per_call in (("one candidate per call", 1), ("candidates sharing a call", None)):
-        evaluator = Evaluator(pipe, reference, seed, kwargs, cal.batch_size, candidates_per_call=per_call)
-        arms[label] = evaluator_at_current_precision(evaluator)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The calibrate command's own collect stage: the same layers, ranges and float reference.
+        s = Session(config, RunFolder(tmp), load_pipeline(config.model, progress=False), prompts_for(config),
+                    progress=False, log=lambda *_: None)
+        collect_stage(s)
+        pipe, layers, calibration = s.pipe, s.layers, s.calibration
+        one_per_call = Evaluator(pipe, Reference.load(s.folder.reference), config.sampling.seed,
+                                 config.pipeline_kwargs(), config.calibration.batch_size, candidates_per_call=1)
+        arms = {"one candidate per call": evaluator_at_current_precision(one_per_call),
+                "candidates sharing a call": evaluator_at_current_precision(s.evaluator)}
     sample = list(layers)[::args.every]
     shared = arms["candidates sharing a call"].candidates_per_call
     print(f"{environment('cpu')['device']}; torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -125,13 +125,9 @@ def prepare_layer(layer, cpu_weights: str = "packed") -> None:
     onednn.unavailable_reason()
     if layer.a_bits == 16 or layer.hold_kernel_layouts():  # 8-bit: the layer keeps oneDNN's layout alone
         return
-    for p, size in enumerate(layer.part_sizes):
-        qweight = getattr(layer, f"qweight_{p}")
-        if layer.kind == "linear":
-            onednn.prepare(qweight, layer.w_bits, layer.w_scale, "linear", layer.in_features, cpu_weights=cpu_weights)
-        else:
-            onednn.prepare(qweight, layer.w_bits, layer.w_scale, "conv2d", size, layer.kernel_size, layer.stride,
-                           layer.padding, cpu_weights=cpu_weights)
+    for p in range(len(layer.part_sizes)):
+        onednn.prepare(getattr(layer, f"qweight_{p}"), layer.w_bits, layer.w_scale, **layer.part_geometry(p),
+                       cpu_weights=cpu_weights)
 
 
 __all__ = ["quantized_linear", "quantized_conv2d", "quantize_input", "prepare_layer", "selected_backend", "BACKENDS"]

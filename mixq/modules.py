@@ -340,13 +340,19 @@ class QuantizedLayer(nn.Module):
         if (self.w_bits != 8 or self.a_bits == FLOAT_BITS or any(q is None or q.device.type != "cpu" for q in plain)
                 or onednn.unavailable_reason() is not None):
             return False
-        for p, (qweight, size) in enumerate(zip(plain, self.part_sizes)):
-            self._kernel_layouts[f"qweight_{p}"] = onednn.weight_layout(
-                qweight, self.w_scale, self.kind, size if self.kind == "conv2d" else self.in_features,
-                self.kernel_size, getattr(self, "stride", None), getattr(self, "padding", None))
+        for p, qweight in enumerate(plain):
+            self._kernel_layouts[f"qweight_{p}"] = onednn.weight_layout(qweight, self.w_scale, **self.part_geometry(p))
         for name in self._kernel_layouts:
             self._buffers[name] = None
         return True
+
+    def part_geometry(self, part: int) -> dict:
+        """What the CPU kernels' weight layouts of input part `part` are built from: the op kind,
+        its input channels (K for a linear layer, whose input is never split) and the window."""
+        if self.kind == "linear":
+            return {"kind": "linear", "in_channels": self.in_features}
+        return {"kind": "conv2d", "in_channels": self.part_sizes[part], "kernel_size": self.kernel_size,
+                "stride": self.stride, "padding": self.padding}
 
     def release_kernel_layouts(self) -> bool:
         """Put the plain `qweight_{p}` buffers back and drop the layouts; True when there were any."""

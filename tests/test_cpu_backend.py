@@ -14,7 +14,7 @@ import torch.nn as nn
 from mixq.kernels import dispatch
 from mixq.kernels import fallback, onednn, reference
 from mixq.kernels.onednn import CpuBackendFallbackWarning
-from mixq.modules import QConv2d, QLinear, conv_weight_as_matrix
+from mixq.modules import QConv2d, QLinear, QuantizedLayer, conv_weight_as_matrix
 from mixq.quantizers import activation_qparams, pack_weight, quantize_weight, weight_row_sums
 from tests.conftest import capture_unet_call, unet_output
 
@@ -342,9 +342,29 @@ def prepared_layouts(unet) -> list:
     return layouts
 
 
+def layer_inputs(unet, call) -> dict:
+    """Each quantized layer's input during one UNet call."""
+    inputs, handles = {}, []
+
+    def keep_first(name, args):
+        inputs.setdefault(name, args[0].detach().clone())  # (a hook that returns something replaces the output)
+
+    for name, module in unet.named_modules():
+        if isinstance(module, QuantizedLayer):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: keep_first(name, args)))
+    try:
+        unet_output(unet, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
 def test_int8_mode_through_quantize_and_load(_tiny_sdxl_master, tmp_path):
     """cpu_weights="int8" lays out every 4-bit layer at quantize / load time (one int8 copy each); the
-    default keeps them packed; the outputs agree within the output's rounding."""
+    default keeps them packed; every layer agrees with its packed twin on the same input within the
+    float epilogue's rounding (oneDNN scales its exact integer sums in another order than the packed
+    path), so whole-UNet outputs agree far above the 4-bit noise."""
     import copy
 
     import mixq
@@ -358,9 +378,15 @@ def test_int8_mode_through_quantize_and_load(_tiny_sdxl_master, tmp_path):
     assert packed_layouts and all(layout is None for layout in packed_layouts)
     assert len(unpacked_layouts) == len(packed_layouts) and all(layout is not None for layout in unpacked_layouts)
     call = capture_unet_call(_tiny_sdxl_master)
-    expected, y = unet_output(packed.unet, call), unet_output(unpacked.unet, call)
-    torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
-    assert not torch.equal(y, unet_output(_tiny_sdxl_master.unet, call))  # quantized, not float
+    inputs = layer_inputs(packed.unet, call)
+    for name, x in inputs.items():
+        expected = packed.unet.get_submodule(name)(x)
+        torch.testing.assert_close(unpacked.unet.get_submodule(name)(x), expected, rtol=1e-5,
+                                   atol=1e-6 * float(expected.abs().max()), msg=name)
+    # Through the whole UNet an ulp can move an activation code by one, so outputs agree closely, not
+    # bit for bit (seen: 35 dB on an AVX512-VNNI EPYC; the 4-bit noise against float is ~15 dB).
+    y, float_y = unet_output(unpacked.unet, call), unet_output(_tiny_sdxl_master.unet, call)
+    assert mixq.sqnr_db(unet_output(packed.unet, call), y) >= 30 > mixq.sqnr_db(float_y, y) + 10
     mixq.save_quantized(unpacked, tmp_path)
     loaded = mixq.load_quantized(copy.deepcopy(_tiny_sdxl_master), tmp_path, cpu_weights="int8")
     assert all(layout is not None for layout in prepared_layouts(loaded.unet))

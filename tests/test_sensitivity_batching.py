@@ -82,6 +82,12 @@ def stacked(setup):
     return plain, stacked
 
 
+def distortion(score: float, group: str) -> float:
+    """What a score measures the loss of: 1 - SSIM (content group), the noise power of an SQNR in dB
+    (quality group)."""
+    return 1.0 - score if group == "content" else 10.0 ** (-score / 10.0)
+
+
 @pytest.mark.parametrize("name", [*LAYERS, CONTENT_LAYER])
 def test_candidates_sharing_a_call_score_as_one_at_a_time(setup, stacked, name):
     pipe, layers, calibration, _ = setup
@@ -94,13 +100,18 @@ def test_candidates_sharing_a_call_score_as_one_at_a_time(setup, stacked, name):
     expected = measure_layer(plain, pipe.unet, layers[name], calibration, ALL_CANDIDATES)
     assert calls == KWARGS["num_inference_steps"]  # one call per step for all five candidates
     assert together.prefix.replayed > replayed, "the stacked calls reused nothing ahead of the layer"
-    gap = expected["weight"][8] - expected["weight"][4]
+    group = layers[name].group
+    assert distortion(expected["weight"][2], group) > 2 * distortion(expected["weight"][8], group)
     for side in ("weight", "activation"):
         assert got[side].keys() == expected[side].keys()
         for bits, score in expected[side].items():
             # The copies run the same kernels on the same values; only a GEMM whose blocking follows the
-            # batch could move them, by the float32 noise (~1e-6 relative).
-            assert abs(got[side][bits] - score) <= 1e-4 * abs(gap), (side, bits, got[side][bits], score)
+            # batch moves them, by the float32 noise: a candidate's distortion changes by far less than 1 %
+            # of itself, or by less than the metric's own floor (1e-10: SSIM's float noise is ~1e-12; 100 dB
+            # SQNR), whereas a mixed-up twin is off by factors. (Seen: 0 on an AMX Xeon; up to 1e-4 of the
+            # distortion, or 1e-14 absolute, on an AVX512-VNNI EPYC.)
+            expected_loss, loss = distortion(score, group), distortion(got[side][bits], group)
+            assert abs(loss - expected_loss) <= 1e-2 * expected_loss + 1e-10, (side, bits, got[side][bits], score)
     assert all(type(m) is not CandidateStack for m in pipe.unet.modules()), "a stack was left in the UNet"
 
 
