@@ -38,7 +38,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "peft"],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["mixq-calibrate=mixq.calibrate:main"]},

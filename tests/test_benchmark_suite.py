@@ -4,6 +4,7 @@ Checks the report's structure only; no speed is asserted anywhere.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,12 @@ VARIANT_LABELS = ("fp32", "mixq W8A8", "mixq W4A8", "mixq plan")
 
 
 def test_tiny_suite_runs_end_to_end_and_reports(tmp_path):
+    # As a user runs it: not as a pytest-xdist worker, whose variables would make the suite's own pytest
+    # run turn pytest-benchmark off.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--config", "tiny", "--quick", "--out", str(tmp_path), "--name", "ci"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 

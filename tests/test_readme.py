@@ -11,6 +11,7 @@ from tests.test_cli import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+TEST_COMMAND = "python -m pytest tests benchmarks --benchmark-disable -q -n auto --dist loadfile"
 
 
 def section(text: str, heading: str) -> str:
@@ -22,8 +23,8 @@ def test_readme_is_short_and_starts_with_the_two_commands():
     assert len(text.splitlines()) < 200
     commands = re.findall(r"```bash\n(.*?)```", section(text, "Two commands"), re.S)
     assert commands[0].strip() == 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m mixq.calibrate'
-    assert commands[1].strip() == "python -m pytest tests benchmarks --benchmark-disable -q"
-    assert "python -m pytest tests benchmarks --benchmark-disable -q" in (REPO / ".ci" / "run").read_text()
+    assert commands[1].strip() == TEST_COMMAND
+    assert TEST_COMMAND in (REPO / ".ci" / "run").read_text()
     assert "mixq-calibrate" in text
 
 
