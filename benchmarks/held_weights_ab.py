@@ -30,16 +30,9 @@ def timed(unet, inputs) -> float:
     return time.perf_counter() - start
 
 
-def swap_in(unet, layers: dict):
-    """Put an arm's layers (name -> module) into the UNet."""
-    from mixq.layers import set_submodule
-
-    for name, module in layers.items():
-        set_submodule(unet, name, module)
-
-
 def main(argv=None) -> int:
     import mixq
+    from mixq.calib.sensitivity import swapped_layers
     from mixq.kernels import onednn
     from mixq.layers import find_quantized_layers, quantizable_layers
     from mixq.offline import load_unet_config, unet_from_config
@@ -69,12 +62,12 @@ def main(argv=None) -> int:
         for size, inputs in all_inputs.items():
             times = {arm: [] for arm in arms}
             for layers in arms.values():  # warm-up of each arm (the "beside" arm builds its layouts)
-                swap_in(unet, layers)
-                unet(**inputs)
+                with swapped_layers(unet, layers):
+                    unet(**inputs)
             for _ in range(args.rounds):
                 for arm, layers in arms.items():
-                    swap_in(unet, layers)
-                    times[arm].append(timed(unet, inputs))
+                    with swapped_layers(unet, layers):
+                        times[arm].append(timed(unet, inputs))
             medians = {arm: statistics.median(t) for arm, t in times.items()}
             cells = [f"{arm} {s:.3f} s ({medians['bf16'] / s:.2f}x bf16)" for arm, s in medians.items()]
             print(f"{size}x{size} latents, {args.rounds} alternating rounds: " + "; ".join(cells)

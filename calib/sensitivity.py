@@ -139,8 +139,8 @@ class Evaluator:
         of the batch, as the current UNet computes them."""
         if group == "content":
             images = generate(self.pipe, self.reference.conditioning, self.seed, self.pipeline_kwargs,
-                              self.batch_size, copies=copies)
-            return [batch_ssim(self.reference.images, one) for one in (images if copies > 1 else [images])]
+                              self.batch_size, copies=copies).view(copies, *self.reference.images.shape)
+            return [batch_ssim(self.reference.images, one) for one in images]
         outputs = [run_unet(self.pipe.unet, repeated_call(call, copies)).float().cpu().chunk(copies)
                    for call in self.calls]
         return [min(self.unet_sqnr([(call[2], o[i]) for call, o in zip(self.calls, outputs)]), SQNR_CAP_DB)
