@@ -22,7 +22,9 @@ setup(
     # `import mixq` finds the checkout's mixq/ first. tests/test_repository_root.py guards both.
     packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
     # The proving-ground pipeline ships as data: diffusers save_pretrained layout, fp16 safetensors.
-    package_data={"mixq.configs": ["*.yaml"], "mixq.proving": ["pipeline/*", "pipeline/*/*", "color-swap-lora/*"]},
+    # activation_codes.c: compiled on first use by kernels/native.py.
+    package_data={"mixq.configs": ["*.yaml"], "mixq.kernels": ["*.c"],
+                  "mixq.proving": ["pipeline/*", "pipeline/*/*", "color-swap-lora/*"]},
     install_requires=[
         "torch>=2.3",
         "diffusers>=0.39",  # the quantizer hooks mixq's backend uses (tested on 0.39.0 and 0.42.1)

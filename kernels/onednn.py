@@ -24,7 +24,9 @@ the reference's exactly. The fused epilogue rounds in its own order (oneDNN appl
 the bias in fp32, sometimes with an FMA), so 8-bit outputs agree with the reference within the output
 dtype's rounding rather than bit for bit.
 
-Activation quantization gives the reference's codes bit for bit (quantize_codes).
+Activation quantization gives the reference's codes bit for bit (quantize_codes), in one native pass
+(kernels/native.py) that also writes an NCHW activation's codes channels-last for the convolutions and
+finds NaN/Inf for the layer (scanned_finite), or in torch ops where that pass cannot be built.
 
 Under torch.compile of a whole model each GEMM is one custom op (mixq::cpu_linear / mixq::cpu_conv2d).
 """
@@ -39,7 +41,7 @@ import torch
 
 from mixq.quantizers import activation_qrange, unpack_weight, values_per_byte
 
-from . import reference
+from . import native, reference
 from .fallback import warn_once
 
 UNSIGNED_OFFSET = 128  # signed int8 code q <-> unsigned code q + 128
@@ -76,7 +78,7 @@ def _probe() -> str | None:
     try:
         weight = torch.ones(4, 4, dtype=torch.int8)
         codes = torch.full((2, 4), UNSIGNED_OFFSET + 1, dtype=torch.uint8)
-        y = _onednn_linear(codes, torch.tensor(1.0), torch.tensor(UNSIGNED_OFFSET), _prepack_linear(weight),
+        y = _onednn_linear(codes, 1.0, UNSIGNED_OFFSET, _prepack_linear(weight),
                            torch.ones(4), torch.zeros(4, dtype=torch.int64), None, torch.float32)
     except (RuntimeError, AttributeError) as error:  # op missing or no usable int8 primitive
         return f"torch.ops.onednn.qlinear_pointwise failed: {error}"
@@ -88,40 +90,92 @@ def _probe() -> str | None:
 # --- activations -------------------------------------------------------------------------------
 
 
-def quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse: bool = False) -> torch.Tensor:
+def quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse: bool = False, channels_last: bool = False):
     """The reference's codes (same rounding and clamping), shifted into uint8. `reuse`: into this thread's
     codes buffer (valid until its next reuse: for a kernel call that consumes them at once)."""
-    return quantize_codes(x, x_scale, x_zero, a_bits, UNSIGNED_OFFSET, reuse)
+    return quantize_codes(x, x_scale, x_zero, a_bits, UNSIGNED_OFFSET, reuse, channels_last)
 
 
-def quantize_input_signed(x, x_scale, x_zero, a_bits) -> torch.Tensor:
+def quantize_input_signed(x, x_scale, x_zero, a_bits, channels_last: bool = False) -> torch.Tensor:
     """The reference's int8 codes (reference.quantize_input), computed as quantize_input_unsigned's."""
-    return quantize_codes(x, x_scale, x_zero, a_bits, 0)
+    return quantize_codes(x, x_scale, x_zero, a_bits, 0, channels_last=channels_last)
 
 
 # Elements quantized per pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
 QUANTIZE_CHUNK = 1 << 18
 
 
-def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False) -> torch.Tensor:
+def quantize_codes(x, x_scale, x_zero, a_bits, offset: int, reuse: bool = False,
+                   channels_last: bool = False) -> torch.Tensor:
     """round(x / x_scale) + x_zero clamped to the code range, plus `offset`, as uint8 (offset 128) or
-    int8 (offset 0), in x's memory format: bit for bit the reference's codes.
+    int8 (offset 0), in x's memory format (with `channels_last`, a contiguous NCHW x's codes come
+    channels-last where the native pass can transpose them on the way): bit for bit the reference's codes.
 
-    One pass over x, a chunk at a time through a reused float32 scratch, instead of whole-tensor float32
-    temporaries: fresh allocations of up to hundreds of MB per layer, whose page faults on first touch
-    cost more than the arithmetic on the activations of a VAE decoder or a UNet at 1024x1024; with
-    `reuse` the codes themselves go into a reused buffer for the same reason
+    One pass over x: the native helper (kernels/native.py) where it can be had, which also tells whether
+    x was all finite (scanned_finite); else torch ops a chunk at a time through a reused float32 scratch,
+    instead of whole-tensor float32 temporaries: fresh allocations of up to hundreds of MB per layer,
+    whose page faults on first touch cost more than the arithmetic on the activations of a VAE decoder or
+    a UNet at 1024x1024; with `reuse` the codes themselves go into a reused buffer for the same reason
     (benchmarks/results/cpu-activation-quantization-2026-12-06.md).
     Shifting before clamping gives the same codes (in range they are exact small integers, out of
     range both saturate)."""
     qmin, qmax = activation_qrange(a_bits)
     dtype = torch.uint8 if offset else torch.int8
-    flat, codes, flat_codes = storage_order_views(x, dtype, reuse)
+    in_one_pass = native.reads(x)
+    transpose = channels_last and in_one_pass and is_nchw(x)
+    flat, codes, flat_codes = storage_order_views(x, dtype, reuse, transpose)
     if flat is None:  # a strided view: whole-tensor temporaries, as the reference
         q = torch.div(x.float(), x_scale).round_()
         return q.add_(x_zero + offset).clamp_(qmin + offset, qmax + offset).to(dtype)
-    codes_into(flat, flat_codes, x_scale, x_zero + offset, qmin + offset, qmax + offset)
+    if in_one_pass:
+        finite = native.activation_codes(x, flat_codes, x_scale.item(), x_zero.item() + offset, qmin + offset,
+                                         qmax + offset, nchw_to_channels_last=transpose)
+        record_scan(x, finite)
+    else:
+        codes_into(flat, flat_codes, x_scale, x_zero + offset, qmin + offset, qmax + offset)
     return codes
+
+
+def is_nchw(x: torch.Tensor) -> bool:
+    """A 4-D tensor contiguous in NCHW order and not also channels-last contiguous (C or H * W of 1)."""
+    return x.dim() == 4 and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+
+
+# What the last native quantization on this thread found: (a weak reference to the tensor whose storage
+# holds the activation, its first element's address, element count, dtype and version, all finite?).
+_last_scan = threading.local()
+
+
+def version_of(x: torch.Tensor) -> int | None:
+    return None if x.is_inference() else x._version  # (inference tensors keep no version counter)
+
+
+def record_scan(x: torch.Tensor, finite: bool):
+    owner = x._base if x._base is not None else x  # (a view passed to the kernel dies before the layer asks)
+    _last_scan.entry = (weakref.ref(owner), x.data_ptr(), x.numel(), x.dtype, version_of(x), finite)
+
+
+def forget_scan():
+    """Drop what the last quantization found: a layer calls it before its kernels, so that what it asks
+    scanned_finite after them was found by them."""
+    _last_scan.entry = None
+
+
+def scanned_finite(x: torch.Tensor) -> bool | None:
+    """Whether every element of x is finite, as the last native quantization on this thread found while
+    reading exactly x's elements; None where it read something else. The answer is given once.
+
+    While the storage that held the quantized elements is alive (the weak reference), its memory cannot
+    hold another tensor; so a dense x of the same dtype, start, size and version is those elements."""
+    entry = getattr(_last_scan, "entry", None)
+    _last_scan.entry = None
+    if entry is None:
+        return None
+    owner, address, numel, dtype, version, finite = entry
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    same = (owner() is not None and dense and x.data_ptr() == address and x.numel() == numel and x.dtype == dtype
+            and version_of(x) == version)
+    return finite if same else None
 
 
 def codes_into(flat, out, x_scale, shift, low: int, high: int):
@@ -139,22 +193,24 @@ def codes_into(flat, out, x_scale, shift, low: int, high: int):
         out[start:stop].copy_(q)  # exact: small integers
 
 
-def storage_order_views(x: torch.Tensor, dtype, reuse: bool = False) -> tuple:
-    """(x flattened in storage order, a `dtype` tensor in x's memory format, it flattened alike: fresh, or
-    with `reuse` this thread's codes buffer); (None, None, None) when x is neither contiguous nor
-    channels-last contiguous."""
+def storage_order_views(x: torch.Tensor, dtype, reuse: bool = False, nchw_to_channels_last: bool = False) -> tuple:
+    """(x flattened in storage order, a `dtype` tensor in x's memory format, or channels-last with
+    nchw_to_channels_last, it flattened: fresh, or with `reuse` this thread's codes buffer);
+    (None, None, None) when x is neither contiguous nor channels-last contiguous."""
     channels_last = not x.is_contiguous()
     if channels_last and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return None, None, None
     flat_codes = codes_scratch(x.numel(), dtype) if reuse else torch.empty(x.numel(), dtype=dtype, device=x.device)
-    if not channels_last:
+    if not (channels_last or nchw_to_channels_last):
         return x.reshape(-1), flat_codes.view(x.shape), flat_codes
     b, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(-1), flat_codes.view(b, h, w, c).permute(0, 3, 1, 2), flat_codes
+    flat = x.reshape(-1) if nchw_to_channels_last else x.permute(0, 2, 3, 1).reshape(-1)
+    return flat, flat_codes.view(b, h, w, c).permute(0, 3, 1, 2), flat_codes
 
 
-def unsigned_zero(x_zero) -> torch.Tensor:
-    return (x_zero + UNSIGNED_OFFSET).to(torch.int64)
+def unsigned_zero(x_zero) -> int:
+    """The zero point of the unsigned codes, as the number the oneDNN ops take."""
+    return int(x_zero.item()) + UNSIGNED_OFFSET
 
 
 # --- weights laid out once ---------------------------------------------------------------------
@@ -343,8 +399,9 @@ def int_matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # --- the two ops -------------------------------------------------------------------------------
 
 
-def _onednn_linear(codes, x_scale, zero, packed, w_scale, w_zero, bias, out_dtype):
-    return torch.ops.onednn.qlinear_pointwise.tensor(
+def _onednn_linear(codes, x_scale: float, zero: int, packed, w_scale, w_zero, bias, out_dtype):
+    # (the overload taking numbers: tensor scales would cost two small ops per call on the CPU)
+    return torch.ops.onednn.qlinear_pointwise.default(
         codes, x_scale, zero, packed, w_scale, w_zero, bias, 1.0, 0, out_dtype, "none", [], "")
 
 
@@ -371,7 +428,7 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
     codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
     packed, w_zero = prepared
-    y = _onednn_linear(codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero,
+    y = _onednn_linear(codes, x_scale.item(), unsigned_zero(x_zero), packed, w_scale, w_zero,
                        onednn_bias(bias, kernel_dtype), kernel_dtype)
     return y.to(out_dtype)
 
@@ -387,17 +444,17 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
             return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                               kernel_size, stride, padding)
-        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits)
+        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, channels_last=True)
         cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding, per_byte)
         acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))
         y = reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
-    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
-    codes = codes.contiguous(memory_format=torch.channels_last)  # (a copy for NCHW input)
+    codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
+    codes = codes.contiguous(memory_format=torch.channels_last)  # (a copy where the native pass is unavailable)
     packed, w_zero = prepared
-    y = torch.ops.onednn.qconv2d_pointwise.tensor(
-        codes, x_scale.float(), unsigned_zero(x_zero), packed, w_scale, w_zero, onednn_bias(bias, kernel_dtype),
+    y = torch.ops.onednn.qconv2d_pointwise.default(
+        codes, x_scale.item(), unsigned_zero(x_zero), packed, w_scale, w_zero, onednn_bias(bias, kernel_dtype),
         list(stride), list(padding), [1, 1], 1, 1.0, 0, kernel_dtype, "none", [], None)
     return y.to(out_dtype)
 

@@ -75,7 +75,10 @@ def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None) -> torch.T
     map pushed through the convolution's window for Conv2d (`conv` = (kernel_size, stride, padding)).
     Where float would give +-Inf this gives NaN: non-finite either way."""
     if x.device.type == "cpu":
-        # CPU: one reduction settles the common case, where a host sync costs nothing. A sum of finite
+        scanned = None if torch.compiler.is_compiling() else onednn.scanned_finite(x)
+        if scanned is not None:  # the native quantization read every element of x for the kernel just now
+            return y if scanned else y.masked_fill(non_finite_map(x, conv), float("nan"))
+        # Else one reduction settles the common case, where a host sync costs nothing. A sum of finite
         # values is never NaN; one that overflows to Inf only sends the call to the exact map below.
         # bf16 sums in its own dtype (float32 range, float32 accumulation; converting first is 10x
         # slower), fp16 in float32 (its range would overflow on large activations).
@@ -270,6 +273,7 @@ class QuantizedLayer(nn.Module):
 
     def _integer_parts(self, x, run_kernel):
         """Sum of per-part kernel calls; the bias is added once."""
+        onednn.forget_scan()  # (what propagate_non_finite then learns of the input comes from these calls)
         y = None
         start = 0
         for p, size in enumerate(self.part_sizes):

@@ -464,6 +464,7 @@ def test_activation_codes_are_the_references_in_every_chunk(dtype, channels_last
     """The chunked quantization (fp32 inputs divided straight into the scratch, others copied first) gives
     the reference's codes bit for bit, also at exact rounding ties and across chunk borders."""
     monkeypatch.setattr(onednn, "QUANTIZE_CHUNK", 1000)  # several chunks, the last one partial
+    monkeypatch.setenv("MIXQ_NATIVE", "0")  # the torch ops (the native pass: tests/test_native.py)
     x, zero = tie_activations(dtype, channels_last), torch.tensor(3.0)
     expected = reference.quantize_input(x, TIE_SCALE, zero, a_bits)
     assert torch.equal(onednn.quantize_input_signed(x, TIE_SCALE, zero, a_bits), expected)
