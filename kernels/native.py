@@ -4,13 +4,13 @@ activation_codes.c quantizes an activation in one pass (division, rounding, clam
 the codes, the NCHW -> channels-last transpose convolutions need, and the NaN/Inf test), where torch
 ops take five to eight passes and as many dispatches per layer call. It is plain C (no Python or
 torch headers), so a build takes well under a second; the library is cached per source, compiler
-and CPU (it is built for the CPU at hand) under $MIXQ_CACHE_DIR, else $XDG_CACHE_HOME/mixq, else
-~/.cache/mixq, written atomically, so concurrent processes never load a partial file.
+and CPU (it is built for the CPU at hand) in MIXQ_NATIVE_CACHE, else ~/.cache/mixq, written atomically,
+so concurrent processes never load a partial file.
 
-Where it cannot be had (no compiler, a failed build, MIXQ_NATIVE=0, not an x86 CPU), callers run the
-torch ops instead, with one warning naming why: never a wrong result, only a slower one. A build is
-checked against the torch reference (rounding ties, clamping, both dtypes, the transpose) before
-its first use.
+Where it cannot be had (no compiler, a failed build, not an x86 CPU), callers run the torch ops
+instead, with one warning naming why: never a wrong result, only a slower one; MIXQ_NATIVE=0 turns it
+off without a warning (for A/B runs). A build is checked against the torch reference (rounding ties,
+clamping, both dtypes, the transpose, a NaN) before its first use.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MIXQ_CACHE_DIR"):
-        return Path(os.environ["MIXQ_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mixq"
+    """Where built libraries are kept: MIXQ_NATIVE_CACHE, else ~/.cache/mixq (beside the Triton autotune cache)."""
+    configured = os.environ.get("MIXQ_NATIVE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "mixq"
 
 
 def enabled() -> bool:
@@ -166,6 +165,7 @@ def activation_codes(x: torch.Tensor, out: torch.Tensor, scale: float, shift: fl
         rows, channels, inner = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     else:
         rows, channels, inner = 1, 1, x.numel()
-    bad = library()(x.data_ptr(), DTYPES[x.dtype], out.data_ptr(), rows, channels, inner, scale, shift,
-                    float(low), float(high), torch.get_num_threads())
+    fn = _state.get("library") or library()  # (loaded by reads(); no second read of the environment)
+    bad = fn(x.data_ptr(), DTYPES[x.dtype], out.data_ptr(), rows, channels, inner, scale, shift, float(low),
+             float(high), torch.get_num_threads())
     return not bad

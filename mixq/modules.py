@@ -66,19 +66,19 @@ def bos_row_matches(rows: torch.Tensor, reference: torch.Tensor) -> bool:
     return bool(bos_rows_match(rows, reference))
 
 
-def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None) -> torch.Tensor:
+def propagate_non_finite(x: torch.Tensor, y: torch.Tensor, conv=None, known_finite: bool | None = None) -> torch.Tensor:
     """`y` with NaN wherever the float layer's output would depend on a NaN/Inf input element.
 
     Quantizing an activation maps NaN/Inf to ordinary integer codes, so the integer and fake-quant paths
     alone would turn a broken input into plausible numbers. Checked around the kernel call, without a
     host sync: a row-wise flag for Linear (any non-finite feature poisons the row), the input's non-finite
     map pushed through the convolution's window for Conv2d (`conv` = (kernel_size, stride, padding)).
-    Where float would give +-Inf this gives NaN: non-finite either way."""
+    Where float would give +-Inf this gives NaN: non-finite either way. `known_finite`: whether x is all
+    finite, where the kernels just found out (QuantizedLayer.input_found_finite); None: unknown."""
+    if known_finite is not None:
+        return y if known_finite else y.masked_fill(non_finite_map(x, conv), float("nan"))
     if x.device.type == "cpu":
-        scanned = None if torch.compiler.is_compiling() else onednn.scanned_finite(x)
-        if scanned is not None:  # the native quantization read every element of x for the kernel just now
-            return y if scanned else y.masked_fill(non_finite_map(x, conv), float("nan"))
-        # Else one reduction settles the common case, where a host sync costs nothing. A sum of finite
+        # CPU: one reduction settles the common case, where a host sync costs nothing. A sum of finite
         # values is never NaN; one that overflows to Inf only sends the call to the exact map below.
         # bf16 sums in its own dtype (float32 range, float32 accumulation; converting first is 10x
         # slower), fp16 in float32 (its range would overflow on large activations).
@@ -273,7 +273,8 @@ class QuantizedLayer(nn.Module):
 
     def _integer_parts(self, x, run_kernel):
         """Sum of per-part kernel calls; the bias is added once."""
-        onednn.forget_scan()  # (what propagate_non_finite then learns of the input comes from these calls)
+        if not torch.compiler.is_compiling():
+            onednn.forget_scan()  # (what input_found_finite then answers comes from these calls)
         y = None
         start = 0
         for p, size in enumerate(self.part_sizes):
@@ -285,6 +286,12 @@ class QuantizedLayer(nn.Module):
             y = yp if y is None else y + yp
             start += size
         return y
+
+    @staticmethod
+    def input_found_finite(x: torch.Tensor) -> bool | None:
+        """Whether x is all finite, as the native activation quantization found in the kernel calls of
+        _integer_parts just made (which forget what earlier calls found); None where it did not read x."""
+        return None if torch.compiler.is_compiling() else onednn.scanned_finite(x)
 
     def _fake_quantized_input(self, x, channel_dim):
         if len(self.part_sizes) == 1:
@@ -491,7 +498,8 @@ class QLinear(QuantizedLayer):
                 xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b, input_key=key
             ),
         )
-        return propagate_non_finite(x, y.reshape(*x.shape[:-1], self.out_features))
+        return propagate_non_finite(x, y.reshape(*x.shape[:-1], self.out_features),
+                                    known_finite=self.input_found_finite(x))
 
 
 class QConv2d(QuantizedLayer):
@@ -526,6 +534,7 @@ class QConv2d(QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits == FLOAT_BITS:
             return F.conv2d(x, self.float_weight(x.dtype), self.bias, self.stride, self.padding)
+        known_finite = None
         if self.w_bits == FLOAT_BITS:
             y = F.conv2d(self._fake_quantized_input(x, 1), self.float_weight(x.dtype), self.bias, self.stride,
                          self.padding)
@@ -537,7 +546,8 @@ class QConv2d(QuantizedLayer):
                     self.kernel_size, self.stride, self.padding, input_key=key,
                 ),
             )
-        return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding))
+            known_finite = self.input_found_finite(x)
+        return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding), known_finite)
 
 
 def keeps_cpu_int8(fn) -> bool:

@@ -30,6 +30,20 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 
+def _build_native_helpers():
+    """Build the native activation quantization (or find it unavailable, with its one warning) before any
+    test runs, so that neither a build nor that warning lands inside a test that times or checks for
+    silence. tests/test_native.py covers the build and the warning themselves."""
+    from mixq.kernels import native
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native.library()
+
+
+_build_native_helpers()
+
+
 def reference_data_dir() -> Path | None:
     candidate = Path(os.environ.get("MIXQ_TEST_DATA", REPO.parent / "shared" / "data"))
     return candidate if candidate.is_dir() else None

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from benchmarks import held_weights_ab, sensitivity_batching_ab, vae_layers
-from mixq.kernels import onednn
+from benchmarks import held_weights_ab, native_quantization_ab, sensitivity_batching_ab, vae_layers
+from mixq.kernels import native, onednn
 from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
 
 
@@ -45,3 +45,22 @@ def test_sensitivity_batching_ab_times_both_arms_on_the_same_layers(capsys):
     assert re.search(r"config proving: 2 of 202 layers, up to \d+ candidates per call", out)
     assert re.search(r"^1 alternating rounds: one candidate per call median [\d.]+ s, candidates sharing a call "
                      r"median [\d.]+ s; per-round speed-up [\d.]+x .*rows alike bit for bit: \d of 2$", out, flags=re.M)
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None or onednn.unavailable_reason() is not None,
+                    reason="needs the native pass and the oneDNN int8 kernels")
+def test_native_quantization_ab_times_three_arms_on_the_unet_and_a_decoder(tmp_path, capsys):
+    config = tmp_path / "vae.json"
+    config.write_text(json.dumps({
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": [32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}))
+    assert native_quantization_ab.main(["--batch", "2", "--calibration-prompts", "2", "--rounds", "1",
+                                        "--vae-config", str(config), "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    number = r"[\d.]+"
+    assert re.search(rf"^proving UNet, a batch of 2 16x16 latents, float32 NCHW, 1 alternating rounds: float32 median "
+                     rf"{number} ms, W8A8 torch ops median {number} ms, W8A8 native median {number} ms; torch ops / "
+                     rf"native per round {number}x \[{number}, {number}\]; float32 / native {number}x", out, flags=re.M)
+    assert re.search(rf"^SDXL VAE decoder \(\d+ of \d+ convolutions W8A8\), 32x32 images, bf16 channels-last, 1 "
+                     rf"alternating rounds: bf16 median {number} ms", out, flags=re.M)

@@ -162,7 +162,7 @@ def test_the_finiteness_record_answers_only_for_the_elements_it_read():
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
 def test_without_a_working_compiler_torch_ops_quantize_with_one_warning(compiler, tmp_path, monkeypatch):
     monkeypatch.setenv("CC", compiler)
-    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MIXQ_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(fallback, "_warned", set())
     x = tie_activations((2, 3, 5, 7), torch.float32)
@@ -184,7 +184,7 @@ def test_it_can_be_turned_off(monkeypatch):
 
 @needs_native
 def test_the_build_is_cached_per_source_and_loaded_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MIXQ_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None
     built = list(tmp_path.glob("activation_codes-*.so"))
