@@ -162,6 +162,8 @@ int mixq_activation_codes(const void *x, int dtype, uint8_t *out, int64_t rows, 
                           float scale, float shift, float low, float high, int threads) {
     const int64_t units = channels == 1 ? rows * inner : rows * ((channels + TILE - 1) / TILE);
     const int64_t per_unit = channels == 1 ? 1 : TILE * inner;
+    if (units <= 0)
+        return 0; /* an empty activation */
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     if (threads < 1 || units * per_unit < (1 << 20)) /* below ~1M elements a thread costs more than it saves */

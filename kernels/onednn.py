@@ -15,8 +15,10 @@ its kernels: as fast as W8, at one byte per weight more than the packed buffer. 
 one layer into a per-thread scratch buffer that is reused from layer to layer, one contiguous run per
 lane (lane-major K order, the activations' columns permuted to match: dot products are unchanged),
 and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions gather int8 codes
-(never floats) into columns first. Their epilogue is the reference's, so these layers agree bit for
-bit with it.
+(never floats) into columns first. Their epilogue is the reference's arithmetic, in place, so these
+layers agree bit for bit with it. Columns, accumulators and the epilogue's float32 go into per-thread
+buffers reused from layer to layer: fresh ones of tens of MB page-fault on every call
+(benchmarks/results/cpu-unet-speed-ab-2026-12-07.md).
 
 Activations reach oneDNN as unsigned codes: mixq's signed code q in [-2^(b-1), 2^(b-1) - 1] plus
 128, with zero point x_zero + 128, so (u - u_zero) == (q - x_zero) and the integer accumulation is
@@ -96,9 +98,9 @@ def quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse: bool = False, cha
     return quantize_codes(x, x_scale, x_zero, a_bits, UNSIGNED_OFFSET, reuse, channels_last)
 
 
-def quantize_input_signed(x, x_scale, x_zero, a_bits, channels_last: bool = False) -> torch.Tensor:
+def quantize_input_signed(x, x_scale, x_zero, a_bits, reuse: bool = False, channels_last: bool = False):
     """The reference's int8 codes (reference.quantize_input), computed as quantize_input_unsigned's."""
-    return quantize_codes(x, x_scale, x_zero, a_bits, 0, channels_last=channels_last)
+    return quantize_codes(x, x_scale, x_zero, a_bits, 0, reuse, channels_last)
 
 
 # Elements quantized per pass: the float32 scratch (1 MiB) stays in cache across the in-place steps.
@@ -368,32 +370,55 @@ def unpack_lane_major(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def lane_major(q: torch.Tensor, per_byte: int) -> torch.Tensor:
-    """int8 codes [M, K], K a multiple of per_byte, with K reordered as unpack_lane_major orders it."""
+    """int8 codes [M, K], K a multiple of per_byte, with K reordered as unpack_lane_major orders it (into
+    this thread's columns buffer: valid until its next use)."""
     m, k = q.shape
-    return q.view(m, k // per_byte, per_byte).transpose(1, 2).reshape(m, k)
+    out = thread_buffer("columns", m * k, torch.int8)
+    out.view(m, per_byte, k // per_byte).copy_(q.view(m, k // per_byte, per_byte).transpose(1, 2))
+    return out.view(m, k)
 
 
 def int8_columns(q_x: torch.Tensor, x_zero, kernel_size, stride, padding,
                  per_byte: int = 1) -> tuple[torch.Tensor, int, int]:
     """int8 codes [B, C, H, W] -> [B * Ho * Wo, kh * kw * C] in (row, col, channel) order, borders
-    holding the code of the real zero; integer copies only. With per_byte > 1 (C a multiple of it) the
-    columns come in unpack_lane_major's order, in the same single gather."""
+    holding the code of the real zero; integer copies only, into this thread's reused buffers (valid
+    until their next use: fresh ones of this size page-fault on every call). With per_byte > 1 (C a
+    multiple of it) the columns come in unpack_lane_major's order, in the same single gather."""
     b, c, h, w = q_x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    padded = torch.empty(b, h + 2 * ph, w + 2 * pw, c, dtype=torch.int8)
+    padded_shape = (b, h + 2 * ph, w + 2 * pw, c)
+    padded = thread_buffer("padded", b * padded_shape[1] * padded_shape[2] * c, torch.int8).view(padded_shape)
     padded.copy_(x_zero.to(torch.int8).expand_as(padded))
     padded[:, ph:ph + h, pw:pw + w].copy_(q_x.permute(0, 2, 3, 1))
     windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, Ho, Wo, C, kh, kw]
     ho, wo = windows.shape[1], windows.shape[2]
     # [B, Ho, Wo, C / per_byte, lane, kh, kw] -> [B, Ho, Wo, lane, kh, kw, C / per_byte]
     windows = windows.unflatten(3, (c // per_byte, per_byte)).permute(0, 1, 2, 4, 5, 6, 3)
-    cols = windows.reshape(b * ho * wo, kh * kw * c)
-    return cols, ho, wo
+    cols = thread_buffer("columns", b * ho * wo * kh * kw * c, torch.int8)
+    cols.view(windows.shape).copy_(windows)
+    return cols.view(b * ho * wo, kh * kw * c), ho, wo
 
 
 def int_matmul_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N], on a view of b (no copy)."""
-    return torch._int_mm(a, b.t())
+    """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N], on a view of b (no copy), into this thread's
+    accumulator buffer (valid until its next use)."""
+    acc = thread_buffer("accumulators", a.shape[0] * b.shape[0], torch.int32).view(a.shape[0], b.shape[0])
+    return torch._int_mm(a, b.t(), out=acc)
+
+
+def epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype):
+    """reference.epilogue's arithmetic in its order, in place on `acc` (a scratch) and a reused float32
+    scratch, so bit for bit its result without its three fresh [M, N] temporaries; the result is a fresh
+    tensor."""
+    acc.sub_(x_zero.to(torch.int32) * w_sum.to(torch.int32))
+    if out_dtype == torch.float32:
+        y = torch.empty(acc.shape, dtype=torch.float32)
+    else:
+        y = thread_buffer("epilogue", acc.numel(), torch.float32).view(acc.shape)
+    y.copy_(acc).mul_(x_scale.to(torch.float32) * w_scale.to(torch.float32))
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
 # --- the two ops -------------------------------------------------------------------------------
@@ -422,9 +447,9 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         if x.shape[-1] % per_byte:
             warn_fallback(f"{w_bits}-bit linear layers with {x.shape[-1]} inputs (not a multiple of {per_byte})")
             return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
-        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits)
+        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True)
         acc = int_matmul_transposed(lane_major(q_x, per_byte), unpack_lane_major(qweight, w_bits))
-        return reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
+        return epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
     codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
     packed, w_zero = prepared
@@ -444,10 +469,10 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
             return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                               kernel_size, stride, padding)
-        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, channels_last=True)
+        q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
         cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding, per_byte)
         acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))
-        y = reference.epilogue(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
+        y = epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
     kernel_dtype = out_dtype if out_dtype in ONEDNN_OUTPUT_DTYPES else torch.float32
     codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from benchmarks import held_weights_ab, native_quantization_ab, sensitivity_batching_ab, vae_layers
+from benchmarks import held_weights_ab, native_quantization_ab, sensitivity_batching_ab, unet_speed_ab, vae_layers
 from mixq.kernels import native, onednn
 from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
 
@@ -64,3 +64,13 @@ def test_native_quantization_ab_times_three_arms_on_the_unet_and_a_decoder(tmp_p
                      rf"native per round {number}x \[{number}, {number}\]; float32 / native {number}x", out, flags=re.M)
     assert re.search(rf"^SDXL VAE decoder \(\d+ of \d+ convolutions W8A8\), 32x32 images, bf16 channels-last, 1 "
                      rf"alternating rounds: bf16 median {number} ms", out, flags=re.M)
+
+
+def test_unet_speed_ab_pairs_every_setting_with_bf16(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(shrink_unet_config(SDXL_UNET_STRUCTURE)))
+    assert unet_speed_ab.main(["--unet-config", str(config), "--latents", "8", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    ratio = r"\(\d+\.\d\dx bf16 \[\d+\.\d\d, \d+\.\d\d\]\)"
+    assert re.search(rf"^8x8 latents, 2 alternating rounds: bf16 [\d.]+ s; W8A8 [\d.]+ s {ratio}; W4A8 [\d.]+ s "
+                     rf"{ratio}; 4-bit plan [\d.]+ s {ratio}; load average", out, flags=re.M)

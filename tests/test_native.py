@@ -64,6 +64,14 @@ def test_codes_are_the_references_flat_and_transposed(dtype, shape, a_bits, offs
 
 
 @needs_native
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 3)])
+def test_an_empty_activation_has_no_codes(shape):
+    for transpose in (False, True):
+        codes, finite = native_codes(torch.empty(shape), 8, 128, transpose)
+        assert finite and codes.numel() == 0
+
+
+@needs_native
 @pytest.mark.parametrize("transpose", [False, True])
 def test_codes_split_across_threads_are_the_references(transpose):
     """Past a million elements the pass runs on torch's thread count: the shares must meet exactly."""
