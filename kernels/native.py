@@ -118,9 +118,9 @@ def _built(compiler: str) -> Path:
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
-    from mixq.machine import _cpuinfo_field, cpu_model
+    from mixq.machine import cpu_flags, cpu_model
 
-    return f"{cpu_model()}|{_cpuinfo_field('flags') or platform.processor()}"
+    return f"{cpu_model()}|{cpu_flags() or platform.processor()}"
 
 
 def _self_check(fn) -> str | None:

@@ -24,6 +24,11 @@ def cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """Every feature flag the OS lists for the CPU (Linux), space-separated; "" elsewhere."""
+    return _cpuinfo_field("flags") or ""
+
+
 def cpu_features() -> dict[str, bool]:
     """INT8_FLAGS -> present, from /proc/cpuinfo (Linux); empty elsewhere."""
     flags = _cpuinfo_field("flags")
