@@ -42,18 +42,25 @@ def eager_and_compiled(unet, inputs, rounds: int) -> dict:
             "speedup": eager["median_s"] / row["median_s"], "load_average_1min": row["load_average_1min"]}
 
 
-def proving_rows(run: Path | None, batch: int, rounds: int) -> dict:
-    import mixq
+def proving_unet_call(pipe, batch: int) -> dict:
+    """The keyword inputs of the proving pipeline's first UNet call on `batch` held-out prompts (one step)."""
     from mixq.calib.collect import capturing_unet_calls
-    from mixq.proving import evaluation_prompts, load_pipeline
+    from mixq.proving import evaluation_prompts
     from mixq.proving.model import SAMPLING
 
-    base = load_pipeline()
-    with capturing_unet_calls(base.unet, to_cpu=False) as calls:
-        base([text for _, text in evaluation_prompts(batch)], output_type="latent",
+    with capturing_unet_calls(pipe.unet, to_cpu=False) as calls:
+        pipe([text for _, text in evaluation_prompts(batch)], output_type="latent",
              generator=torch.Generator().manual_seed(0), **{**SAMPLING, "num_inference_steps": 1})
     call_args, call_kwargs = calls[0][:2]
-    inputs = dict(zip(("sample", "timestep"), call_args), **call_kwargs)
+    return dict(zip(("sample", "timestep"), call_args), **call_kwargs)
+
+
+def proving_rows(run: Path | None, batch: int, rounds: int) -> dict:
+    import mixq
+    from mixq.proving import load_pipeline
+
+    base = load_pipeline()
+    inputs = proving_unet_call(base, batch)
     variants = {"float32": None, "mixq W8A8": dict(w_bit=8, a_bit=8)}
     if run is not None:
         variants["mixq plan.yaml"] = dict(plan=str(run / "plan.yaml"))

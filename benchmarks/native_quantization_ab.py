@@ -88,16 +88,11 @@ def check_same(run_quantized) -> None:
 
 def proving_unet(batch: int, rounds: int, calibration_prompts: int) -> str:
     import mixq
-    from mixq.calib.collect import capturing_unet_calls
-    from mixq.proving import evaluation_prompts, load_pipeline
-    from mixq.proving.model import SAMPLING
+    from benchmarks.compile_cpu import proving_unet_call
+    from mixq.proving import load_pipeline
 
     pipe = load_pipeline()
-    with capturing_unet_calls(pipe.unet, to_cpu=False) as calls:
-        pipe([text for _, text in evaluation_prompts(batch)], output_type="latent",
-             generator=torch.Generator().manual_seed(0), **{**SAMPLING, "num_inference_steps": 1})
-    call_args, call_kwargs = calls[0][:2]
-    inputs = dict(zip(("sample", "timestep"), call_args), **call_kwargs)
+    inputs = proving_unet_call(pipe, batch)
     quantized = copy.deepcopy(pipe)
     calibration = mixq.calibrate_ranges(quantized, "proving:calibration", calibration_prompts, progress=False)
     mixq.quantize(quantized, w_bit=8, a_bit=8, calibration=calibration, progress=False)

@@ -15,19 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 import types
 
 import torch
 
 from benchmarks.cpu_unet import calibrate, unet_inputs
 from benchmarks.environment import environment
-
-
-def timed(unet, inputs) -> float:
-    start = time.perf_counter()
-    unet(**inputs)
-    return time.perf_counter() - start
+from benchmarks.held_weights_ab import timed
 
 
 def quantized_layers(unet, originals: dict, calibration, **settings) -> dict:
