@@ -42,6 +42,9 @@ PLAN_INDEPENDENT = ("float", "uniform W8A8", UNIFORM_W4_NAME, W2_CONTENT_NAME)  
 NO_BOS_NAME = PLAN_NAME + " without BOS handling"
 INVERTED_NAME = "inverted ranking (same budget)"
 RANDOM_SEEDS = (0, 1, 2)
+# 4/2-bit weights unpacked once to int8 on x86 CPUs: the same integer sums as the packed default, and
+# about 1.4x faster on the proving model's small layers, where each packed call's unpack dominates.
+CPU_WEIGHTS = "int8"
 # The report adds the opt-in components in these steps, each on top of the ones before.
 COMPONENT_STEPS = ((("vae",), "VAE decoder"), (("text_encoder", "text_encoder_2"), "text encoders"))
 
@@ -104,17 +107,21 @@ def average_bits_of(configuration: Configuration, table: dict) -> tuple[float, f
 
 
 def generate_with(pipe, layers: dict, calibration, config: Configuration, prompts: list[str], seed: int,
-                  sampling: dict) -> np.ndarray:
+                  sampling: dict, cpu_weights: str = CPU_WEIGHTS) -> np.ndarray:
     """The images of `prompts` with the configuration's layers quantized on the real integer path
-    (the float UNet restored after)."""
+    (the float UNet restored after); `cpu_weights` as in mixq.quantize."""
     from mixq.api import layers_components
     from mixq.components import ComponentTree
+    from mixq.kernels import dispatch
     from mixq.proving.evaluate import generate
 
     tree = ComponentTree.of(pipe, layers_components(config.bits))
-    replacements = {n: build_quantized_layer(tree.get_submodule(n), layers[n], w, a, calibration,
-                                             bos_aware=config.bos_aware)
-                    for n, (w, a) in config.bits.items() if (w, a) != FLOAT}
+    replacements = {}
+    for n, (w, a) in config.bits.items():
+        if (w, a) != FLOAT:
+            replacements[n] = build_quantized_layer(tree.get_submodule(n), layers[n], w, a, calibration,
+                                                    bos_aware=config.bos_aware)
+            dispatch.prepare_layer(replacements[n], cpu_weights)
     with swapped_layers(tree, replacements):
         return generate(pipe, prompts, seed, sampling=sampling)
 

@@ -67,6 +67,64 @@ def test_checker_reads_every_clean_render_correctly():
     assert accuracy(verdicts)["overall"] == 1.0
 
 
+def pixel_flood_largest_region(mask):
+    """The exact reference: a breadth-first flood fill per region, pixel by pixel; the first region
+    found in raster order wins ties."""
+    from collections import deque
+
+    seen, best = np.zeros_like(mask), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        region, queue = [], deque([start])
+        seen[start] = True
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    if not best:
+        return None
+    out = np.zeros_like(mask)
+    out[tuple(np.array(best).T)] = True
+    return out
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.6, 0.9])
+def test_largest_region_joins_runs_as_the_pixel_flood_fill_does(density):
+    from mixq.proving.content import largest_region
+
+    rng = np.random.default_rng(int(density * 100))
+    masks = [rng.random((rng.integers(1, 24), rng.integers(1, 24))) < density for _ in range(300)]
+    # Spirals, U shapes and equal-sized twins: regions joined only far from where they start, and ties.
+    masks += [np.array([[1, 0, 1], [1, 0, 1], [1, 1, 1]], bool), np.array([[1, 1, 0, 1, 1]], bool),
+              np.array([[1, 0], [0, 1]], bool), np.array([[0, 1], [1, 0]], bool), np.zeros((4, 4), bool)]
+    for mask in masks:
+        expected, found = pixel_flood_largest_region(mask), largest_region(mask)
+        assert (found is None) == (expected is None)
+        if expected is not None:
+            np.testing.assert_array_equal(found, expected)
+
+
+def test_palette_labels_are_those_of_the_euclidean_distances():
+    from mixq.proving.content import MAX_COLOR_DISTANCE, PALETTE, palette_labels
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    image[0, :len(PALETTE)] = PALETTE  # exact palette colours; the background's cut-off, on and just past it
+    image[1, :2] = PALETTE[0] + np.array([[-60, -60, 30], [-60, -60, 31]])
+    assert np.linalg.norm(image[1, 0] - PALETTE[0]) == MAX_COLOR_DISTANCE
+    distances = np.linalg.norm(image.astype(np.float64)[:, :, None] - PALETTE[None, None], axis=-1)
+    expected = np.where(distances.min(-1) > MAX_COLOR_DISTANCE, -1, distances.argmin(-1))
+    for candidate in (image, image.astype(np.float32)):
+        np.testing.assert_array_equal(palette_labels(candidate), expected)
+    assert palette_labels(image)[1, :2].tolist() == [0, -1]
+
+
 def test_checker_survives_moderate_noise_and_accepts_tensors():
     rng = np.random.default_rng(0)
     verdicts = []

@@ -11,7 +11,6 @@ relation); `accuracy` turns many verdicts into per-attribute and overall rates.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from .scenes import BACKGROUND, COLORS, POSITIONS, SHAPES, SIZES, Scene, parse_c
 
 PALETTE_NAMES = ("background", *COLORS)
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)
+PALETTE_INT = PALETTE.astype(np.int32)
 MAX_COLOR_DISTANCE = 90.0  # RGB distance beyond which a pixel belongs to no named colour
 MIN_AREA_FRACTION = 0.008  # regions smaller than this share of the image are noise, not objects
 SIZE_THRESHOLD = SIZES["small"] + SIZES["large"]  # box side (fraction of the image) between the two sizes
@@ -71,37 +71,57 @@ def as_rgb_uint8(image) -> np.ndarray:
 
 
 def palette_labels(image: np.ndarray) -> np.ndarray:
-    """Per pixel, the index into PALETTE_NAMES of the nearest colour, or -1 when none is near."""
-    distances = np.linalg.norm(image.astype(np.float32)[:, :, None, :] - PALETTE[None, None], axis=-1)
-    labels = distances.argmin(axis=-1)
-    labels[distances.min(axis=-1) > MAX_COLOR_DISTANCE] = -1
+    """Per pixel of an integer-valued RGB image, the index into PALETTE_NAMES of the nearest colour, or
+    -1 when none is near. Squared distances are exact in int32 and rank as the distances do, so the
+    labels are those of the Euclidean distances, at less than half their cost."""
+    offsets = image.astype(np.int32)[:, :, None, :] - PALETTE_INT[None, None]
+    squared = np.einsum("hwpc,hwpc->hwp", offsets, offsets)
+    labels = squared.argmin(axis=-1)
+    labels[squared.min(axis=-1) > MAX_COLOR_DISTANCE**2] = -1
     return labels
 
 
+def horizontal_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row, first column and one-past-last column of every horizontal run of True, in raster order."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, stops = np.nonzero(edges == -1)
+    return rows, starts, stops
+
+
 def largest_region(mask: np.ndarray) -> np.ndarray | None:
-    """The largest 4-connected region of a boolean mask, as a boolean mask (None if empty)."""
-    seen = np.zeros_like(mask)
-    best, best_size = None, 0
-    height, width = mask.shape
-    for start in zip(*np.nonzero(mask)):
-        if seen[start]:
-            continue
-        region, queue = [], deque([start])
-        seen[start] = True
-        while queue:
-            y, x = queue.popleft()
-            region.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        if len(region) > best_size:
-            best, best_size = region, len(region)
-    if best is None:
+    """The largest 4-connected region of a boolean mask, as a boolean mask (None if empty); of equal
+    largest regions, the one reached first in raster order. Runs of pixels are joined, not pixels:
+    union-find over runs that overlap a run of the row above, tens of Python steps per region rather
+    than one per pixel."""
+    row_of, starts, stops = horizontal_runs(mask)
+    if not len(row_of):
         return None
+    first_run_of_row = np.searchsorted(row_of, np.arange(mask.shape[0] + 1)).tolist()
+    row_of, starts, stops = row_of.tolist(), starts.tolist(), stops.tolist()
+    parent = list(range(len(row_of)))
+
+    def root(run: int) -> int:
+        while parent[run] != run:
+            parent[run] = parent[parent[run]]
+            run = parent[run]
+        return run
+
+    for run, row in enumerate(row_of):
+        for above in range(first_run_of_row[row - 1], first_run_of_row[row]) if row else ():
+            if starts[above] < stops[run] and stops[above] > starts[run]:
+                a, b = root(run), root(above)
+                parent[max(a, b)] = min(a, b)  # a region's root is its first run in raster order
+    sizes: dict[int, int] = {}
+    for run in range(len(row_of)):
+        sizes[root(run)] = sizes.get(root(run), 0) + stops[run] - starts[run]
+    best = max(sizes, key=lambda r: (sizes[r], -r))
     out = np.zeros_like(mask)
-    ys, xs = zip(*best)
-    out[list(ys), list(xs)] = True
+    for run in range(len(row_of)):
+        if root(run) == best:
+            out[row_of[run], starts[run]:stops[run]] = True
     return out
 
 
