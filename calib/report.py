@@ -126,7 +126,8 @@ def content_section(rows: list[dict], grid: str | None) -> list[str]:
               "(never used in training or calibration), same seeds for every configuration, with 95 % Wilson "
               "intervals; PSNR/SSIM against the float images; edge sharpness (higher is crisper) and background "
               "noise (RMS, lower is cleaner) need no reference. The random allocations and the inverted ranking "
-              "have the plan's budget and candidate bit-widths (mixq.calib.plans)."), "",
+              "have the plan's budget and candidate bit-widths (mixq.calib.plans). On x86 CPUs, 4/2-bit weights "
+              "run unpacked to int8 (`cpu_weights=\"int8\"`): the integer sums of the packed default, only faster."), "",
              _table(["configuration", "avg W bits", "avg A bits", "content [95 % interval]", "count", "colour", "shape",
                      "size", "position", "PSNR (dB)", "SSIM", "sharpness", "bg noise"], [
                  [r["name"], _fmt(r["w_avg"]), _fmt(r["a_avg"]),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixq.proving import (Scene, Shape, accuracy, background_noise, caption, check, edge_sharpness, find_objects,
+from mixq.proving import (Scene, Shape, accuracy, background_noise, check, edge_sharpness, find_objects,
                           paraphrases, parse_caption, random_scene, render, scenes)
 from mixq.proving.scenes import COLORS, RELATIONS
 
