@@ -43,7 +43,8 @@ NO_BOS_NAME = PLAN_NAME + " without BOS handling"
 INVERTED_NAME = "inverted ranking (same budget)"
 RANDOM_SEEDS = (0, 1, 2)
 # 4/2-bit weights unpacked once to int8 on x86 CPUs: the same integer sums as the packed default, and
-# about 1.4x faster on the proving model's small layers, where each packed call's unpack dominates.
+# about 1.3x faster generation of the proving model's 4-bit plan, whose small layers the packed path's
+# per-call unpack and im2col copies dominate (benchmarks/results/cpu-report-speed-2026-12-07.md).
 CPU_WEIGHTS = "int8"
 # The report adds the opt-in components in these steps, each on top of the ones before.
 COMPONENT_STEPS = ((("vae",), "VAE decoder"), (("text_encoder", "text_encoder_2"), "text encoders"))
