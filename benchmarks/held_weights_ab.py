@@ -30,9 +30,24 @@ def timed(unet, inputs) -> float:
     return time.perf_counter() - start
 
 
+def alternating_times(unet, arms: dict[str, dict], inputs: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each arm (name -> layers swapped into the UNet for its calls): one warm-up
+    call per arm, then `rounds` rounds in which every arm runs once, in turn."""
+    from mixq.calib.sensitivity import swapped_layers
+
+    times = {arm: [] for arm in arms}
+    for layers in arms.values():
+        with swapped_layers(unet, layers):
+            unet(**inputs)
+    for _ in range(rounds):
+        for arm, layers in arms.items():
+            with swapped_layers(unet, layers):
+                times[arm].append(timed(unet, inputs))
+    return times
+
+
 def main(argv=None) -> int:
     import mixq
-    from mixq.calib.sensitivity import swapped_layers
     from mixq.kernels import onednn
     from mixq.layers import find_quantized_layers, quantizable_layers
     from mixq.offline import load_unet_config, unet_from_config
@@ -60,14 +75,8 @@ def main(argv=None) -> int:
     arms = {"bf16": {n: originals[n] for n in held}, "W8A8 held once": held, "W8A8 layout beside": beside}
     with torch.no_grad():
         for size, inputs in all_inputs.items():
-            times = {arm: [] for arm in arms}
-            for layers in arms.values():  # warm-up of each arm (the "beside" arm builds its layouts)
-                with swapped_layers(unet, layers):
-                    unet(**inputs)
-            for _ in range(args.rounds):
-                for arm, layers in arms.items():
-                    with swapped_layers(unet, layers):
-                        times[arm].append(timed(unet, inputs))
+            # The warm-up call of each arm also builds the "beside" arm's layouts.
+            times = alternating_times(unet, arms, inputs, args.rounds)
             medians = {arm: statistics.median(t) for arm, t in times.items()}
             cells = [f"{arm} {s:.3f} s ({medians['bf16'] / s:.2f}x bf16)" for arm, s in medians.items()]
             print(f"{size}x{size} latents, {args.rounds} alternating rounds: " + "; ".join(cells)

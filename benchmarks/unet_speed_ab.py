@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.cpu_unet import calibrate, unet_inputs
 from benchmarks.environment import environment
-from benchmarks.held_weights_ab import timed
+from benchmarks.held_weights_ab import alternating_times
 
 
 def quantized_layers(unet, originals: dict, calibration, **settings) -> dict:
@@ -38,7 +38,6 @@ def quantized_layers(unet, originals: dict, calibration, **settings) -> dict:
 
 def main(argv=None) -> int:
     from benchmarks.plans import mixed_4bit_plan
-    from mixq.calib.sensitivity import swapped_layers
     from mixq.layers import quantizable_layers
     from mixq.offline import load_unet_config, unet_from_config
 
@@ -62,14 +61,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for size in args.latents:
             inputs = unet_inputs(unet, size, torch.bfloat16)
-            times = {arm: [] for arm in arms}
-            for layers in arms.values():  # warm-up of each arm
-                with swapped_layers(unet, layers):
-                    unet(**inputs)
-            for _ in range(args.rounds):
-                for arm, layers in arms.items():
-                    with swapped_layers(unet, layers):
-                        times[arm].append(timed(unet, inputs))
+            times = alternating_times(unet, arms, inputs, args.rounds)
             cells = []
             for arm, samples in times.items():
                 ratios = [b / t for b, t in zip(times["bf16"], samples)]
