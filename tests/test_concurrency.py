@@ -159,18 +159,24 @@ def test_concurrent_rebudgets_leave_config_plan_and_report_in_agreement(tmp_path
     first = subprocess.run([*command, "--config", config, "--out", str(out)], env=subprocess_env(),
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    # The first re-budget lingers in its report stage, so that the second surely arrives while it runs.
+    # The first re-budget lingers in its report stage, holding the folder, and says when it is there: the
+    # second starts only then, so it surely arrives while the first runs (however slowly the first starts).
+    in_report = tmp_path / "first-rebudget-in-report"
     slow_report = textwrap.dedent(f"""
-        import sys, time
+        import pathlib, sys, time
         import mixq.calib.run as run
         write_report = run.write_report
-        run.write_report = lambda *a, **k: (time.sleep(5), write_report(*a, **k))
+        run.write_report = lambda *a, **k: (pathlib.Path({str(in_report)!r}).touch(), time.sleep(5),
+                                            write_report(*a, **k))
         from mixq.calibrate import main
         sys.exit(main({["--no-progress", "--out", str(out), "--stage", "allocate", "--w-bits", "3.5"]!r}))
     """)
     first_rebudget = subprocess.Popen([sys.executable, "-c", slow_report], env=subprocess_env(),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1)
+    deadline = time.monotonic() + 300
+    while not in_report.exists() and first_rebudget.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert in_report.exists(), f"the first re-budget never reached its report: {first_rebudget.communicate()[1][-2000:]}"
     second_rebudget = subprocess.Popen([*command, "--out", str(out), "--stage", "allocate", "--w-bits", "5.0"],
                                        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     processes = [first_rebudget, second_rebudget]
