@@ -159,15 +159,24 @@ def test_concurrent_rebudgets_leave_config_plan_and_report_in_agreement(tmp_path
     first = subprocess.run([*command, "--config", config, "--out", str(out)], env=subprocess_env(),
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    # The first re-budget lingers in its report stage, holding the folder, and says when it is there: the
-    # second starts only then, so it surely arrives while the first runs (however slowly the first starts).
-    in_report = tmp_path / "first-rebudget-in-report"
+    # A handshake, so that the order does not depend on how fast either process starts: the first re-budget
+    # says when it has reached its report stage (holding the folder) and stays there until the second has said
+    # it is waiting. If the lock failed, the second would run to its end without waiting, and the test fails
+    # below. The first gives up holding after 300 s, so a broken handshake ends in a failure, not a hang.
+    in_report, released = tmp_path / "first-rebudget-in-report", tmp_path / "first-rebudget-released"
     slow_report = textwrap.dedent(f"""
         import pathlib, sys, time
         import mixq.calib.run as run
         write_report = run.write_report
-        run.write_report = lambda *a, **k: (pathlib.Path({str(in_report)!r}).touch(), time.sleep(5),
-                                            write_report(*a, **k))
+
+        def held_write_report(*args, **kwargs):
+            pathlib.Path({str(in_report)!r}).touch()
+            deadline = time.monotonic() + 300
+            while not pathlib.Path({str(released)!r}).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return write_report(*args, **kwargs)
+
+        run.write_report = held_write_report
         from mixq.calibrate import main
         sys.exit(main({["--no-progress", "--out", str(out), "--stage", "allocate", "--w-bits", "3.5"]!r}))
     """)
@@ -176,13 +185,22 @@ def test_concurrent_rebudgets_leave_config_plan_and_report_in_agreement(tmp_path
     deadline = time.monotonic() + 300
     while not in_report.exists() and first_rebudget.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert in_report.exists(), f"the first re-budget never reached its report: {first_rebudget.communicate()[1][-2000:]}"
+    if not in_report.exists():
+        released.touch()
+        pytest.fail(f"the first re-budget never reached its report: {first_rebudget.communicate()[1][-2000:]}")
     second_rebudget = subprocess.Popen([*command, "--out", str(out), "--stage", "allocate", "--w-bits", "5.0"],
-                                       env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       env=subprocess_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    second_said = []
+    for line in second_rebudget.stdout:  # up to the waiting message, or to the end if it never waits
+        second_said.append(line)
+        if "waiting until it is done" in line:
+            break
+    released.touch()
     processes = [first_rebudget, second_rebudget]
     outputs = [p.communicate(timeout=600) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert "waiting until it is done" in outputs[1][0], "the second re-budget did not wait for the first"
+    assert "waiting until it is done" in "".join(second_said), "the second re-budget did not wait for the first"
     plan = yaml.safe_load((out / "plan.yaml").read_text())["budget"]["w_bits"]
     assert plan == 5.0  # the second re-budget ran after the first
     assert_folder_agrees(out, plan)
