@@ -22,7 +22,7 @@ setup(
     # `import mixq` finds the checkout's mixq/ first. tests/test_repository_root.py guards both.
     packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
     # The proving-ground pipeline ships as data: diffusers save_pretrained layout, fp16 safetensors.
-    # activation_codes.c: compiled on first use by kernels/native.py.
+    # activation_codes.c and packed_gemm.c: compiled on first use by kernels/native.py.
     package_data={"mixq.configs": ["*.yaml"], "mixq.kernels": ["*.c"],
                   "mixq.proving": ["pipeline/*", "pipeline/*/*", "color-swap-lora/*"]},
     install_requires=[

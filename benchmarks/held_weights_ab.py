@@ -12,6 +12,7 @@ arm's bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -30,20 +31,37 @@ def timed(unet, inputs) -> float:
     return time.perf_counter() - start
 
 
-def alternating_times(unet, arms: dict[str, dict], inputs: dict, rounds: int) -> dict[str, list[float]]:
+def alternating_times(unet, arms: dict[str, dict], inputs: dict, rounds: int,
+                      environments: dict[str, dict] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each arm (name -> layers swapped into the UNet for its calls): one warm-up
-    call per arm, then `rounds` rounds in which every arm runs once, in turn."""
+    call per arm, then `rounds` rounds in which every arm runs once, in turn. `environments`: variables
+    set for an arm's calls only (e.g. MIXQ_PACKED_GEMM=0, which the kernels read at each call)."""
     from mixq.calib.sensitivity import swapped_layers
 
+    environments = environments or {}
     times = {arm: [] for arm in arms}
-    for layers in arms.values():
-        with swapped_layers(unet, layers):
+    for arm, layers in arms.items():
+        with swapped_layers(unet, layers), environment_set(environments.get(arm, {})):
             unet(**inputs)
     for _ in range(rounds):
         for arm, layers in arms.items():
-            with swapped_layers(unet, layers):
+            with swapped_layers(unet, layers), environment_set(environments.get(arm, {})):
                 times[arm].append(timed(unet, inputs))
     return times
+
+
+@contextlib.contextmanager
+def environment_set(variables: dict):
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def main(argv=None) -> int:

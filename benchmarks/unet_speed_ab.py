@@ -6,8 +6,10 @@ version of benchmarks/cpu_unet.py's speed rows, whose sequential timings drift w
 One bf16 UNet (random weights from the real config, channels-last, batch 1); mixq W8A8, W4A8 and the
 offline default's 4-bit plan proportions (benchmarks.plans.mixed_4bit_plan), 4/2-bit weights packed (the
 default), each quantized once from the same float layers with ranges from one fp32 call, swapped in
-between alternating calls. Prints, per latent size, each arm's median and its per-round speed-up over
-bf16 (bf16's time over the arm's in the same round: median [min, max]).
+between alternating calls. With --unpacked-arms, W4A8 and the plan also run with MIXQ_PACKED_GEMM=0 (the
+same layers, their weights unpacked on every call instead of the fused packed GEMM), for the A/B of that
+GEMM. Prints, per latent size, each arm's median and its per-round speed-up over bf16 (bf16's time over
+the arm's in the same round: median [min, max]).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--unet-config", required=True)
     parser.add_argument("--latents", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--rounds", type=int, default=5, help="calls per arm and size (alternating)")
+    parser.add_argument("--unpacked-arms", action="store_true",
+                        help="also W4A8 and the plan with MIXQ_PACKED_GEMM=0 (weights unpacked per call)")
     args = parser.parse_args(argv)
     unet = unet_from_config(load_unet_config(args.unet_config), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -58,10 +62,15 @@ def main(argv=None) -> int:
             "W4A8": quantized_layers(unet, originals, calibration, w_bit=4, a_bit=8),
             "4-bit plan": quantized_layers(unet, originals, calibration, plan=mixed_4bit_plan(unet)["layers"])}
     arms = {"bf16": {n: originals[n] for n in arms["W8A8"]}, **arms}
+    environments = {}
+    if args.unpacked_arms:
+        for arm in ("W4A8", "4-bit plan"):
+            arms[f"{arm}, unpacked per call"] = arms[arm]
+            environments[f"{arm}, unpacked per call"] = {"MIXQ_PACKED_GEMM": "0"}
     with torch.no_grad():
         for size in args.latents:
             inputs = unet_inputs(unet, size, torch.bfloat16)
-            times = alternating_times(unet, arms, inputs, args.rounds)
+            times = alternating_times(unet, arms, inputs, args.rounds, environments)
             cells = []
             for arm, samples in times.items():
                 ratios = [b / t for b, t in zip(times["bf16"], samples)]

@@ -171,8 +171,6 @@ int mixq_activation_codes(const void *x, int dtype, uint8_t *out, int64_t rows, 
     if (threads > units)
         threads = (int)units;
     job_t jobs[MAX_THREADS];
-    pthread_t workers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int t = 0; t < threads; t++) {
         jobs[t] = (job_t){x, dtype, out, rows, channels, inner, scale, shift, low, high,
                           units * t / threads, units * (t + 1) / threads, 0};
@@ -185,16 +183,25 @@ int mixq_activation_codes(const void *x, int dtype, uint8_t *out, int64_t rows, 
         if (jobs[t].first > jobs[t].last)
             jobs[t].first = jobs[t].last;
     }
+#ifdef _OPENMP /* on torch's OpenMP workers (see kernels/native.py) */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++)
+        run_job(&jobs[t]);
+#else
+    pthread_t workers[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
     for (int t = 1; t < threads; t++)
         started[t] = pthread_create(&workers[t], NULL, run_job, &jobs[t]) == 0;
     run_job(&jobs[0]);
-    int bad = jobs[0].non_finite;
     for (int t = 1; t < threads; t++) {
         if (started[t])
             pthread_join(workers[t], NULL);
         else
             run_job(&jobs[t]); /* no thread to be had: the work is done here */
-        bad |= jobs[t].non_finite;
     }
+#endif
+    int bad = 0;
+    for (int t = 0; t < threads; t++)
+        bad |= jobs[t].non_finite;
     return bad;
 }

@@ -11,6 +11,11 @@ Where it cannot be had (no compiler, a failed build, not an x86 CPU), callers ru
 instead, with one warning naming why: never a wrong result, only a slower one; MIXQ_NATIVE=0 turns it
 off without a warning (for A/B runs). A build is checked against the torch reference (rounding ties,
 clamping, both dtypes, the transpose, a NaN) before its first use.
+
+packed_gemm.c is the GEMM of 4/2-bit weights kept packed (the unpacking fused into its packing step, the
+reference's epilogue into its stores; AVX512-VNNI). It is built into the same library; where the CPU
+lacks AVX512-VNNI, or its self-check against the reference fails, packed_gemm() is None (one warning)
+and the backend unpacks per call as before. MIXQ_PACKED_GEMM=0 turns only it off (for A/B runs).
 """
 
 from __future__ import annotations
@@ -29,11 +34,18 @@ import torch
 
 from .fallback import warn_once
 
-SOURCE = Path(__file__).with_name("activation_codes.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("activation_codes.c", "packed_gemm.c"))
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 X86_MACHINES = ("x86_64", "amd64")
-# -ffast-math must never be added: it allows a reciprocal in place of the division.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+# -ffast-math must never be added: it allows a reciprocal in place of the division; -ffp-contract=off keeps
+# the epilogue's multiply and add two roundings, as the reference's.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
+# The helpers' threads are OpenMP's where the compiler has it: the same runtime (libgomp.so.1) that torch
+# has loaded, so they run on torch's own worker threads. Threads of their own would compete for the
+# cores with torch's workers, which keep spinning for a few ms after each torch op (about 1.8x slower
+# layers measured on a 2-core EPYC).
+OPENMP_FLAGS = ["-fopenmp"]
+OUTPUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 class NativeFallbackWarning(UserWarning):
@@ -86,7 +98,8 @@ def _load() -> tuple:
         path = _built(compiler)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"building {SOURCE.name} failed: {str(error).strip()[:300]}"
+        return None, f"building {' and '.join(s.name for s in SOURCES)} failed: {str(error).strip()[:300]}"
+    _state["cdll"] = lib
     fn = lib.mixq_activation_codes
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -98,22 +111,27 @@ def _load() -> tuple:
 
 
 def _built(compiler: str) -> Path:
-    """The compiled library for this source, compiler and CPU, built now if the cache has none."""
+    """The compiled library for these sources, compiler and CPU, built now if the cache has none: with
+    OpenMP where the compiler has it, else with plain threads."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature()])
-                         .encode()).hexdigest()[:20]
-    path = cache_dir() / f"activation_codes-{key}.so"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        partial = Path(scratch) / path.name
-        result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lpthread"],
-                                capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise subprocess.SubprocessError(result.stderr or result.stdout)
-        os.replace(partial, path)  # atomic: a concurrent build writes the same bytes
-    return path
+    texts = [source.read_text() for source in SOURCES]
+    failure = None
+    for flags in (FLAGS + OPENMP_FLAGS, FLAGS):
+        key = hashlib.sha256("\0".join([*texts, compiler, version, " ".join(flags), _cpu_signature()])
+                             .encode()).hexdigest()[:20]
+        path = cache_dir() / f"native-{key}.so"
+        if path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            partial = Path(scratch) / path.name
+            result = subprocess.run([compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lpthread"],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                os.replace(partial, path)  # atomic: a concurrent build writes the same bytes
+                return path
+            failure = failure or result.stderr or result.stdout
+    raise subprocess.SubprocessError(failure)
 
 
 def _cpu_signature() -> str:
@@ -169,3 +187,104 @@ def activation_codes(x: torch.Tensor, out: torch.Tensor, scale: float, shift: fl
     bad = fn(x.data_ptr(), DTYPES[x.dtype], out.data_ptr(), rows, channels, inner, scale, shift, float(low),
              float(high), torch.get_num_threads())
     return not bad
+
+
+# --- the packed 4/2-bit GEMM ----------------------------------------------------------------------
+
+
+class PackedGemmFallbackWarning(UserWarning):
+    """The fused packed-weight GEMM is unavailable; 4/2-bit weights are unpacked per call (same results, slower)."""
+
+
+def packed_gemm_enabled() -> bool:
+    return os.environ.get("MIXQ_PACKED_GEMM", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def packed_gemm_function():
+    """The library's mixq_packed_gemm, or None (with one warning naming why) where it cannot run here."""
+    if not packed_gemm_enabled() or library() is None:
+        return None
+    if "gemm" not in _state:
+        with _lock:
+            if "gemm" not in _state:
+                _state["gemm"], _state["gemm_reason"] = _load_packed_gemm(_state["cdll"])
+    if _state["gemm"] is None:
+        warn_once(PackedGemmFallbackWarning, _state["gemm_reason"],
+                  f"mixq: the fused 4/2-bit GEMM is unavailable ({_state['gemm_reason']}); unpacking packed weights "
+                  "on every call instead (same results, slower)", stacklevel=4)
+    return _state["gemm"]
+
+
+def packed_gemm_unavailable_reason() -> str | None:
+    if not packed_gemm_enabled():
+        return "MIXQ_PACKED_GEMM=0"
+    if library() is None:
+        return unavailable_reason()
+    packed_gemm_function()
+    return _state.get("gemm_reason")
+
+
+def _load_packed_gemm(lib) -> tuple:
+    if not lib.mixq_packed_gemm_available():
+        return None, "this CPU has no AVX512-VNNI"
+    fn = lib.mixq_packed_gemm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    problem = _packed_gemm_self_check(fn)
+    return (None, problem) if problem else (fn, None)
+
+
+def _packed_gemm_self_check(fn) -> str | None:
+    """None when the build gives the reference's outputs bit for bit on a case with row, column and k
+    tails, two k blocks, both widths and both output dtypes; else what went wrong."""
+    from mixq.quantizers import pack_weight
+
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 13, 70, 2048 + 136  # 13 rows: two full tiles and one; 70 columns: a 64-block and a tail
+    codes = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    for bits in (4, 2):
+        low = -(2 ** (bits - 1))
+        q = torch.randint(low, -low, (n, k), dtype=torch.int8, generator=g)
+        w_scale = torch.rand(n, generator=g) / 100
+        bias = torch.randn(n, generator=g)
+        for dtype in OUTPUT_DTYPES:
+            y = torch.empty(m, n, dtype=dtype)
+            if _call_packed_gemm(fn, codes, pack_weight(q, bits), bits, q.sum(1, dtype=torch.int32), 0.037, 131,
+                                 w_scale, bias, y):
+                return "it could not allocate its buffers"
+            acc = torch._int_mm(codes.to(torch.int32).sub(128).to(torch.int8), q.t().contiguous())
+            expected = ((acc - 3 * q.sum(1, dtype=torch.int32)).float() * (torch.tensor(0.037) * w_scale) + bias)
+            if not torch.equal(y, expected.to(dtype)):
+                return f"its outputs differ from the torch reference ({bits}-bit weights, {dtype})"
+    return None
+
+
+def _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale: float, zero: int, w_scale, bias, out) -> int:
+    scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.float()  # the reference's float32 product
+    bias = None if bias is None else bias.float().contiguous()
+    return fn(codes.data_ptr(), codes.stride(0), packed.data_ptr(), packed.stride(0), bits, codes.shape[0],
+              packed.shape[0], codes.shape[1], zero, w_sum.data_ptr(), scale.data_ptr(),
+              None if bias is None else bias.data_ptr(), out.data_ptr(), OUTPUT_DTYPES[out.dtype], out.stride(0),
+              torch.get_num_threads())
+
+
+def packed_gemm(codes: torch.Tensor, packed: torch.Tensor, bits: int, w_sum: torch.Tensor, x_scale: float,
+                zero: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor | None:
+    """y [M, N] = f32(codes @ w^T - zero * w_sum) * (x_scale * w_scale) + bias in `out_dtype` (float32 or
+    bfloat16), bit for bit the reference's epilogue; codes: uint8 [M, K] (signed codes + 128, rows
+    contiguous), packed: pack_weight's [N, K / per_byte] bytes, zero: the signed zero point + 128.
+    None where the fused GEMM cannot run this call (callers then unpack)."""
+    fn = packed_gemm_function()
+    m, k = codes.shape
+    if fn is None or k % 4:
+        return None
+    if codes.stride(1) != 1:  # (the codes of a strided activation keep its strides)
+        codes = codes.contiguous()
+    packed = packed.contiguous()
+    out = torch.empty(m, packed.shape[0], dtype=out_dtype)
+    w_sum = w_sum.to(torch.int32).contiguous()  # (as the reference takes it)
+    if _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale, zero, w_scale, bias, out):
+        raise MemoryError("mixq: the packed 4/2-bit GEMM could not allocate its buffers")
+    return out

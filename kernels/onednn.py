@@ -9,16 +9,20 @@ plain 8-bit buffer that reaches them (a layer never prepared) gets its layout on
 beside it (see PackedWeights).
 
 4-bit and 2-bit weights stay packed in memory by default (resident bytes follow the bits; CPU weight
-mode "packed"). In mode "int8" (`mixq.quantize(..., cpu_weights="int8")`, and on load_quantized) they
-are unpacked once, when the layer is prepared, into the same oneDNN layout as 8-bit weights and run on
-its kernels: as fast as W8, at one byte per weight more than the packed buffer. Otherwise each call unpacks
-one layer into a per-thread scratch buffer that is reused from layer to layer, one contiguous run per
-lane (lane-major K order, the activations' columns permuted to match: dot products are unchanged),
-and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions gather int8 codes
-(never floats) into columns first. Their epilogue is the reference's arithmetic, in place, so these
-layers agree bit for bit with it. Columns, accumulators and the epilogue's float32 go into per-thread
-buffers reused from layer to layer: fresh ones of tens of MB page-fault on every call
-(benchmarks/results/cpu-unet-speed-ab-2026-12-07.md).
+mode "packed"). On a CPU with AVX512-VNNI they run on mixq's own GEMM (kernels/packed_gemm.c through
+native.packed_gemm): it unpacks a block of weights at a time into the operand panel of its blocked loop,
+so the packed bytes are read once per call and no unpacked copy of the layer is ever written, and it
+applies the reference's epilogue as it stores; convolutions gather their unsigned codes into columns
+first (1x1 ones use the codes as they are). Elsewhere (no VNNI, no compiler, K not a multiple of 4) each
+call unpacks one layer into a per-thread scratch buffer that is reused from layer to layer, one
+contiguous run per lane (lane-major K order, the activations' columns permuted to match: dot products
+are unchanged), and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions
+gather int8 codes (never floats) into columns first. Both give the reference's outputs bit for bit.
+Columns, accumulators and the epilogue's float32 go into per-thread buffers reused from layer to layer:
+fresh ones of tens of MB page-fault on every call (benchmarks/results/cpu-unet-speed-ab-2026-12-07.md).
+In mode "int8" (`mixq.quantize(..., cpu_weights="int8")`, and on load_quantized) they are instead
+unpacked once, when the layer is prepared, into the same oneDNN layout as 8-bit weights and run on its
+kernels, at one byte per weight more than the packed buffer.
 
 Activations reach oneDNN as unsigned codes: mixq's signed code q in [-2^(b-1), 2^(b-1) - 1] plus
 128, with zero point x_zero + 128, so (u - u_zero) == (q - x_zero) and the integer accumulation is
@@ -378,23 +382,25 @@ def lane_major(q: torch.Tensor, per_byte: int) -> torch.Tensor:
     return out.view(m, k)
 
 
-def int8_columns(q_x: torch.Tensor, x_zero, kernel_size, stride, padding,
+def code_columns(q_x: torch.Tensor, pad_code: int, kernel_size, stride, padding,
                  per_byte: int = 1) -> tuple[torch.Tensor, int, int]:
-    """int8 codes [B, C, H, W] -> [B * Ho * Wo, kh * kw * C] in (row, col, channel) order, borders
-    holding the code of the real zero; integer copies only, into this thread's reused buffers (valid
-    until their next use: fresh ones of this size page-fault on every call). With per_byte > 1 (C a
-    multiple of it) the columns come in unpack_lane_major's order, in the same single gather."""
+    """8-bit codes (int8 or uint8) [B, C, H, W] -> [B * Ho * Wo, kh * kw * C] in (row, col, channel) order,
+    borders holding `pad_code` (the code of the real zero); integer copies only, into this thread's reused
+    buffers (valid until their next use: fresh ones of this size page-fault on every call). With
+    per_byte > 1 (C a multiple of it) the columns come in unpack_lane_major's order, in the same single
+    gather."""
     b, c, h, w = q_x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     padded_shape = (b, h + 2 * ph, w + 2 * pw, c)
-    padded = thread_buffer("padded", b * padded_shape[1] * padded_shape[2] * c, torch.int8).view(padded_shape)
-    padded.copy_(x_zero.to(torch.int8).expand_as(padded))
+    padded = thread_buffer("padded", b * padded_shape[1] * padded_shape[2] * c, torch.int8)
+    padded = padded.view(q_x.dtype).view(padded_shape)
+    padded.fill_(pad_code)
     padded[:, ph:ph + h, pw:pw + w].copy_(q_x.permute(0, 2, 3, 1))
     windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, Ho, Wo, C, kh, kw]
     ho, wo = windows.shape[1], windows.shape[2]
     # [B, Ho, Wo, C / per_byte, lane, kh, kw] -> [B, Ho, Wo, lane, kh, kw, C / per_byte]
     windows = windows.unflatten(3, (c // per_byte, per_byte)).permute(0, 1, 2, 4, 5, 6, 3)
-    cols = thread_buffer("columns", b * ho * wo * kh * kw * c, torch.int8)
+    cols = thread_buffer("columns", b * ho * wo * kh * kw * c, torch.int8).view(q_x.dtype)
     cols.view(windows.shape).copy_(windows)
     return cols.view(b * ho * wo, kh * kw * c), ho, wo
 
@@ -421,6 +427,21 @@ def epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype):
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
+def fused_gemm_runs(k: int) -> bool:
+    """Whether packed 4/2-bit weights with K = k run on the fused GEMM here (native.packed_gemm): AVX512-VNNI,
+    the native library built, K a multiple of 4; else they are unpacked per call (below)."""
+    return k % 4 == 0 and native.packed_gemm_function() is not None
+
+
+def fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype):
+    """The layer's output [M, N] from its unsigned codes [M, K] and packed weights, in one native call that
+    unpacks the weights block by block into the GEMM's operand panel: bit for bit the reference."""
+    kernel_dtype = out_dtype if out_dtype in native.OUTPUT_DTYPES else torch.float32
+    y = native.packed_gemm(codes, qweight, w_bits, w_sum, x_scale.item(), unsigned_zero(x_zero), w_scale, bias,
+                           kernel_dtype)
+    return y.to(out_dtype)
+
+
 # --- the two ops -------------------------------------------------------------------------------
 
 
@@ -442,11 +463,14 @@ def held_or_built_layout(qweight, w_scale, build):
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
     prepared = held_or_built_layout(qweight, w_scale, lambda: linear_layout(
         qweight, w_bits, x.shape[-1], only_if_prepared=w_bits != 8))
-    if prepared is None:  # a 4/2-bit weight kept packed: unpacked for this call
+    if prepared is None:  # a 4/2-bit weight kept packed
         per_byte = values_per_byte(w_bits)
         if x.shape[-1] % per_byte:
             warn_fallback(f"{w_bits}-bit linear layers with {x.shape[-1]} inputs (not a multiple of {per_byte})")
             return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
+        if fused_gemm_runs(x.shape[-1]):
+            codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
+            return fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
         q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True)
         acc = int_matmul_transposed(lane_major(q_x, per_byte), unpack_lane_major(qweight, w_bits))
         return epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
@@ -463,14 +487,23 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
     b, c = x.shape[:2]
     prepared = held_or_built_layout(qweight, w_scale, lambda: conv_layout(
         qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8))
-    if prepared is None:  # a 4/2-bit weight kept packed: unpacked for this call
+    if prepared is None:  # a 4/2-bit weight kept packed
         per_byte = values_per_byte(w_bits)
         if c % per_byte:
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
             return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                               kernel_size, stride, padding)
+        if fused_gemm_runs(c * kernel_size[0] * kernel_size[1]):
+            codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
+            codes = codes.contiguous(memory_format=torch.channels_last)
+            if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+                cols, ho, wo = codes.permute(0, 2, 3, 1).reshape(-1, c), x.shape[2], x.shape[3]  # (a view)
+            else:
+                cols, ho, wo = code_columns(codes, unsigned_zero(x_zero), kernel_size, stride, padding)
+            y = fused_packed_gemm(cols, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
+            return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
         q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
-        cols, ho, wo = int8_columns(q_x, x_zero, kernel_size, stride, padding, per_byte)
+        cols, ho, wo = code_columns(q_x, int(x_zero.item()), kernel_size, stride, padding, per_byte)
         acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))
         y = epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)

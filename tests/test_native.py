@@ -195,8 +195,28 @@ def test_the_build_is_cached_per_source_and_loaded_from_the_cache(tmp_path, monk
     monkeypatch.setenv("MIXQ_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None
-    built = list(tmp_path.glob("activation_codes-*.so"))
+    built = list(tmp_path.glob("native-*.so"))
     assert len(built) == 1 and not [p for p in tmp_path.iterdir() if p.is_dir()]  # no partial build left
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # not rebuilt
+
+
+@needs_native
+def test_a_compiler_without_openmp_builds_with_plain_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXQ_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "OPENMP_FLAGS", ["-fno-such-openmp-flag"])  # the OpenMP build fails
+    assert native.library() is not None and len(list(tmp_path.glob("native-*.so"))) == 1
+    x = tie_activations((2, 40, 130, 200), torch.float32)  # over 1M elements: split over threads
+    codes = onednn.quantize_input_unsigned(x, torch.tensor(SCALE), torch.tensor(ZERO), 8)
+    assert torch.equal(codes, expected_codes(x, 8, 128))
+
+
+@needs_native
+def test_the_library_runs_on_torchs_openmp_runtime_not_a_second_one():
+    """Threads of a second runtime (or of their own) would compete for the cores with torch's spinning workers."""
+    assert native.library() is not None
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line}
+    assert len(runtimes) <= 1, runtimes

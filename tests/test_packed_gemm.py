@@ -1,0 +1,130 @@
+"""The fused GEMM of packed 4/2-bit weights (kernels/packed_gemm.c) against the exact torch reference: bit
+for bit through the CPU backend's entry points, on shapes that reach every tail (rows past a 6-row tile,
+columns past a 64-column block, two k blocks), with the fallbacks where it cannot run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mixq.kernels import fallback, native, onednn, reference
+from mixq.kernels.onednn import CpuBackendFallbackWarning
+from tests.test_cpu_backend import activations, conv_layer, integer_layer
+
+needs_fused_gemm = pytest.mark.skipif(
+    onednn.unavailable_reason() is not None or native.packed_gemm_unavailable_reason() is not None,
+    reason=f"the fused packed GEMM cannot run here: {onednn.unavailable_reason() or native.packed_gemm_unavailable_reason()}")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many calls reached the fused GEMM."""
+    calls = []
+    real = native.packed_gemm
+    monkeypatch.setattr(native, "packed_gemm", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+@needs_fused_gemm
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (2, 8), (4, 4)])
+@pytest.mark.parametrize("m,k,n", [(1, 4, 3), (6, 64, 64), (13, 136, 70), (50, 2048 + 132, 130), (7, 4100, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_linear_is_the_reference_bit_for_bit(w_bits, a_bits, m, k, n, dtype, fused_calls):
+    x = activations((m, k), dtype, seed=m + k)
+    layer = integer_layer(torch.randn(n, k), x, w_bits, a_bits, dtype)
+    y = onednn.quantized_linear(x, **layer)
+    assert fused_calls == [1]
+    expected = reference.quantized_linear(x, **layer)
+    assert y.dtype == expected.dtype and y.stride() == expected.stride() and torch.equal(y, expected)
+
+
+@needs_fused_gemm
+def test_fused_linear_takes_a_strided_input(fused_calls):
+    x = activations((72, 24), torch.bfloat16).t()  # [24, 72] with strides (1, 24): a transposed view
+    layer = integer_layer(torch.randn(40, 72), x, 4, 8, torch.bfloat16)
+    y = onednn.quantized_linear(x, **layer)
+    assert fused_calls == [1] and torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+@needs_fused_gemm
+def test_fused_linear_without_bias_accumulates_exactly(fused_calls):
+    """Unit scales and no bias: the output is f32(acc - z * w_sum) itself, so any error in a sum shows."""
+    x = activations((19, 260), torch.float32)
+    layer = integer_layer(torch.randn(40, 260), x, 4, 8, torch.float32, unit_scales=True)
+    assert layer["bias"] is None
+    y = onednn.quantized_linear(x, **layer)
+    assert fused_calls == [1] and torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+@needs_fused_gemm
+@pytest.mark.parametrize("w_bits", [4, 2])
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)),
+                                                   ((1, 1), (1, 1), (0, 0))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_conv_is_the_reference_bit_for_bit(w_bits, kernel, stride, padding, channels_last, fused_calls):
+    x = activations((2, 20, 9, 7), torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = conv_layer(20, 72, kernel, x, w_bits, 8, torch.bfloat16)
+    geometry = dict(kernel_size=kernel, stride=stride, padding=padding)
+    y = onednn.quantized_conv2d(x, **layer, **geometry)
+    assert fused_calls == [1]
+    expected = reference.quantized_conv2d(x, **layer, **geometry)
+    assert y.stride() == expected.stride() and torch.equal(y, expected)
+
+
+@needs_fused_gemm
+def test_two_threads_and_one_give_the_same_output():
+    x = activations((96, 1280), torch.bfloat16)
+    layer = integer_layer(torch.randn(320, 1280), x, 4, 8, torch.bfloat16)  # 5 column blocks: split by rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = onednn.quantized_linear(x, **layer)
+        torch.set_num_threads(2)
+        two = onednn.quantized_linear(x, **layer)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, reference.quantized_linear(x, **layer))
+
+
+def test_turned_off_it_unpacks_per_call_with_the_same_result(monkeypatch, fused_calls):
+    x = activations((9, 64), torch.bfloat16)
+    layer = integer_layer(torch.randn(24, 64), x, 4, 8, torch.bfloat16)
+    monkeypatch.setenv("MIXQ_PACKED_GEMM", "0")
+    assert native.packed_gemm_unavailable_reason() == "MIXQ_PACKED_GEMM=0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # turned off on purpose: no warning
+        y = onednn.quantized_linear(x, **layer)
+    assert fused_calls == [] and torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native library cannot be built here")
+def test_a_cpu_without_it_warns_once_and_unpacks(monkeypatch):
+    monkeypatch.setattr(native, "_state", {**native._state, "gemm": None, "gemm_reason": "this CPU has no AVX512-VNNI"})
+    monkeypatch.setattr(fallback, "_warned", set())
+    x = activations((9, 64), torch.float32)
+    layer = integer_layer(torch.randn(24, 64), x, 2, 8, torch.float32)
+    with pytest.warns(native.PackedGemmFallbackWarning, match="no AVX512-VNNI"):
+        y = onednn.quantized_linear(x, **layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", native.PackedGemmFallbackWarning)
+        assert torch.equal(onednn.quantized_linear(x, **layer), y)  # no second warning
+    assert torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+def test_the_self_check_catches_a_wrong_build():
+    """A build whose sums are off (here: one that writes nothing) is refused with the reason."""
+    assert "differ from the torch reference" in native._packed_gemm_self_check(lambda *args: 0)
+    assert "could not allocate" in native._packed_gemm_self_check(lambda *args: 1)
+
+
+def test_k_not_a_multiple_of_4_takes_the_unpacking_path(fused_calls):
+    x = activations((3, 6), torch.float32)  # K = 6: whole bytes of 4-bit weights, but not whole dwords
+    layer = integer_layer(torch.randn(5, 6), x, 4, 8, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CpuBackendFallbackWarning)  # not the reference: no warning
+        y = onednn.quantized_linear(x, **layer)
+    assert fused_calls == [] and torch.equal(y, reference.quantized_linear(x, **layer))
