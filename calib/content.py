@@ -42,12 +42,19 @@ PLAN_INDEPENDENT = ("float", "uniform W8A8", UNIFORM_W4_NAME, W2_CONTENT_NAME)  
 NO_BOS_NAME = PLAN_NAME + " without BOS handling"
 INVERTED_NAME = "inverted ranking (same budget)"
 RANDOM_SEEDS = (0, 1, 2)
-# 4/2-bit weights unpacked once to int8 on x86 CPUs: the same integer sums as the packed default, and
-# about 1.3x faster generation of the proving model's 4-bit plan, whose small layers the packed path's
-# per-call unpack and im2col copies dominate (benchmarks/results/cpu-report-speed-2026-12-07.md).
-CPU_WEIGHTS = "int8"
 # The report adds the opt-in components in these steps, each on top of the ones before.
 COMPONENT_STEPS = ((("vae",), "VAE decoder"), (("text_encoder", "text_encoder_2"), "text encoders"))
+
+
+def content_cpu_weights() -> str:
+    """How the content check holds 4/2-bit weights on x86 CPUs (mixq.quantize's cpu_weights): packed, as
+    users serve them by default, where they run on the fused packed GEMM (the default report 1.17x faster
+    than with int8 weights, benchmarks/results/cpu-packed-gemm-2026-12-07.md); else unpacked once to int8,
+    the same integer sums, about 1.3x faster than unpacking on every call
+    (benchmarks/results/cpu-report-speed-2026-12-07.md)."""
+    from mixq.kernels import native
+
+    return "packed" if native.packed_gemm_unavailable_reason() is None else "int8"
 
 
 def random_name(seed: int) -> str:
@@ -108,9 +115,9 @@ def average_bits_of(configuration: Configuration, table: dict) -> tuple[float, f
 
 
 def generate_with(pipe, layers: dict, calibration, config: Configuration, prompts: list[str], seed: int,
-                  sampling: dict, cpu_weights: str = CPU_WEIGHTS) -> np.ndarray:
+                  sampling: dict, cpu_weights: str | None = None) -> np.ndarray:
     """The images of `prompts` with the configuration's layers quantized on the real integer path
-    (the float UNet restored after); `cpu_weights` as in mixq.quantize."""
+    (the float UNet restored after); `cpu_weights` as in mixq.quantize, by default content_cpu_weights()."""
     from mixq.api import layers_components
     from mixq.components import ComponentTree
     from mixq.kernels import dispatch
@@ -122,7 +129,7 @@ def generate_with(pipe, layers: dict, calibration, config: Configuration, prompt
         if (w, a) != FLOAT:
             replacements[n] = build_quantized_layer(tree.get_submodule(n), layers[n], w, a, calibration,
                                                     bos_aware=config.bos_aware)
-            dispatch.prepare_layer(replacements[n], cpu_weights)
+            dispatch.prepare_layer(replacements[n], cpu_weights or content_cpu_weights())
     with swapped_layers(tree, replacements):
         return generate(pipe, prompts, seed, sampling=sampling)
 

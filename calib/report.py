@@ -9,6 +9,12 @@ from mixq.calib.planner import TIE_TOLERANCE
 from mixq.io import atomic_path, write_text_atomic
 
 GROUP_COLORS = {"content": "tab:orange", "quality": "tab:blue"}
+# How 4/2-bit weights ran for the content check on an x86 CPU (mixq.calib.content.content_cpu_weights).
+WEIGHT_MODE_SENTENCES = {
+    "packed": "On x86 CPUs, 4/2-bit weights ran packed, as served by default (the fused packed GEMM).",
+    "int8": "On x86 CPUs, 4/2-bit weights ran unpacked to int8 (`cpu_weights=\"int8\"`): the integer sums of the "
+            "packed default, only faster where the fused packed GEMM cannot run.",
+}
 
 
 def _pyplot():
@@ -118,7 +124,7 @@ def most_sensitive(table: dict, group: str, count: int = 5) -> str:
 def content_section(rows: list[dict], grid: str | None) -> list[str]:
     """The content table, the paired comparisons with the plan (and the grid) of a proving-ground
     model's report."""
-    from mixq.calib.content import PLAN_NAME, comparison_sentences
+    from mixq.calib.content import PLAN_NAME, comparison_sentences, content_cpu_weights
 
     n = rows[0]["n"]
     lines = ["## Content on held-out prompts (real integer kernels)", "",
@@ -126,8 +132,8 @@ def content_section(rows: list[dict], grid: str | None) -> list[str]:
               "(never used in training or calibration), same seeds for every configuration, with 95 % Wilson "
               "intervals; PSNR/SSIM against the float images; edge sharpness (higher is crisper) and background "
               "noise (RMS, lower is cleaner) need no reference. The random allocations and the inverted ranking "
-              "have the plan's budget and candidate bit-widths (mixq.calib.plans). On x86 CPUs, 4/2-bit weights "
-              "run unpacked to int8 (`cpu_weights=\"int8\"`): the integer sums of the packed default, only faster."), "",
+              "have the plan's budget and candidate bit-widths (mixq.calib.plans). " + WEIGHT_MODE_SENTENCES[content_cpu_weights()]),
+             "",
              _table(["configuration", "avg W bits", "avg A bits", "content [95 % interval]", "count", "colour", "shape",
                      "size", "position", "PSNR (dB)", "SSIM", "sharpness", "bg noise"], [
                  [r["name"], _fmt(r["w_avg"]), _fmt(r["a_avg"]),

@@ -309,10 +309,10 @@ def same_budget_baselines(s: Session, table: dict, budget: dict) -> dict[str, di
 
 def content_cache_key(s: Session, table: dict) -> str:
     """Everything the plan-independent content images depend on: a change to any of them regenerates."""
-    from mixq.calib.content import CPU_WEIGHTS
+    from mixq.calib.content import content_cpu_weights
     from mixq.kernels.dispatch import selected_backend
 
-    kernels = selected_backend(torch.zeros(1, device=s.pipe.unet.device)), CPU_WEIGHTS
+    kernels = selected_backend(torch.zeros(1, device=s.pipe.unet.device)), content_cpu_weights()
     # The recorded inputs cover the model's fingerprint, the sampling, keep-fp and candidate settings and
     # the mixq version (run() has checked them against this pipeline); the table gives layers and groups.
     return digest("content-images", s.folder.inputs_key(), file_digest(s.folder.ranges),

@@ -229,43 +229,54 @@ def _load_packed_gemm(lib) -> tuple:
         return None, "this CPU has no AVX512-VNNI"
     fn = lib.mixq_packed_gemm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     problem = _packed_gemm_self_check(fn)
     return (None, problem) if problem else (fn, None)
 
 
 def _packed_gemm_self_check(fn) -> str | None:
-    """None when the build gives the reference's outputs bit for bit on a case with row, column and k
-    tails, two k blocks, both widths and both output dtypes; else what went wrong."""
+    """None when the build gives the reference's outputs bit for bit on a matrix case with row, column and k
+    tails and two k blocks, both widths and both output dtypes, and on a strided convolution read in place;
+    else what went wrong."""
     from mixq.quantizers import pack_weight
 
     g = torch.Generator().manual_seed(0)
     m, n, k = 13, 70, 2048 + 136  # 13 rows: two full tiles and one; 70 columns: a 64-block and a tail
-    codes = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
-    for bits in (4, 2):
-        low = -(2 ** (bits - 1))
-        q = torch.randint(low, -low, (n, k), dtype=torch.int8, generator=g)
-        w_scale = torch.rand(n, generator=g) / 100
-        bias = torch.randn(n, generator=g)
-        for dtype in OUTPUT_DTYPES:
-            y = torch.empty(m, n, dtype=dtype)
-            if _call_packed_gemm(fn, codes, pack_weight(q, bits), bits, q.sum(1, dtype=torch.int32), 0.037, 131,
-                                 w_scale, bias, y):
-                return "it could not allocate its buffers"
-            acc = torch._int_mm(codes.to(torch.int32).sub(128).to(torch.int8), q.t().contiguous())
-            expected = ((acc - 3 * q.sum(1, dtype=torch.int32)).float() * (torch.tensor(0.037) * w_scale) + bias)
-            if not torch.equal(y, expected.to(dtype)):
-                return f"its outputs differ from the torch reference ({bits}-bit weights, {dtype})"
+    padded = torch.randint(0, 256, (2, 7, 6, 8), dtype=torch.uint8, generator=g)  # a 3x3 convolution, stride (2, 1)
+    columns = padded.unfold(1, 3, 2).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3).reshape(-1, 72)
+    cases = [(torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g), None),
+             (columns, (72, 8, 3, 4, 7, 6, 3, 2, 1))]
+    for codes, convolution in cases:
+        for bits in (4, 2):
+            low = -(2 ** (bits - 1))
+            q = torch.randint(low, -low, (n, codes.shape[1]), dtype=torch.int8, generator=g)
+            w_scale = torch.rand(n, generator=g) / 100
+            bias = torch.randn(n, generator=g)
+            for dtype in OUTPUT_DTYPES:
+                y = torch.empty(codes.shape[0], n, dtype=dtype)
+                read = codes if convolution is None else padded
+                if _call_packed_gemm(fn, read, pack_weight(q, bits), bits, q.sum(1, dtype=torch.int32), 0.037, 131,
+                                     w_scale, bias, y, convolution):
+                    return "it could not allocate its buffers"
+                acc = torch._int_mm(codes.to(torch.int32).sub(128).to(torch.int8), q.t().contiguous())
+                expected = ((acc - 3 * q.sum(1, dtype=torch.int32)).float() * (torch.tensor(0.037) * w_scale) + bias)
+                if not torch.equal(y, expected.to(dtype)):
+                    what = "a convolution" if convolution else "a matrix"
+                    return f"its outputs differ from the torch reference ({what}, {bits}-bit weights, {dtype})"
     return None
 
 
-def _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale: float, zero: int, w_scale, bias, out) -> int:
+def _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale: float, zero: int, w_scale, bias, out,
+                      convolution: tuple | None = None) -> int:
+    """The native call; codes [M, K] rows contiguous, or with `convolution` (see packed_conv) the padded input."""
     scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.float()  # the reference's float32 product
     bias = None if bias is None else bias.float().contiguous()
-    return fn(codes.data_ptr(), codes.stride(0), packed.data_ptr(), packed.stride(0), bits, codes.shape[0],
-              packed.shape[0], codes.shape[1], zero, w_sum.data_ptr(), scale.data_ptr(),
+    geometry = None if convolution is None else torch.tensor(convolution[1:], dtype=torch.int64)
+    m, k = out.shape[0], convolution[0] if convolution else codes.shape[1]
+    return fn(codes.data_ptr(), codes.stride(0), None if geometry is None else geometry.data_ptr(), packed.data_ptr(),
+              packed.stride(0), bits, m, packed.shape[0], k, zero, w_sum.data_ptr(), scale.data_ptr(),
               None if bias is None else bias.data_ptr(), out.data_ptr(), OUTPUT_DTYPES[out.dtype], out.stride(0),
               torch.get_num_threads())
 
@@ -273,8 +284,8 @@ def _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale: float, zero: int,
 def packed_gemm(codes: torch.Tensor, packed: torch.Tensor, bits: int, w_sum: torch.Tensor, x_scale: float,
                 zero: int, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.Tensor | None:
     """y [M, N] = f32(codes @ w^T - zero * w_sum) * (x_scale * w_scale) + bias in `out_dtype` (float32 or
-    bfloat16), bit for bit the reference's epilogue; codes: uint8 [M, K] (signed codes + 128, rows
-    contiguous), packed: pack_weight's [N, K / per_byte] bytes, zero: the signed zero point + 128.
+    bfloat16), bit for bit the reference's epilogue; codes: uint8 [M, K] (signed codes + 128), packed:
+    pack_weight's [N, K / per_byte] bytes, zero: the signed zero point + 128.
     None where the fused GEMM cannot run this call (callers then unpack)."""
     fn = packed_gemm_function()
     m, k = codes.shape
@@ -282,9 +293,29 @@ def packed_gemm(codes: torch.Tensor, packed: torch.Tensor, bits: int, w_sum: tor
         return None
     if codes.stride(1) != 1:  # (the codes of a strided activation keep its strides)
         codes = codes.contiguous()
-    packed = packed.contiguous()
-    out = torch.empty(m, packed.shape[0], dtype=out_dtype)
+    return _run(fn, codes, packed, bits, w_sum, x_scale, zero, w_scale, bias, torch.empty(m, packed.shape[0],
+                                                                                          dtype=out_dtype))
+
+
+def packed_conv(padded: torch.Tensor, kernel_size, stride, packed: torch.Tensor, bits: int, w_sum: torch.Tensor,
+                x_scale: float, zero: int, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype) -> torch.Tensor | None:
+    """packed_gemm of a convolution, its input read in place (no column matrix): padded is the input's codes,
+    padded with the code of zero, [B, H + 2 ph, W + 2 pw, C] contiguous, C a multiple of 4. y [B * Ho * Wo, N]
+    in (b, y, x) row order. None where the fused GEMM cannot run it."""
+    fn = packed_gemm_function()
+    b, hp, wp, c = padded.shape
+    if fn is None or c % 4 or not padded.is_contiguous():
+        return None
+    (kh, kw), (sh, sw) = kernel_size, stride
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    convolution = (kh * kw * c, c, ho, wo, hp, wp, kw, sh, sw)
+    out = torch.empty(b * ho * wo, packed.shape[0], dtype=out_dtype)
+    return _run(fn, padded, packed, bits, w_sum, x_scale, zero, w_scale, bias, out, convolution)
+
+
+def _run(fn, codes, packed, bits, w_sum, x_scale, zero, w_scale, bias, out, convolution=None) -> torch.Tensor:
     w_sum = w_sum.to(torch.int32).contiguous()  # (as the reference takes it)
-    if _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale, zero, w_scale, bias, out):
+    if _call_packed_gemm(fn, codes, packed.contiguous(), bits, w_sum, x_scale, zero, w_scale, bias, out, convolution):
         raise MemoryError("mixq: the packed 4/2-bit GEMM could not allocate its buffers")
     return out

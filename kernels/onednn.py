@@ -12,8 +12,8 @@ beside it (see PackedWeights).
 mode "packed"). On a CPU with AVX512-VNNI they run on mixq's own GEMM (kernels/packed_gemm.c through
 native.packed_gemm): it unpacks a block of weights at a time into the operand panel of its blocked loop,
 so the packed bytes are read once per call and no unpacked copy of the layer is ever written, and it
-applies the reference's epilogue as it stores; convolutions gather their unsigned codes into columns
-first (1x1 ones use the codes as they are). Elsewhere (no VNNI, no compiler, K not a multiple of 4) each
+applies the reference's epilogue as it stores; it reads a convolution's padded channels-last codes in
+place (no column matrix is written). Elsewhere (no VNNI, no compiler, K not a multiple of 4) each
 call unpacks one layer into a per-thread scratch buffer that is reused from layer to layer, one
 contiguous run per lane (lane-major K order, the activations' columns permuted to match: dot products
 are unchanged), and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions
@@ -382,6 +382,20 @@ def lane_major(q: torch.Tensor, per_byte: int) -> torch.Tensor:
     return out.view(m, k)
 
 
+def padded_codes(q_x: torch.Tensor, pad_code: int, padding) -> torch.Tensor:
+    """8-bit codes [B, C, H, W] -> [B, H + 2 ph, W + 2 pw, C] (channels-last order), the border holding
+    `pad_code` (the code of the real zero), in this thread's reused buffer (valid until its next use)."""
+    b, c, h, w = q_x.shape
+    ph, pw = padding
+    padded_shape = (b, h + 2 * ph, w + 2 * pw, c)
+    padded = thread_buffer("padded", b * padded_shape[1] * padded_shape[2] * c, torch.int8)
+    padded = padded.view(q_x.dtype).view(padded_shape)
+    if ph or pw:
+        padded.fill_(pad_code)
+    padded[:, ph:ph + h, pw:pw + w].copy_(q_x.permute(0, 2, 3, 1))
+    return padded
+
+
 def code_columns(q_x: torch.Tensor, pad_code: int, kernel_size, stride, padding,
                  per_byte: int = 1) -> tuple[torch.Tensor, int, int]:
     """8-bit codes (int8 or uint8) [B, C, H, W] -> [B * Ho * Wo, kh * kw * C] in (row, col, channel) order,
@@ -390,12 +404,8 @@ def code_columns(q_x: torch.Tensor, pad_code: int, kernel_size, stride, padding,
     per_byte > 1 (C a multiple of it) the columns come in unpack_lane_major's order, in the same single
     gather."""
     b, c, h, w = q_x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    padded_shape = (b, h + 2 * ph, w + 2 * pw, c)
-    padded = thread_buffer("padded", b * padded_shape[1] * padded_shape[2] * c, torch.int8)
-    padded = padded.view(q_x.dtype).view(padded_shape)
-    padded.fill_(pad_code)
-    padded[:, ph:ph + h, pw:pw + w].copy_(q_x.permute(0, 2, 3, 1))
+    (kh, kw), (sh, sw) = kernel_size, stride
+    padded = padded_codes(q_x, pad_code, padding)
     windows = padded.unfold(1, kh, sh).unfold(2, kw, sw)  # [B, Ho, Wo, C, kh, kw]
     ho, wo = windows.shape[1], windows.shape[2]
     # [B, Ho, Wo, C / per_byte, lane, kh, kw] -> [B, Ho, Wo, lane, kh, kw, C / per_byte]
@@ -433,12 +443,17 @@ def fused_gemm_runs(k: int) -> bool:
     return k % 4 == 0 and native.packed_gemm_function() is not None
 
 
-def fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype):
-    """The layer's output [M, N] from its unsigned codes [M, K] and packed weights, in one native call that
-    unpacks the weights block by block into the GEMM's operand panel: bit for bit the reference."""
+def fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype, kernel_size=None,
+                      stride=None):
+    """The layer's output [M, N] from its unsigned codes [M, K] (or, with kernel_size, a convolution's padded
+    codes, read in place) and packed weights, in one native call that unpacks the weights block by block
+    into the GEMM's operand panel: bit for bit the reference."""
     kernel_dtype = out_dtype if out_dtype in native.OUTPUT_DTYPES else torch.float32
-    y = native.packed_gemm(codes, qweight, w_bits, w_sum, x_scale.item(), unsigned_zero(x_zero), w_scale, bias,
-                           kernel_dtype)
+    settings = (qweight, w_bits, w_sum, x_scale.item(), unsigned_zero(x_zero), w_scale, bias, kernel_dtype)
+    if kernel_size is None:
+        y = native.packed_gemm(codes, *settings)
+    else:
+        y = native.packed_conv(codes, kernel_size, stride, *settings)
     return y.to(out_dtype)
 
 
@@ -493,15 +508,17 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
             return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                               kernel_size, stride, padding)
-        if fused_gemm_runs(c * kernel_size[0] * kernel_size[1]):
+        if fused_gemm_runs(c):  # (whole dwords of channels within each tap)
             codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
             codes = codes.contiguous(memory_format=torch.channels_last)
             if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-                cols, ho, wo = codes.permute(0, 2, 3, 1).reshape(-1, c), x.shape[2], x.shape[3]  # (a view)
-            else:
-                cols, ho, wo = code_columns(codes, unsigned_zero(x_zero), kernel_size, stride, padding)
-            y = fused_packed_gemm(cols, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
-            return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+                y = fused_packed_gemm(codes.permute(0, 2, 3, 1).reshape(-1, c), qweight, w_bits, w_scale, w_sum,
+                                      x_scale, x_zero, bias, out_dtype)  # (the codes as they are: a view)
+            else:  # the padded codes, read in place by the GEMM
+                y = fused_packed_gemm(padded_codes(codes, unsigned_zero(x_zero), padding), qweight, w_bits, w_scale,
+                                      w_sum, x_scale, x_zero, bias, out_dtype, kernel_size, stride)
+            ho = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+            return y.view(b, ho, -1, y.shape[-1]).permute(0, 3, 1, 2)
         q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
         cols, ho, wo = code_columns(q_x, int(x_zero.item()), kernel_size, stride, padding, per_byte)
         acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))

@@ -11,12 +11,18 @@
  * build passes -ffp-contract=off), and the bfloat16 store rounds half to even as torch does, so the
  * output is bit for bit kernels/reference.py's.
  *
- * Blocking (one thread's share, all in L2): for each block of 64 output columns and 2048 k, the
- * packing step reads the packed bytes of those 64 weight rows once, unpacks them with SIMD bit
- * operations and transposes 16x16 dword tiles into the AVX512-VNNI operand order (4 consecutive k of
- * one column per dword, 16 columns per register): 128 KB of int8 weights, reused by every row of
- * activations. The micro-kernel holds a 6 x 64 int32 tile in 24 registers and feeds it with vpdpbusd
- * (u8 x s8 -> s32, exact). Packed weights are never unpacked in memory beyond that panel.
+ * Blocking (one thread's share): for each block of 256 output columns and 2048 k, the packing step
+ * reads the packed bytes of those weight rows once, unpacks them with SIMD bit operations and transposes
+ * 16x16 dword tiles into the AVX512-VNNI operand order (4 consecutive k of one column per dword, 16
+ * columns per register): four 64-column panels, 512 KB of int8 weights, reused by every row of
+ * activations, 48 rows at a time (their bytes stay in L2 while they go through the four panels). The
+ * micro-kernel holds a 6 x 64 int32 tile in 24 registers and feeds it with vpdpbusd (u8 x s8 -> s32,
+ * exact). Packed weights are never unpacked in memory beyond those panels.
+ *
+ * A convolution is read in place (an implicit im2col): a row of the activation matrix is an output
+ * position, and its k run over the taps, each tap a contiguous run of channels in the padded
+ * channels-last input; the micro-kernel follows those runs, so the 9x larger column matrix of a 3x3
+ * convolution is never written.
  *
  * Built by kernels/native.py with -march=native; on a CPU without AVX512-VNNI this file compiles to
  * mixq_packed_gemm_available() == 0 and callers keep the unpack-then-_int_mm path. */
@@ -56,10 +62,40 @@ typedef struct {
     void *out;
     int out_dtype;
     int64_t ldo;
+    /* channels > 0: `a` is a convolution's input codes, padded, [B, in_h, in_w, channels], read in place
+     * (row m = output position (b, y, x), k = (tap row, tap column, channel)); else a plain [M, K] matrix */
+    int64_t channels, out_h, out_w, in_h, in_w, kernel_w, stride_h, stride_w;
     int64_t row_first, row_last;     /* this worker's rows */
     int64_t block_first, block_last; /* this worker's 64-column blocks */
     int failed;
 } gemm_job_t;
+
+/* Where row m of the activation matrix starts (its k = 0). */
+static inline const uint8_t *row_start(const gemm_job_t *job, int64_t m) {
+    if (!job->channels)
+        return job->a + m * job->lda;
+    const int64_t positions = job->out_h * job->out_w, b = m / positions, yx = m % positions;
+    const int64_t y = yx / job->out_w, x = yx % job->out_w;
+    return job->a + ((b * job->in_h + y * job->stride_h) * job->in_w + x * job->stride_w) * job->channels;
+}
+
+/* The k-range [k0, k0 + kc) as runs that are contiguous in every row: (offset from the row's start, k-quads);
+ * one run for a matrix, one per tap (or part of one) for a convolution. Returns the number of runs. */
+static int k_runs(const gemm_job_t *job, int64_t k0, int64_t kc, int64_t *offsets, int64_t *quads) {
+    if (!job->channels) {
+        offsets[0] = k0, quads[0] = kc / 4;
+        return 1;
+    }
+    int runs = 0;
+    for (int64_t k = k0; k < k0 + kc;) {
+        const int64_t tap = k / job->channels, channel = k % job->channels;
+        const int64_t length = job->channels - channel < k0 + kc - k ? job->channels - channel : k0 + kc - k;
+        offsets[runs] = ((tap / job->kernel_w) * job->in_w + tap % job->kernel_w) * job->channels + channel;
+        quads[runs++] = length / 4;
+        k += length;
+    }
+    return runs;
+}
 
 /* 64 weights k0 .. k0 + 63 of one packed row as int8 in natural k order (16 dwords of 4 k each); fields
  * past the row's end (k >= K) read as 0. */
@@ -148,8 +184,7 @@ static void pack_panel(const gemm_job_t *job, int64_t n0, int64_t k0, int64_t kc
     __m512i c##r##0 = accumulate ? _mm512_loadu_si512(tile + r * ldt) : _mm512_setzero_si512();            \
     __m512i c##r##1 = accumulate ? _mm512_loadu_si512(tile + r * ldt + 16) : _mm512_setzero_si512();       \
     __m512i c##r##2 = accumulate ? _mm512_loadu_si512(tile + r * ldt + 32) : _mm512_setzero_si512();       \
-    __m512i c##r##3 = accumulate ? _mm512_loadu_si512(tile + r * ldt + 48) : _mm512_setzero_si512();       \
-    const uint8_t *a##r = a + r * lda
+    __m512i c##r##3 = accumulate ? _mm512_loadu_si512(tile + r * ldt + 48) : _mm512_setzero_si512()
 #define ROW_STORE(r)                                                                                             \
     do {                                                                                                         \
         _mm512_storeu_si512(tile + r * ldt, c##r##0);                                                        \
@@ -158,24 +193,30 @@ static void pack_panel(const gemm_job_t *job, int64_t n0, int64_t k0, int64_t kc
         _mm512_storeu_si512(tile + r * ldt + 48, c##r##3);                                                   \
     } while (0)
 
-static void micro_kernel(const uint8_t *a, int64_t lda, const int32_t *panel, int64_t groups, int32_t *tile,
-                         int64_t ldt, int accumulate) {
+/* tile[r][c] (+)= sum over the runs of rows[r][offset + 4g .. + 3] . panel[g][c] (the panel's k-quads in
+ * order), for ROWS rows: starting from zero, or from the tile with `accumulate`. The 24 accumulators are
+ * named locals, not an array, so that the compiler keeps them in registers. */
+static void micro_kernel(const uint8_t *const rows[ROWS], const int64_t *offsets, const int64_t *quads, int runs,
+                         const int32_t *panel, int32_t *tile, int64_t ldt, int accumulate) {
     ROW_LOAD(0);
     ROW_LOAD(1);
     ROW_LOAD(2);
     ROW_LOAD(3);
     ROW_LOAD(4);
     ROW_LOAD(5);
-    for (int64_t g = 0; g < groups; g++) {
-        const int32_t *p = panel + g * COLUMNS;
-        __m512i b0 = _mm512_loadu_si512(p), b1 = _mm512_loadu_si512(p + 16);
-        __m512i b2 = _mm512_loadu_si512(p + 32), b3 = _mm512_loadu_si512(p + 48);
-        ROW_STEP(0);
-        ROW_STEP(1);
-        ROW_STEP(2);
-        ROW_STEP(3);
-        ROW_STEP(4);
-        ROW_STEP(5);
+    for (int run = 0; run < runs; run++) {
+        const uint8_t *a0 = rows[0] + offsets[run], *a1 = rows[1] + offsets[run], *a2 = rows[2] + offsets[run];
+        const uint8_t *a3 = rows[3] + offsets[run], *a4 = rows[4] + offsets[run], *a5 = rows[5] + offsets[run];
+        for (int64_t g = 0; g < quads[run]; g++, panel += COLUMNS) {
+            __m512i b0 = _mm512_loadu_si512(panel), b1 = _mm512_loadu_si512(panel + 16);
+            __m512i b2 = _mm512_loadu_si512(panel + 32), b3 = _mm512_loadu_si512(panel + 48);
+            ROW_STEP(0);
+            ROW_STEP(1);
+            ROW_STEP(2);
+            ROW_STEP(3);
+            ROW_STEP(4);
+            ROW_STEP(5);
+        }
     }
     ROW_STORE(0);
     ROW_STORE(1);
@@ -217,9 +258,9 @@ static void run_gemm(gemm_job_t *job) {
      * tile of a single k block, and room for the last rows padded to a full tile */
     int32_t *partial = job->k > K_BLOCK ? malloc((size_t)(rows + ROWS) * N_CHUNK * sizeof(int32_t)) : NULL;
     int32_t scratch[ROWS * COLUMNS];
-    uint8_t *tail = malloc((size_t)ROWS * K_BLOCK);
-    if (!panels || (job->k > K_BLOCK && !partial) || !tail) {
-        free(panels), free(partial), free(tail);
+    int64_t offsets[K_BLOCK / 4 + 2], quads[K_BLOCK / 4 + 2]; /* runs of a k block: at most one per 4 channels */
+    if (!panels || (job->k > K_BLOCK && !partial)) {
+        free(panels), free(partial);
         job->failed = 1;
         return;
     }
@@ -229,6 +270,7 @@ static void run_gemm(gemm_job_t *job) {
         for (int64_t k0 = 0; k0 < job->k; k0 += K_BLOCK) {
             const int64_t kc = job->k - k0 < K_BLOCK ? job->k - k0 : K_BLOCK;
             const int first_k = k0 == 0, last_k = k0 + kc == job->k;
+            const int runs = k_runs(job, k0, kc, offsets, quads);
             for (int64_t s = 0; s < slivers; s++)
                 pack_panel(job, n_chunk + s * COLUMNS, k0, kc, panels + s * (kc / 4) * COLUMNS);
             for (int64_t m_chunk = job->row_first; m_chunk < job->row_last; m_chunk += M_CHUNK) {
@@ -237,18 +279,13 @@ static void run_gemm(gemm_job_t *job) {
                     const int64_t n0 = n_chunk + s * COLUMNS;
                     for (int64_t m0 = m_chunk; m0 < m_end; m0 += ROWS) {
                         const int64_t here = m_end - m0 < ROWS ? m_end - m0 : ROWS;
-                        const uint8_t *a = job->a + m0 * job->lda + k0;
-                        int64_t lda = job->lda;
-                        if (here < ROWS) { /* the last rows, copied beside zero rows: the kernel reads ROWS rows */
-                            memset(tail, 0, (size_t)ROWS * kc);
-                            for (int64_t r = 0; r < here; r++)
-                                memcpy(tail + r * kc, a + r * job->lda, (size_t)kc);
-                            a = tail, lda = kc;
-                        }
+                        const uint8_t *rows[ROWS]; /* rows past the last repeat it: read, never stored */
+                        for (int64_t r = 0; r < ROWS; r++)
+                            rows[r] = row_start(job, m0 + (r < here ? r : here - 1));
                         /* the tile: its partial sums (kept between k blocks), or a scratch on one k block */
                         int32_t *tile = partial ? partial + (m0 - job->row_first) * N_CHUNK + s * COLUMNS : scratch;
                         const int64_t ldt = partial ? N_CHUNK : COLUMNS;
-                        micro_kernel(a, lda, panels + s * (kc / 4) * COLUMNS, kc / 4, tile, ldt, !first_k);
+                        micro_kernel(rows, offsets, quads, runs, panels + s * (kc / 4) * COLUMNS, tile, ldt, !first_k);
                         if (last_k)
                             for (int64_t r = 0; r < here; r++)
                                 for (int c = 0; c < 4 && n0 + 16 * c < job->n; c++)
@@ -258,7 +295,7 @@ static void run_gemm(gemm_job_t *job) {
             }
         }
     }
-    free(panels), free(partial), free(tail);
+    free(panels), free(partial);
 }
 
 #ifndef _OPENMP
@@ -268,13 +305,16 @@ static void *run_gemm_thread(void *job) {
 }
 #endif
 
-/* y = the epilogue of a @ w^T; see the top of the file. K must be a multiple of 4, bits 4 or 2. Splits
- * the work over `threads` threads: by rows where there are enough for every thread and few column
- * blocks to share, else by column blocks. Returns 0, or 1 where memory for a worker's buffers could
- * not be had (the output is then incomplete). */
-int mixq_packed_gemm(const uint8_t *a, int64_t lda, const uint8_t *w, int64_t ldw, int bits, int64_t m, int64_t n,
-                     int64_t k, int32_t zero, const int32_t *w_sum, const float *scale, const float *bias, void *out,
-                     int out_dtype, int64_t ldo, int threads) {
+/* y = the epilogue of a @ w^T; see the top of the file. K must be a multiple of 4, bits 4 or 2.
+ * `convolution`: NULL where a is an [M, K] matrix (row stride lda); else {channels, out_h, out_w, in_h,
+ * in_w, kernel_w, stride_h, stride_w} of a convolution whose padded channels-last input codes a holds
+ * (channels a multiple of 4, M = batch * out_h * out_w, K = kernel_h * kernel_w * channels), read in
+ * place: no column matrix is written. Splits the work over `threads` threads: by rows where there are
+ * enough for every thread and few column blocks to share, else by column blocks. Returns 0, or 1 where
+ * memory for a worker's buffers could not be had (the output is then incomplete). */
+int mixq_packed_gemm(const uint8_t *a, int64_t lda, const int64_t *convolution, const uint8_t *w, int64_t ldw,
+                     int bits, int64_t m, int64_t n, int64_t k, int32_t zero, const int32_t *w_sum, const float *scale,
+                     const float *bias, void *out, int out_dtype, int64_t ldo, int threads) {
     if (m <= 0 || n <= 0)
         return 0;
     const int64_t blocks = (n + COLUMNS - 1) / COLUMNS;
@@ -289,8 +329,13 @@ int mixq_packed_gemm(const uint8_t *a, int64_t lda, const uint8_t *w, int64_t ld
     gemm_job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         int64_t first = units * t / threads, last = units * (t + 1) / threads;
-        jobs[t] = (gemm_job_t){a, lda, w, ldw, bits, m, n, k, zero, w_sum, scale, bias, out, out_dtype, ldo,
-                               0, m, 0, blocks, 0};
+        jobs[t] = (gemm_job_t){a, lda, w, ldw, bits, m, n, k, zero, w_sum, scale, bias, out, out_dtype, ldo};
+        if (convolution) {
+            const int64_t *c = convolution;
+            jobs[t].channels = c[0], jobs[t].out_h = c[1], jobs[t].out_w = c[2], jobs[t].in_h = c[3];
+            jobs[t].in_w = c[4], jobs[t].kernel_w = c[5], jobs[t].stride_h = c[6], jobs[t].stride_w = c[7];
+        }
+        jobs[t].row_first = 0, jobs[t].row_last = m, jobs[t].block_first = 0, jobs[t].block_last = blocks;
         if (by_rows) {
             jobs[t].row_first = first * ROWS;
             jobs[t].row_last = last * ROWS < m ? last * ROWS : m;
@@ -325,10 +370,10 @@ int mixq_packed_gemm(const uint8_t *a, int64_t lda, const uint8_t *w, int64_t ld
 
 int mixq_packed_gemm_available(void) { return 0; }
 
-int mixq_packed_gemm(const uint8_t *a, int64_t lda, const uint8_t *w, int64_t ldw, int bits, int64_t m, int64_t n,
-                     int64_t k, int32_t zero, const int32_t *w_sum, const float *scale, const float *bias, void *out,
-                     int out_dtype, int64_t ldo, int threads) {
-    (void)a, (void)lda, (void)w, (void)ldw, (void)bits, (void)m, (void)n, (void)k, (void)zero, (void)w_sum;
+int mixq_packed_gemm(const uint8_t *a, int64_t lda, const int64_t *convolution, const uint8_t *w, int64_t ldw,
+                     int bits, int64_t m, int64_t n, int64_t k, int32_t zero, const int32_t *w_sum, const float *scale,
+                     const float *bias, void *out, int out_dtype, int64_t ldo, int threads) {
+    (void)a, (void)lda, (void)convolution, (void)w, (void)ldw, (void)bits, (void)m, (void)n, (void)k, (void)zero, (void)w_sum;
     (void)scale, (void)bias, (void)out, (void)out_dtype, (void)ldo, (void)threads;
     return 1;
 }

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from benchmarks import held_weights_ab, native_quantization_ab, sensitivity_batching_ab, unet_speed_ab, vae_layers
+from benchmarks import (held_weights_ab, native_quantization_ab, packed_gemm_layers, sensitivity_batching_ab,
+                        unet_speed_ab, vae_layers)
 from mixq.kernels import native, onednn
 from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
 
@@ -69,8 +70,18 @@ def test_native_quantization_ab_times_three_arms_on_the_unet_and_a_decoder(tmp_p
 def test_unet_speed_ab_pairs_every_setting_with_bf16(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(shrink_unet_config(SDXL_UNET_STRUCTURE)))
-    assert unet_speed_ab.main(["--unet-config", str(config), "--latents", "8", "--rounds", "2"]) == 0
+    assert unet_speed_ab.main(["--unet-config", str(config), "--latents", "8", "--rounds", "2",
+                               "--unpacked-arms"]) == 0
     out = capsys.readouterr().out
     ratio = r"\(\d+\.\d\dx bf16 \[\d+\.\d\d, \d+\.\d\d\]\)"
     assert re.search(rf"^8x8 latents, 2 alternating rounds: bf16 [\d.]+ s; W8A8 [\d.]+ s {ratio}; W4A8 [\d.]+ s "
-                     rf"{ratio}; 4-bit plan [\d.]+ s {ratio}; load average", out, flags=re.M)
+                     rf"{ratio}; 4-bit plan [\d.]+ s {ratio}; W4A8, unpacked per call [\d.]+ s {ratio}; 4-bit plan, "
+                     rf"unpacked per call [\d.]+ s {ratio}; load average", out, flags=re.M)
+
+
+def test_packed_gemm_layers_times_four_arms_of_a_layer(capsys):
+    assert packed_gemm_layers.main(["--shapes", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    number = r"[\d.]+"
+    assert re.search(rf"^\| attention projection 1280, 16x16 tokens \| {number} \| {number} \| {number} \| "
+                     rf"{number} \| {number}x \[{number}, {number}\] \|$", out, flags=re.M)

@@ -1,6 +1,7 @@
 """The fused GEMM of packed 4/2-bit weights (kernels/packed_gemm.c) against the exact torch reference: bit
 for bit through the CPU backend's entry points, on shapes that reach every tail (rows past a 6-row tile,
-columns past a 64-column block, two k blocks), with the fallbacks where it cannot run."""
+columns past a 64-column block, two k blocks, k blocks that end inside a convolution's tap), with the
+fallbacks where it cannot run."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ needs_fused_gemm = pytest.mark.skipif(
 def fused_calls(monkeypatch):
     """How many calls reached the fused GEMM."""
     calls = []
-    real = native.packed_gemm
-    monkeypatch.setattr(native, "packed_gemm", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    for name in ("packed_gemm", "packed_conv"):  # (a matrix; a convolution read in place)
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *args, real=real, **kwargs: calls.append(1) or real(*args, **kwargs))
     return calls
 
 
@@ -73,6 +75,17 @@ def test_fused_conv_is_the_reference_bit_for_bit(w_bits, kernel, stride, padding
     assert fused_calls == [1]
     expected = reference.quantized_conv2d(x, **layer, **geometry)
     assert y.stride() == expected.stride() and torch.equal(y, expected)
+
+
+@needs_fused_gemm
+@pytest.mark.parametrize("channels", [1000, 2400])  # k blocks of 2048 end inside a tap; a tap wider than a block
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_fused_conv_with_k_blocks_across_taps(channels, stride, fused_calls):
+    x = activations((2, channels, 5, 4), torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    layer = conv_layer(channels, 24, (3, 3), x, 4, 8, torch.bfloat16)
+    geometry = dict(kernel_size=(3, 3), stride=stride, padding=(1, 1))
+    y = onednn.quantized_conv2d(x, **layer, **geometry)
+    assert fused_calls == [1] and torch.equal(y, reference.quantized_conv2d(x, **layer, **geometry))
 
 
 @needs_fused_gemm
