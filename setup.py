@@ -22,8 +22,8 @@ setup(
     # `import mixq` finds the checkout's mixq/ first. tests/test_repository_root.py guards both.
     packages=["mixq", "mixq.kernels", "mixq.calib", "mixq.configs", "mixq.proving"],
     # The proving-ground pipeline ships as data: diffusers save_pretrained layout, fp16 safetensors.
-    # activation_codes.c and packed_gemm.c: compiled on first use by kernels/native.py.
-    package_data={"mixq.configs": ["*.yaml"], "mixq.kernels": ["*.c"],
+    # activation_codes.c, packed_gemm.c and their header: compiled on first use by kernels/native.py.
+    package_data={"mixq.configs": ["*.yaml"], "mixq.kernels": ["*.c", "*.h"],
                   "mixq.proving": ["pipeline/*", "pipeline/*/*", "color-swap-lora/*"]},
     install_requires=[
         "torch>=2.3",

@@ -19,9 +19,10 @@
 
 #include <emmintrin.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "native_threads.h"
 
 #define DTYPE_FLOAT32 0
 #define DTYPE_BFLOAT16 1
@@ -154,7 +155,6 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-#define MAX_THREADS 64
 
 /* The codes of x ([rows, channels, inner], dtype DTYPE_*) into out ([rows, inner, channels]), on up to
  * `threads` threads; returns 1 when some input was NaN/Inf (its codes are then unspecified), else 0. */
@@ -183,23 +183,7 @@ int mixq_activation_codes(const void *x, int dtype, uint8_t *out, int64_t rows, 
         if (jobs[t].first > jobs[t].last)
             jobs[t].first = jobs[t].last;
     }
-#ifdef _OPENMP /* on torch's OpenMP workers (see kernels/native.py) */
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++)
-        run_job(&jobs[t]);
-#else
-    pthread_t workers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&workers[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(workers[t], NULL);
-        else
-            run_job(&jobs[t]); /* no thread to be had: the work is done here */
-    }
-#endif
+    run_jobs(run_job, jobs, sizeof jobs[0], threads);
     int bad = 0;
     for (int t = 0; t < threads; t++)
         bad |= jobs[t].non_finite;

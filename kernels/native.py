@@ -35,6 +35,7 @@ import torch
 from .fallback import warn_once
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("activation_codes.c", "packed_gemm.c"))
+HEADERS = (Path(__file__).with_name("native_threads.h"),)  # (part of the cache key)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 X86_MACHINES = ("x86_64", "amd64")
 # -ffast-math must never be added: it allows a reciprocal in place of the division; -ffp-contract=off keeps
@@ -114,7 +115,7 @@ def _built(compiler: str) -> Path:
     """The compiled library for these sources, compiler and CPU, built now if the cache has none: with
     OpenMP where the compiler has it, else with plain threads."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in SOURCES + HEADERS]
     failure = None
     for flags in (FLAGS + OPENMP_FLAGS, FLAGS):
         key = hashlib.sha256("\0".join([*texts, compiler, version, " ".join(flags), _cpu_signature()])

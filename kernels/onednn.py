@@ -13,12 +13,12 @@ mode "packed"). On a CPU with AVX512-VNNI they run on mixq's own GEMM (kernels/p
 native.packed_gemm): it unpacks a block of weights at a time into the operand panel of its blocked loop,
 so the packed bytes are read once per call and no unpacked copy of the layer is ever written, and it
 applies the reference's epilogue as it stores; it reads a convolution's padded channels-last codes in
-place (no column matrix is written). Elsewhere (no VNNI, no compiler, K not a multiple of 4) each
-call unpacks one layer into a per-thread scratch buffer that is reused from layer to layer, one
-contiguous run per lane (lane-major K order, the activations' columns permuted to match: dot products
-are unchanged), and multiplies with torch._int_mm on a transposed view of it (no copy); convolutions
-gather int8 codes (never floats) into columns first. Both give the reference's outputs bit for bit.
-Columns, accumulators and the epilogue's float32 go into per-thread buffers reused from layer to layer:
+place (no column matrix is written). Elsewhere (no VNNI, no compiler, K, or a convolution's channels,
+not a multiple of 4) each call unpacks one layer into a per-thread scratch buffer that is reused from
+layer to layer, one contiguous run per lane (lane-major K order, the activations' columns permuted to
+match: dot products are unchanged), and multiplies with torch._int_mm on a transposed view of it (no
+copy); convolutions gather int8 codes (never floats) into columns first. Both give the reference's
+outputs bit for bit. Columns, accumulators and the epilogue's float32 go into per-thread buffers reused from layer to layer:
 fresh ones of tens of MB page-fault on every call (benchmarks/results/cpu-unet-speed-ab-2026-12-07.md).
 In mode "int8" (`mixq.quantize(..., cpu_weights="int8")`, and on load_quantized) they are instead
 unpacked once, when the layer is prepared, into the same oneDNN layout as 8-bit weights and run on its

@@ -27,14 +27,14 @@
  * Built by kernels/native.py with -march=native; on a CPU without AVX512-VNNI this file compiles to
  * mixq_packed_gemm_available() == 0 and callers keep the unpack-then-_int_mm path. */
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_threads.h"
+
 #define OUT_FLOAT32 0
 #define OUT_BFLOAT16 1
-#define MAX_THREADS 64
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -298,12 +298,10 @@ static void run_gemm(gemm_job_t *job) {
     free(panels), free(partial);
 }
 
-#ifndef _OPENMP
 static void *run_gemm_thread(void *job) {
     run_gemm(job);
     return NULL;
 }
-#endif
 
 /* y = the epilogue of a @ w^T; see the top of the file. K must be a multiple of 4, bits 4 or 2.
  * `convolution`: NULL where a is an [M, K] matrix (row stride lda); else {channels, out_h, out_w, in_h,
@@ -343,23 +341,7 @@ int mixq_packed_gemm(const uint8_t *a, int64_t lda, const int64_t *convolution, 
             jobs[t].block_first = first, jobs[t].block_last = last;
         }
     }
-#ifdef _OPENMP /* on torch's OpenMP workers (see kernels/native.py) */
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++)
-        run_gemm(&jobs[t]);
-#else
-    pthread_t workers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&workers[t], NULL, run_gemm_thread, &jobs[t]) == 0;
-    run_gemm(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(workers[t], NULL);
-        else
-            run_gemm(&jobs[t]); /* no thread to be had: the work is done here */
-    }
-#endif
+    run_jobs(run_gemm_thread, jobs, sizeof jobs[0], threads);
     int failed = 0;
     for (int t = 0; t < threads; t++)
         failed |= jobs[t].failed;

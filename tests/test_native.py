@@ -211,6 +211,12 @@ def test_a_compiler_without_openmp_builds_with_plain_threads(tmp_path, monkeypat
     x = tie_activations((2, 40, 130, 200), torch.float32)  # over 1M elements: split over threads
     codes = onednn.quantize_input_unsigned(x, torch.tensor(SCALE), torch.tensor(ZERO), 8)
     assert torch.equal(codes, expected_codes(x, 8, 128))
+    if native.packed_gemm_function() is not None:  # the fused 4-bit GEMM, on two threads of its own
+        from tests.test_cpu_backend import activations, integer_layer
+
+        x = activations((96, 1280), torch.bfloat16)
+        layer = integer_layer(torch.randn(320, 1280), x, 4, 8, torch.bfloat16)
+        assert torch.equal(onednn.quantized_linear(x, **layer), reference.quantized_linear(x, **layer))
 
 
 @needs_native
