@@ -14,7 +14,7 @@ clamping, both dtypes, the transpose, a NaN) before its first use.
 
 packed_gemm.c is the GEMM of 4/2-bit weights kept packed (the unpacking fused into its packing step, the
 reference's epilogue into its stores; AVX512-VNNI). It is built into the same library; where the CPU
-lacks AVX512-VNNI, or its self-check against the reference fails, packed_gemm() is None (one warning)
+lacks AVX512-VNNI, or its self-check against the reference fails, packed_gemm_function() is None (one warning)
 and the backend unpacks per call as before. MIXQ_PACKED_GEMM=0 turns only it off (for A/B runs).
 """
 

@@ -141,3 +141,14 @@ def test_k_not_a_multiple_of_4_takes_the_unpacking_path(fused_calls):
         warnings.simplefilter("error", CpuBackendFallbackWarning)  # not the reference: no warning
         y = onednn.quantized_linear(x, **layer)
     assert fused_calls == [] and torch.equal(y, reference.quantized_linear(x, **layer))
+
+
+def test_the_report_runs_weights_as_served_where_the_fused_gemm_runs(monkeypatch):
+    from mixq.calib.content import content_cpu_weights
+    from mixq.calib.report import WEIGHT_MODE_SENTENCES
+
+    expected = "packed" if native.packed_gemm_unavailable_reason() is None else "int8"
+    assert content_cpu_weights() == expected
+    monkeypatch.setenv("MIXQ_PACKED_GEMM", "0")  # no fused GEMM: unpacked once to int8, not per call
+    assert content_cpu_weights() == "int8"
+    assert set(WEIGHT_MODE_SENTENCES) == {"packed", "int8"}
