@@ -16,52 +16,31 @@ import contextlib
 import copy
 import os
 import statistics
-import time
 import types
 
 import torch
 
+from benchmarks.alternating import alternate, environment_set
 from benchmarks.cpu_unet import calibrate, unet_inputs
 from benchmarks.environment import environment
 
 
-def timed(unet, inputs) -> float:
-    start = time.perf_counter()
-    unet(**inputs)
-    return time.perf_counter() - start
-
-
 def alternating_times(unet, arms: dict[str, dict], inputs: dict, rounds: int,
                       environments: dict[str, dict] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each arm (name -> layers swapped into the UNet for its calls): one warm-up
-    call per arm, then `rounds` rounds in which every arm runs once, in turn. `environments`: variables
-    set for an arm's calls only (e.g. MIXQ_PACKED_GEMM=0, which the kernels read at each call)."""
-    from mixq.calib.sensitivity import swapped_layers
-
+    """Seconds per UNet call of each arm (name -> layers swapped into the UNet for its calls), alternating
+    (benchmarks.alternating.alternate). `environments`: variables set for an arm's calls only (e.g.
+    MIXQ_PACKED_GEMM=0, which the kernels read at each call)."""
     environments = environments or {}
-    times = {arm: [] for arm in arms}
-    for arm, layers in arms.items():
-        with swapped_layers(unet, layers), environment_set(environments.get(arm, {})):
-            unet(**inputs)
-    for _ in range(rounds):
-        for arm, layers in arms.items():
-            with swapped_layers(unet, layers), environment_set(environments.get(arm, {})):
-                times[arm].append(timed(unet, inputs))
-    return times
+    return alternate({arm: (lambda: unet(**inputs), lambda arm=arm, layers=layers: arm_in_place(
+        unet, layers, environments.get(arm, {}))) for arm, layers in arms.items()}, rounds)
 
 
 @contextlib.contextmanager
-def environment_set(variables: dict):
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
+def arm_in_place(unet, layers: dict, variables: dict):
+    from mixq.calib.sensitivity import swapped_layers
+
+    with swapped_layers(unet, layers), environment_set(variables):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def main(argv=None) -> int:

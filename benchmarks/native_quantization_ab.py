@@ -18,53 +18,27 @@ NaN/Inf reduction). Their outputs are checked equal bit for bit first. Arms alte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from benchmarks.alternating import alternate, environment_set
 from benchmarks.environment import environment
 
 ARMS = ("float", "W8A8 torch ops", "W8A8 native")
 
 
-@contextlib.contextmanager
 def native(on: bool):
-    before = os.environ.get("MIXQ_NATIVE")
-    os.environ["MIXQ_NATIVE"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MIXQ_NATIVE", None)
-        else:
-            os.environ["MIXQ_NATIVE"] = before
+    return environment_set({"MIXQ_NATIVE": "1" if on else "0"})
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        run()
-    return time.perf_counter() - start
-
-
-def alternate(arms: dict, rounds: int) -> dict:
-    """arms: name -> (callable, native on?). One warm-up each, then `rounds` rounds of one call per arm."""
-    for run, on in arms.values():
-        with native(on):
-            timed(run)
-    samples = {name: [] for name in arms}
-    for _ in range(rounds):
-        for name, (run, on) in arms.items():
-            with native(on):
-                samples[name].append(timed(run))
-    return samples
+def alternate_native(arms: dict, rounds: int) -> dict:
+    """arms: name -> (callable, native on?), alternating (benchmarks.alternating.alternate)."""
+    return alternate({name: (run, lambda on=on: native(on)) for name, (run, on) in arms.items()}, rounds)
 
 
 def summary(label: str, samples: dict) -> str:
@@ -97,7 +71,7 @@ def proving_unet(batch: int, rounds: int, calibration_prompts: int) -> str:
     calibration = mixq.calibrate_ranges(quantized, "proving:calibration", calibration_prompts, progress=False)
     mixq.quantize(quantized, w_bit=8, a_bit=8, calibration=calibration, progress=False)
     check_same(lambda: quantized.unet(**inputs)[0])
-    samples = alternate({"float32": (lambda: pipe.unet(**inputs), True),
+    samples = alternate_native({"float32": (lambda: pipe.unet(**inputs), True),
                          "W8A8 torch ops": (lambda: quantized.unet(**inputs), False),
                          "W8A8 native": (lambda: quantized.unet(**inputs), True)}, rounds)
     return summary(f"proving UNet, a batch of {batch} 16x16 latents, float32 NCHW", samples)
@@ -144,7 +118,7 @@ def vae_decoder(config_path: Path, size: int, rounds: int) -> str:
         return run
 
     check_same(decode_with(quantized))
-    samples = alternate({"bf16": (decode_with(convs), True), "W8A8 torch ops": (decode_with(quantized), False),
+    samples = alternate_native({"bf16": (decode_with(convs), True), "W8A8 torch ops": (decode_with(quantized), False),
                          "W8A8 native": (decode_with(quantized), True)}, rounds)
     return summary(f"SDXL VAE decoder ({len(quantized)} of {len(quantized) + len(kept)} convolutions W8A8), "
                    f"{size}x{size} images, bf16 channels-last", samples)

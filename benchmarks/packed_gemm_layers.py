@@ -12,14 +12,14 @@ equal first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.alternating import alternate, environment_set
 from benchmarks.environment import environment
-from benchmarks.held_weights_ab import environment_set
 
 # (name, kind, rows or spatial size, input channels, output channels): SDXL-Turbo at 64x64 latents
 SHAPES = [
@@ -60,24 +60,10 @@ def layer_arms(kind: str, size: int, c: int, n: int) -> tuple[dict, torch.Tensor
                                                   *geometry, torch.bfloat16)
         bf16 = lambda: F.conv2d(x, float_weight, padding=1)  # noqa: E731
     packed = pack_weight(q4, 4)
-    arms = {"bf16": (bf16, {}), "W8 oneDNN": (lambda: run(w8, 8), {}),
-            "W4 fused": (lambda: run(packed, 4), {"MIXQ_PACKED_GEMM": "1"}),
-            "W4 unpacked per call": (lambda: run(packed, 4), {"MIXQ_PACKED_GEMM": "0"})}
+    arms = {"bf16": (bf16, contextlib.nullcontext), "W8 oneDNN": (lambda: run(w8, 8), contextlib.nullcontext),
+            "W4 fused": (lambda: run(packed, 4), lambda: environment_set({"MIXQ_PACKED_GEMM": "1"})),
+            "W4 unpacked per call": (lambda: run(packed, 4), lambda: environment_set({"MIXQ_PACKED_GEMM": "0"}))}
     return arms, x
-
-
-def alternating(arms: dict, rounds: int) -> dict[str, list[float]]:
-    times = {name: [] for name in arms}
-    for call, variables in arms.values():
-        with environment_set(variables):
-            call()
-    for _ in range(rounds):
-        for name, (call, variables) in arms.items():
-            with environment_set(variables):
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main(argv=None) -> int:
@@ -98,7 +84,7 @@ def main(argv=None) -> int:
                 expected = unpacked()
             if not torch.equal(fused(), expected):
                 raise SystemExit(f"{name}: the fused and unpacked 4-bit outputs differ")
-            times = alternating(arms, args.rounds)
+            times = alternate(arms, args.rounds)
             ratios = [u / f for u, f in zip(times["W4 unpacked per call"], times["W4 fused"])]
             cells = " | ".join(f"{statistics.median(t) * 1e3:.2f}" for t in times.values())
             print(f"| {name} | {cells} | {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |",
