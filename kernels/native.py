@@ -63,30 +63,41 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "mixq"
 
 
+def switched_on(variable: str) -> bool:
+    """An environment switch: on unless set to 0, false, no or off."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    return os.environ.get("MIXQ_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("MIXQ_NATIVE")
+
+
+def loaded_once(key: str, load) -> tuple:
+    """(what, why it is None) from `load()`, run once per process and kept as _state[key], _state[key_reason]."""
+    if key not in _state:
+        with _lock:
+            if key not in _state:
+                _state[key], _state[f"{key}_reason"] = load()
+    return _state[key], _state[f"{key}_reason"]
 
 
 def library():
     """The loaded library, or None (with one warning naming why) where it cannot be had."""
     if not enabled():
         return None
-    if "library" not in _state:
-        with _lock:
-            if "library" not in _state:
-                _state["library"], _state["reason"] = _load()
-    if _state["library"] is None:
-        warn_once(NativeFallbackWarning, _state["reason"],
-                  f"mixq: the native activation quantization is unavailable ({_state['reason']}); running torch "
+    lib, reason = loaded_once("library", _load)
+    if lib is None:
+        warn_once(NativeFallbackWarning, reason,
+                  f"mixq: the native activation quantization is unavailable ({reason}); running torch "
                   "ops instead (same codes, slower). Install a C compiler (or set CC) to get it.", stacklevel=4)
-    return _state["library"]
+    return lib
 
 
 def unavailable_reason() -> str | None:
     if not enabled():
         return "MIXQ_NATIVE=0"
     library()
-    return _state.get("reason")
+    return _state.get("library_reason")
 
 
 def _load() -> tuple:
@@ -198,22 +209,18 @@ class PackedGemmFallbackWarning(UserWarning):
 
 
 def packed_gemm_enabled() -> bool:
-    return os.environ.get("MIXQ_PACKED_GEMM", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("MIXQ_PACKED_GEMM")
 
 
 def packed_gemm_function():
     """The library's mixq_packed_gemm, or None (with one warning naming why) where it cannot run here."""
     if not packed_gemm_enabled() or library() is None:
         return None
-    if "gemm" not in _state:
-        with _lock:
-            if "gemm" not in _state:
-                _state["gemm"], _state["gemm_reason"] = _load_packed_gemm(_state["cdll"])
-    if _state["gemm"] is None:
-        warn_once(PackedGemmFallbackWarning, _state["gemm_reason"],
-                  f"mixq: the fused 4/2-bit GEMM is unavailable ({_state['gemm_reason']}); unpacking packed weights "
-                  "on every call instead (same results, slower)", stacklevel=4)
-    return _state["gemm"]
+    gemm, reason = loaded_once("gemm", lambda: _load_packed_gemm(_state["cdll"]))
+    if gemm is None:
+        warn_once(PackedGemmFallbackWarning, reason, f"mixq: the fused 4/2-bit GEMM is unavailable ({reason}); "
+                  "unpacking packed weights on every call instead (same results, slower)", stacklevel=4)
+    return gemm
 
 
 def packed_gemm_unavailable_reason() -> str | None:
@@ -274,9 +281,9 @@ def _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale: float, zero: int,
     """The native call; codes [M, K] rows contiguous, or with `convolution` (see packed_conv) the padded input."""
     scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.float()  # the reference's float32 product
     bias = None if bias is None else bias.float().contiguous()
-    geometry = None if convolution is None else torch.tensor(convolution[1:], dtype=torch.int64)
+    geometry = None if convolution is None else (ctypes.c_int64 * 8)(*convolution[1:])
     m, k = out.shape[0], convolution[0] if convolution else codes.shape[1]
-    return fn(codes.data_ptr(), codes.stride(0), None if geometry is None else geometry.data_ptr(), packed.data_ptr(),
+    return fn(codes.data_ptr(), codes.stride(0), geometry, packed.data_ptr(),
               packed.stride(0), bits, m, packed.shape[0], k, zero, w_sum.data_ptr(), scale.data_ptr(),
               None if bias is None else bias.data_ptr(), out.data_ptr(), OUTPUT_DTYPES[out.dtype], out.stride(0),
               torch.get_num_threads())
