@@ -1,10 +1,11 @@
-"""One layer at a time: the fused packed 4-bit GEMM against the same layer unpacked per call, oneDNN's W8
-and bf16, on SDXL-Turbo's layer shapes (batch 1, 64x64 latents), arms alternating in one process.
+"""One layer at a time: the fused packed 4-bit GEMM against the same layer unpacked per call, 8-bit weights
+on oneDNN and on the fused GEMM, and bf16, on SDXL-Turbo's layer shapes (batch 1, 64x64 latents or --latents 32), arms alternating in one
+process.
 
-    python -m benchmarks.packed_gemm_layers [--rounds 7]
+    python -m benchmarks.packed_gemm_layers [--rounds 7] [--latents 32]
 
 Each row: the median milliseconds per call of each arm over `rounds` alternating rounds (after one
-warm-up call each), and the per-round ratio unpacked / fused (median [min, max]). Random weights and
+warm-up call each), and the per-round ratios unpacked / fused and oneDNN / fused (median [min, max]). Random weights and
 activations: the kernels' speed does not depend on the values. Outputs of the two 4-bit arms are checked
 equal first.
 """
@@ -21,15 +22,27 @@ import torch.nn.functional as F
 from benchmarks.alternating import alternate, environment_set
 from benchmarks.environment import environment
 
-# (name, kind, rows or spatial size, input channels, output channels): SDXL-Turbo at 64x64 latents
+# (what, kind, rows or spatial size, input channels, output channels): SDXL-Turbo at 64x64 latents
 SHAPES = [
-    ("attention projection 1280, 16x16 tokens", "linear", 256, 1280, 1280),
+    ("attention projection 1280", "linear", 256, 1280, 1280),
     ("feed-forward 1280 -> 10240", "linear", 256, 1280, 10240),
     ("attention projection 640", "linear", 1024, 640, 640),
-    ("conv 3x3 1280, 16x16", "conv", 16, 1280, 1280),
-    ("conv 3x3 640, 32x32", "conv", 32, 640, 640),
-    ("conv 3x3 320, 64x64", "conv", 64, 320, 320),
+    ("conv 3x3 1280", "conv", 16, 1280, 1280),
+    ("conv 3x3 640", "conv", 32, 640, 640),
+    ("conv 3x3 320", "conv", 64, 320, 320),
 ]
+
+
+def shapes_at(latents: int) -> list[tuple]:
+    """SHAPES at `latents` x `latents` latents (64 or a power-of-two fraction), named with their size: a
+    linear layer's rows scale with the area, a convolution's input side with the side."""
+    factor = 64 // latents
+    scaled = []
+    for what, kind, size, c, n in SHAPES:
+        size = size // factor ** 2 if kind == "linear" else size // factor
+        name = f"{what}, {size} rows" if kind == "linear" else f"{what}, {size}x{size}"
+        scaled.append((name, kind, size, c, n))
+    return scaled
 
 
 def layer_arms(kind: str, size: int, c: int, n: int) -> tuple[dict, torch.Tensor]:
@@ -61,9 +74,16 @@ def layer_arms(kind: str, size: int, c: int, n: int) -> tuple[dict, torch.Tensor
         bf16 = lambda: F.conv2d(x, float_weight, padding=1)  # noqa: E731
     packed = pack_weight(q4, 4)
     arms = {"bf16": (bf16, contextlib.nullcontext), "W8 oneDNN": (lambda: run(w8, 8), contextlib.nullcontext),
+            "W8 fused": (lambda: run(q8, 8), lambda: environment_set({"MIXQ_INT8_GEMM": "mixq"})),
             "W4 fused": (lambda: run(packed, 4), lambda: environment_set({"MIXQ_PACKED_GEMM": "1"})),
             "W4 unpacked per call": (lambda: run(packed, 4), lambda: environment_set({"MIXQ_PACKED_GEMM": "0"}))}
     return arms, x
+
+
+def ratio_cell(times: dict, slower: str, faster: str) -> str:
+    """Per-round ratio times[slower] / times[faster]: median [min, max]."""
+    ratios = [a / b for a, b in zip(times[slower], times[faster])]
+    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
 
 
 def main(argv=None) -> int:
@@ -71,13 +91,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N shapes only (smoke runs)")
+    parser.add_argument("--latents", type=int, default=64, choices=(64, 32, 16),
+                        help="the layers' shapes at this latent size (default 64: 512x512 images)")
     args = parser.parse_args(argv)
     print(f"{environment('cpu')['device']}; torch {torch.__version__}; ms per call, median of {args.rounds} "
           "alternating rounds", flush=True)
-    print("| layer | bf16 | W8 oneDNN | W4 fused | W4 unpacked per call | unpacked / fused per round |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | bf16 | W8 oneDNN | W8 fused | W4 fused | W4 unpacked per call | unpacked / fused per round "
+          "| W8 oneDNN / fused per round |")
+    print("|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
-        for name, kind, size, c, n in SHAPES[:args.shapes]:
+        for name, kind, size, c, n in shapes_at(args.latents)[:args.shapes]:
             arms, _ = layer_arms(kind, size, c, n)
             fused, unpacked = (arms[a][0] for a in ("W4 fused", "W4 unpacked per call"))
             with environment_set({"MIXQ_PACKED_GEMM": "0"}):
@@ -85,10 +108,9 @@ def main(argv=None) -> int:
             if not torch.equal(fused(), expected):
                 raise SystemExit(f"{name}: the fused and unpacked 4-bit outputs differ")
             times = alternate(arms, args.rounds)
-            ratios = [u / f for u, f in zip(times["W4 unpacked per call"], times["W4 fused"])]
             cells = " | ".join(f"{statistics.median(t) * 1e3:.2f}" for t in times.values())
-            print(f"| {name} | {cells} | {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |",
-                  flush=True)
+            print(f"| {name} | {cells} | {ratio_cell(times, 'W4 unpacked per call', 'W4 fused')} "
+                  f"| {ratio_cell(times, 'W8 oneDNN', 'W8 fused')} |", flush=True)
     return 0
 
 

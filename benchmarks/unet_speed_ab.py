@@ -9,7 +9,8 @@ default), each quantized once from the same float layers with ranges from one fp
 between alternating calls. With --unpacked-arms, W4A8 and the plan also run with MIXQ_PACKED_GEMM=0 (the
 same layers, their weights unpacked on every call instead of the fused packed GEMM), for the A/B of that
 GEMM. Prints, per latent size, each arm's median and its per-round speed-up over bf16 (bf16's time over
-the arm's in the same round: median [min, max]).
+the arm's in the same round: median [min, max]). With --int8-gemm-arms, W8A8 also runs with every 8-bit
+layer on oneDNN and with every one on the fused GEMM (MIXQ_INT8_GEMM), beside the default split.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import types
 
 import torch
 
+from benchmarks.alternating import environment_set
 from benchmarks.cpu_unet import calibrate, unet_inputs
 from benchmarks.environment import environment
 from benchmarks.held_weights_ab import alternating_times
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="calls per arm and size (alternating)")
     parser.add_argument("--unpacked-arms", action="store_true",
                         help="also W4A8 and the plan with MIXQ_PACKED_GEMM=0 (weights unpacked per call)")
+    parser.add_argument("--int8-gemm-arms", action="store_true",
+                        help="also W8A8 with every 8-bit layer on oneDNN, and every one on the fused GEMM "
+                             "(MIXQ_INT8_GEMM=onednn / mixq; by default convolutions run fused where there is no AMX)")
     args = parser.parse_args(argv)
     unet = unet_from_config(load_unet_config(args.unet_config), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -63,6 +68,12 @@ def main(argv=None) -> int:
             "4-bit plan": quantized_layers(unet, originals, calibration, plan=mixed_4bit_plan(unet)["layers"])}
     arms = {"bf16": {n: originals[n] for n in arms["W8A8"]}, **arms}
     environments = {}
+    if args.int8_gemm_arms:
+        for choice, label in (("onednn", "oneDNN"), ("mixq", "fused GEMM")):
+            arm, variables = f"W8A8, every layer on {label}", {"MIXQ_INT8_GEMM": choice}
+            with environment_set(variables):  # (laid out for that GEMM when quantized)
+                arms[arm] = quantized_layers(unet, originals, calibration, w_bit=8, a_bit=8)
+            environments[arm] = variables
     if args.unpacked_arms:
         for arm in ("W4A8", "4-bit plan"):
             arms[f"{arm}, unpacked per call"] = arms[arm]

@@ -246,7 +246,7 @@ def _load_packed_gemm(lib) -> tuple:
 
 def _packed_gemm_self_check(fn) -> str | None:
     """None when the build gives the reference's outputs bit for bit on a matrix case with row, column and k
-    tails and two k blocks, both widths and both output dtypes, and on a strided convolution read in place;
+    tails and two k blocks, every width and both output dtypes, and on a strided convolution read in place;
     else what went wrong."""
     from mixq.quantizers import pack_weight
 
@@ -257,7 +257,7 @@ def _packed_gemm_self_check(fn) -> str | None:
     cases = [(torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g), None),
              (columns, (72, 8, 3, 4, 7, 6, 3, 2, 1))]
     for codes, convolution in cases:
-        for bits in (4, 2):
+        for bits in (8, 4, 2):
             low = -(2 ** (bits - 1))
             q = torch.randint(low, -low, (n, codes.shape[1]), dtype=torch.int8, generator=g)
             w_scale = torch.rand(n, generator=g) / 100

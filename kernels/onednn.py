@@ -1,7 +1,8 @@
-"""The x86 CPU backend: the oneDNN int8 kernels PyTorch ships, on weights laid out once.
+"""The x86 CPU backend: the oneDNN int8 kernels PyTorch ships, on weights laid out once, and mixq's fused GEMM.
 
-8-bit weights run on torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise (the kernels PyTorch's
-own x86 quantization lowers to: VNNI / AMX int8 dot products, zero-point compensation and the
+8-bit weights of linear layers (of convolutions too where the CPU has AMX; INT8_GEMM_CHOICES below) run
+on torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise (the kernels PyTorch's own x86 quantization
+lowers to: VNNI / AMX int8 dot products, zero-point compensation and the
 scale/bias epilogue fused). Their weights are reordered into oneDNN's blocked layout once per layer,
 when the layer is prepared (quantize / load time), and the layer then holds that layout instead of its
 plain buffer (QuantizedLayer.hold_kernel_layouts: one copy of the weights); the ops take either. A
@@ -13,7 +14,8 @@ mode "packed"). On a CPU with AVX512-VNNI they run on mixq's own GEMM (kernels/p
 native.packed_gemm): it unpacks a block of weights at a time into the operand panel of its blocked loop,
 so the packed bytes are read once per call and no unpacked copy of the layer is ever written, and it
 applies the reference's epilogue as it stores; it reads a convolution's padded channels-last codes in
-place (no column matrix is written). Elsewhere (no VNNI, no compiler, K, or a convolution's channels,
+place (no column matrix is written). It also runs 8-bit convolutions on CPUs without AMX, from their
+plain buffer. Elsewhere (no VNNI, no compiler, K, or a convolution's channels,
 not a multiple of 4) each call unpacks one layer into a per-thread scratch buffer that is reused from
 layer to layer, one contiguous run per lane (lane-major K order, the activations' columns permuted to
 match: dot products are unchanged), and multiplies with torch._int_mm on a transposed view of it (no
@@ -39,12 +41,15 @@ Under torch.compile of a whole model each GEMM is one custom op (mixq::cpu_linea
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import threading
 import weakref
 
 import torch
 
+from mixq.machine import cpu_features
 from mixq.quantizers import activation_qrange, unpack_weight, values_per_byte
 
 from . import native, reference
@@ -437,10 +442,39 @@ def epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype):
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-def fused_gemm_runs(k: int) -> bool:
-    """Whether packed 4/2-bit weights with K = k run on the fused GEMM here (native.packed_gemm): AVX512-VNNI,
-    the native library built, K a multiple of 4; else they are unpacked per call (below)."""
-    return k % 4 == 0 and native.packed_gemm_function() is not None
+# Which GEMM runs 8-bit weights (MIXQ_INT8_GEMM): "auto" puts convolutions on mixq's fused GEMM, which reads
+# the plain buffer (no reordered copy) and the padded codes in place, and linear layers on oneDNN, whose
+# kernels were the faster of the two for them on a VNNI-only EPYC (convolutions 1.1-1.8x faster fused,
+# linear layers 1.05-1.35x slower: benchmarks/results/cpu-int8-gemm-2026-12-07.md); where the CPU has
+# AMX, everything stays on oneDNN (its int8 tiles; the fused GEMM has VNNI dot products only).
+INT8_GEMM_CHOICES = ("auto", "mixq", "onednn")
+
+
+def int8_gemm_choice() -> str:
+    choice = os.environ.get("MIXQ_INT8_GEMM", "auto").strip().lower() or "auto"
+    if choice not in INT8_GEMM_CHOICES:
+        raise ValueError(f"MIXQ_INT8_GEMM={choice!r} is not one of {INT8_GEMM_CHOICES}: unset it for the automatic "
+                         "choice, or set mixq or onednn")
+    return choice
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    return bool(cpu_features().get("amx_int8"))
+
+
+def fused_gemm_runs(k: int, w_bits: int = 4, kind: str = "linear") -> bool:
+    """Whether a `kind` layer ("linear" / "conv2d") of `w_bits` weights with K = k (a convolution: its input
+    channels) runs on the fused GEMM here (native.packed_gemm): AVX512-VNNI, the native library built, K a
+    multiple of 4, and for 8-bit weights MIXQ_INT8_GEMM's choice (above); else 4/2-bit weights are
+    unpacked per call and 8-bit ones run on oneDNN (below)."""
+    if k % 4:
+        return False
+    if w_bits == 8:
+        choice = int8_gemm_choice()
+        if choice == "onednn" or (choice == "auto" and (kind == "linear" or cpu_has_amx())):
+            return False
+    return native.packed_gemm_function() is not None
 
 
 def fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype, kernel_size=None,
@@ -476,6 +510,9 @@ def held_or_built_layout(qweight, w_scale, build):
 
 
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
+    if not qweight.is_mkldnn and fused_gemm_runs(x.shape[-1], w_bits):
+        codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
+        return fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
     prepared = held_or_built_layout(qweight, w_scale, lambda: linear_layout(
         qweight, w_bits, x.shape[-1], only_if_prepared=w_bits != 8))
     if prepared is None:  # a 4/2-bit weight kept packed
@@ -483,9 +520,6 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         if x.shape[-1] % per_byte:
             warn_fallback(f"{w_bits}-bit linear layers with {x.shape[-1]} inputs (not a multiple of {per_byte})")
             return reference.quantized_linear(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias)
-        if fused_gemm_runs(x.shape[-1]):
-            codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
-            return fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
         q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True)
         acc = int_matmul_transposed(lane_major(q_x, per_byte), unpack_lane_major(qweight, w_bits))
         return epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype)
@@ -500,6 +534,17 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
 def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
                 out_dtype):
     b, c = x.shape[:2]
+    if not qweight.is_mkldnn and fused_gemm_runs(c, w_bits, "conv2d"):  # (whole dwords of channels per tap)
+        codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+            y = fused_packed_gemm(codes.permute(0, 2, 3, 1).reshape(-1, c), qweight, w_bits, w_scale, w_sum,
+                                  x_scale, x_zero, bias, out_dtype)  # (the codes as they are: a view)
+        else:  # the padded codes, read in place by the GEMM
+            y = fused_packed_gemm(padded_codes(codes, unsigned_zero(x_zero), padding), qweight, w_bits, w_scale,
+                                  w_sum, x_scale, x_zero, bias, out_dtype, kernel_size, stride)
+        ho = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+        return y.view(b, ho, -1, y.shape[-1]).permute(0, 3, 1, 2)
     prepared = held_or_built_layout(qweight, w_scale, lambda: conv_layout(
         qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8))
     if prepared is None:  # a 4/2-bit weight kept packed
@@ -508,17 +553,6 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
             warn_fallback(f"{w_bits}-bit convolutions with {c} input channels (not a multiple of {per_byte})")
             return reference.quantized_conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias,
                                               kernel_size, stride, padding)
-        if fused_gemm_runs(c):  # (whole dwords of channels within each tap)
-            codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
-            codes = codes.contiguous(memory_format=torch.channels_last)
-            if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-                y = fused_packed_gemm(codes.permute(0, 2, 3, 1).reshape(-1, c), qweight, w_bits, w_scale, w_sum,
-                                      x_scale, x_zero, bias, out_dtype)  # (the codes as they are: a view)
-            else:  # the padded codes, read in place by the GEMM
-                y = fused_packed_gemm(padded_codes(codes, unsigned_zero(x_zero), padding), qweight, w_bits, w_scale,
-                                      w_sum, x_scale, x_zero, bias, out_dtype, kernel_size, stride)
-            ho = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-            return y.view(b, ho, -1, y.shape[-1]).permute(0, 3, 1, 2)
         q_x = quantize_input_signed(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
         cols, ho, wo = code_columns(q_x, int(x_zero.item()), kernel_size, stride, padding, per_byte)
         acc = int_matmul_transposed(cols, unpack_lane_major(qweight, w_bits))
@@ -587,6 +621,8 @@ def prepare(qweight, w_bits, w_scale, kind, in_channels=None, kernel_size=None, 
     """Lay out one weight for the kernels now (at quantize / load time) rather than at first use: every
     8-bit weight, and 4/2-bit ones in the "int8" CPU weight mode. `in_channels`: K of a linear layer."""
     if (w_bits != 8 and cpu_weights != "int8") or unavailable_reason() is not None:
+        return
+    if w_bits == 8 and fused_gemm_runs(in_channels, 8, kind):  # (the fused GEMM reads the plain buffer)
         return
     if kind == "linear":
         linear_layout(qweight, w_bits, in_channels)

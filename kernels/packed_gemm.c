@@ -1,4 +1,4 @@
-/* The 4/2-bit weight GEMM of the x86 CPU backend, with the weights' unpacking fused into the GEMM's
+/* The 8/4/2-bit weight GEMM of the x86 CPU backend, with the weights' unpacking fused into the GEMM's
  * packing step and the reference's epilogue fused into its stores:
  *
  *     y[m, n] = f32(acc[m, n] - zero * w_sum[n]) * (x_scale * w_scale[n]) + bias[n]
@@ -100,6 +100,11 @@ static int k_runs(const gemm_job_t *job, int64_t k0, int64_t kc, int64_t *offset
 /* 64 weights k0 .. k0 + 63 of one packed row as int8 in natural k order (16 dwords of 4 k each); fields
  * past the row's end (k >= K) read as 0. */
 static inline __m512i unpack_chunk(const uint8_t *row, int64_t row_bytes, int bits, int64_t k0) {
+    if (bits == 8) { /* plain int8: a masked load of the row's tail */
+        int64_t count = row_bytes - k0;
+        __mmask64 mask = count >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << count) - 1);
+        return _mm512_maskz_loadu_epi8(mask, row + k0);
+    }
     if (bits == 4) {
         int64_t first = k0 / 2, count = row_bytes - first;
         __mmask32 mask = count >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << count) - 1);
@@ -303,7 +308,7 @@ static void *run_gemm_thread(void *job) {
     return NULL;
 }
 
-/* y = the epilogue of a @ w^T; see the top of the file. K must be a multiple of 4, bits 4 or 2.
+/* y = the epilogue of a @ w^T; see the top of the file. K must be a multiple of 4, bits 8, 4 or 2.
  * `convolution`: NULL where a is an [M, K] matrix (row stride lda); else {channels, out_h, out_w, in_h,
  * in_w, kernel_w, stride_h, stride_w} of a convolution whose padded channels-last input codes a holds
  * (channels a multiple of 4, M = batch * out_h * out_w, K = kernel_h * kernel_w * channels), read in

@@ -147,8 +147,9 @@ class QuantizedLayer(nn.Module):
       bias         the original bias (pipeline dtype), if any
       bos_output   [N] the stored output row of token 0 (BOS mode "cached")
 
-    On an x86 CPU an 8-bit layer holds its weights once, in the oneDNN kernels' layout (see
-    hold_kernel_layouts): `qweight_{p}` is then rebuilt from that layout on demand.
+    On an x86 CPU an 8-bit layer that runs on oneDNN holds its weights once, in the oneDNN kernels' layout
+    (see hold_kernel_layouts): `qweight_{p}` is then rebuilt from that layout on demand. One that runs on
+    mixq's fused GEMM (kernels/onednn.py, INT8_GEMM_CHOICES) keeps its plain buffer alone.
     """
 
     def __init__(self, out_features, in_features, w_bits, a_bits, kernel_size=(1, 1), split_at=None,
@@ -344,13 +345,15 @@ class QuantizedLayer(nn.Module):
 
     def hold_kernel_layouts(self) -> bool:
         """Keep 8-bit integer weights only in oneDNN's layout, where that layout can be built here (an x86
-        CPU with oneDNN, the weights on the CPU); True when the layer now holds them so."""
+        CPU with oneDNN, the weights on the CPU) and oneDNN runs them; True when the layer now holds them so."""
         if self._kernel_layouts:
             return True
         plain = [self._buffers.get(f"qweight_{p}") for p in range(len(self.part_sizes))]
         if (self.w_bits != 8 or self.a_bits == FLOAT_BITS or any(q is None or q.device.type != "cpu" for q in plain)
                 or onednn.unavailable_reason() is not None):
             return False
+        if all(onednn.fused_gemm_runs(self.part_geometry(p)["in_channels"], 8, self.kind) for p in range(len(plain))):
+            return False  # mixq's fused GEMM runs them from the plain buffer: already one copy
         for p, qweight in enumerate(plain):
             self._kernel_layouts[f"qweight_{p}"] = onednn.weight_layout(qweight, self.w_scale, **self.part_geometry(p))
         for name in self._kernel_layouts:

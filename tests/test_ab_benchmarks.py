@@ -71,17 +71,19 @@ def test_unet_speed_ab_pairs_every_setting_with_bf16(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(shrink_unet_config(SDXL_UNET_STRUCTURE)))
     assert unet_speed_ab.main(["--unet-config", str(config), "--latents", "8", "--rounds", "2",
-                               "--unpacked-arms"]) == 0
+                               "--unpacked-arms", "--int8-gemm-arms"]) == 0
     out = capsys.readouterr().out
     ratio = r"\(\d+\.\d\dx bf16 \[\d+\.\d\d, \d+\.\d\d\]\)"
     assert re.search(rf"^8x8 latents, 2 alternating rounds: bf16 [\d.]+ s; W8A8 [\d.]+ s {ratio}; W4A8 [\d.]+ s "
-                     rf"{ratio}; 4-bit plan [\d.]+ s {ratio}; W4A8, unpacked per call [\d.]+ s {ratio}; 4-bit plan, "
-                     rf"unpacked per call [\d.]+ s {ratio}; load average", out, flags=re.M)
+                     rf"{ratio}; 4-bit plan [\d.]+ s {ratio}; W8A8, every layer on oneDNN [\d.]+ s {ratio}; W8A8, "
+                     rf"every layer on fused GEMM [\d.]+ s {ratio}; W4A8, unpacked per call [\d.]+ s {ratio}; 4-bit "
+                     rf"plan, unpacked per call [\d.]+ s {ratio}; load average", out, flags=re.M)
 
 
-def test_packed_gemm_layers_times_four_arms_of_a_layer(capsys):
-    assert packed_gemm_layers.main(["--shapes", "1", "--rounds", "1"]) == 0
+def test_packed_gemm_layers_times_five_arms_of_a_layer(capsys):
+    assert packed_gemm_layers.main(["--shapes", "1", "--rounds", "1", "--latents", "32"]) == 0
     out = capsys.readouterr().out
     number = r"[\d.]+"
-    assert re.search(rf"^\| attention projection 1280, 16x16 tokens \| {number} \| {number} \| {number} \| "
-                     rf"{number} \| {number}x \[{number}, {number}\] \|$", out, flags=re.M)
+    ratio = rf"{number}x \[{number}, {number}\]"
+    assert re.search(rf"^\| attention projection 1280, 64 rows \| {number} \| {number} \| {number} \| {number} \| "
+                     rf"{number} \| {ratio} \| {ratio} \|$", out, flags=re.M)

@@ -56,9 +56,11 @@ def test_compiles_layers_built_by_load_quantized_and_the_diffusers_backend(_tiny
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compiles_layers_holding_their_weights_in_onednn_layout(dtype):
+def test_compiles_layers_holding_their_weights_in_onednn_layout(dtype, monkeypatch):
     """Prepared 8-bit layers hand the ops their held oneDNN layout (no plain buffer) inside the graph too."""
     from mixq.kernels import dispatch
+
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "onednn")  # (convolutions may run on the fused GEMM by default)
 
     model = SmallQuantizedModel(dtype)
     for layer in model.modules():

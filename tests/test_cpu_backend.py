@@ -199,6 +199,13 @@ def test_layouts_go_with_their_layer():
 # --- 8-bit weights held once, in oneDNN's layout -------------------------------------------------
 
 
+@pytest.fixture
+def int8_on_onednn(monkeypatch):
+    """8-bit weights on oneDNN's kernels, whatever the CPU (by default convolutions run on the fused GEMM
+    where there is no AMX; tests/test_packed_gemm.py)."""
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "onednn")
+
+
 def held_layers(dtype=torch.float32):
     """A prepared 8-bit linear, convolution and split convolution, with inputs, and unprepared twins."""
     torch.manual_seed(0)
@@ -222,6 +229,7 @@ def int8_weight_bytes(layer) -> int:
     return sum(layer.out_features * layer.kernel_size[0] * layer.kernel_size[1] * size for size in layer.part_sizes)
 
 
+@pytest.mark.usefixtures("int8_on_onednn")
 @pytest.mark.parametrize("case", ("linear", "conv", "split"))
 def test_8_bit_weights_are_held_once(case):
     from benchmarks.measure import module_bytes
@@ -241,6 +249,7 @@ def test_8_bit_weights_are_held_once(case):
     assert torch.equal(held(x), plain(x))  # the same oneDNN kernels, on the same layout
 
 
+@pytest.mark.usefixtures("int8_on_onednn")
 @pytest.mark.parametrize("case", ("linear", "conv", "split"))
 def test_held_weights_follow_loads_copies_and_moves(case, tmp_path):
     import copy
@@ -264,6 +273,7 @@ def test_held_weights_follow_loads_copies_and_moves(case, tmp_path):
     assert held._kernel_layouts == {} and held.qweight_0.is_meta and held.qweight_0.shape == moved.qweight_0.shape
 
 
+@pytest.mark.usefixtures("int8_on_onednn")
 @pytest.mark.parametrize("case", ("linear", "conv", "split"))
 def test_held_weights_serve_the_reference_backend_exactly(case, monkeypatch):
     held, plain, x = held_layers()[case]
@@ -271,6 +281,7 @@ def test_held_weights_serve_the_reference_backend_exactly(case, monkeypatch):
     assert torch.equal(held(x), plain(x))
 
 
+@pytest.mark.usefixtures("int8_on_onednn")
 def test_requantizing_a_held_layer_lays_out_the_new_weights():
     held, plain, x = held_layers()["linear"]
     weight = torch.randn(24, 32)

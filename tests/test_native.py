@@ -117,6 +117,7 @@ def conv_and_linear_layers(w_bits, dtype):
 def test_layers_give_the_same_outputs_with_and_without_it(w_bits, dtype, channels_last, monkeypatch):
     """The same codes reach the same kernels: outputs bit for bit, NaN where the torch path puts it, in
     the input's memory format."""
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "onednn")  # (without the native library the fused GEMM cannot run)
     conv, linear = conv_and_linear_layers(w_bits, dtype)
     x = tie_activations((2, 40, 9, 11), dtype)
     x.view(-1)[123] = float("nan")

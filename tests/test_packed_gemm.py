@@ -1,7 +1,8 @@
-"""The fused GEMM of packed 4/2-bit weights (kernels/packed_gemm.c) against the exact torch reference: bit
-for bit through the CPU backend's entry points, on shapes that reach every tail (rows past a 6-row tile,
-columns past a 64-column block, two k blocks, k blocks that end inside a convolution's tap), with the
-fallbacks where it cannot run."""
+"""The fused GEMM of packed 4/2-bit weights, and of 8-bit ones where it serves them (kernels/packed_gemm.c),
+against the exact torch reference: bit for bit through the CPU backend's entry points, on shapes that
+reach every tail (rows past a 6-row tile, columns past a 64-column block, two k blocks, k blocks that end
+inside a convolution's tap), with the fallbacks where it cannot run, and the choice of GEMM for 8-bit
+weights (MIXQ_INT8_GEMM)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,14 @@ def fused_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def int8_on_fused_gemm(monkeypatch):
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "mixq")
+
+
 @needs_fused_gemm
-@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (2, 8), (4, 4)])
+@pytest.mark.usefixtures("int8_on_fused_gemm")
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (2, 8), (4, 4)])
 @pytest.mark.parametrize("m,k,n", [(1, 4, 3), (6, 64, 64), (13, 136, 70), (50, 2048 + 132, 130), (7, 4100, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_linear_is_the_reference_bit_for_bit(w_bits, a_bits, m, k, n, dtype, fused_calls):
@@ -61,7 +68,8 @@ def test_fused_linear_without_bias_accumulates_exactly(fused_calls):
 
 
 @needs_fused_gemm
-@pytest.mark.parametrize("w_bits", [4, 2])
+@pytest.mark.usefixtures("int8_on_fused_gemm")
+@pytest.mark.parametrize("w_bits", [8, 4, 2])
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)),
                                                    ((1, 1), (1, 1), (0, 0))])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -78,11 +86,13 @@ def test_fused_conv_is_the_reference_bit_for_bit(w_bits, kernel, stride, padding
 
 
 @needs_fused_gemm
+@pytest.mark.usefixtures("int8_on_fused_gemm")
 @pytest.mark.parametrize("channels", [1000, 2400])  # k blocks of 2048 end inside a tap; a tap wider than a block
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
-def test_fused_conv_with_k_blocks_across_taps(channels, stride, fused_calls):
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_fused_conv_with_k_blocks_across_taps(channels, stride, w_bits, fused_calls):
     x = activations((2, channels, 5, 4), torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    layer = conv_layer(channels, 24, (3, 3), x, 4, 8, torch.bfloat16)
+    layer = conv_layer(channels, 24, (3, 3), x, w_bits, 8, torch.bfloat16)
     geometry = dict(kernel_size=(3, 3), stride=stride, padding=(1, 1))
     y = onednn.quantized_conv2d(x, **layer, **geometry)
     assert fused_calls == [1] and torch.equal(y, reference.quantized_conv2d(x, **layer, **geometry))
@@ -152,3 +162,55 @@ def test_the_report_runs_weights_as_served_where_the_fused_gemm_runs(monkeypatch
     monkeypatch.setenv("MIXQ_PACKED_GEMM", "0")  # no fused GEMM: unpacked once to int8, not per call
     assert content_cpu_weights() == "int8"
     assert set(WEIGHT_MODE_SENTENCES) == {"packed", "int8"}
+
+
+# --- which GEMM runs 8-bit weights ---------------------------------------------------------------
+
+
+@needs_fused_gemm
+@pytest.mark.parametrize("amx", [False, True])
+def test_8_bit_convolutions_run_fused_and_linear_layers_on_onednn_by_default(amx, monkeypatch, fused_calls):
+    """MIXQ_INT8_GEMM unset: convolutions on the fused GEMM (bit for bit the reference), linear layers on
+    oneDNN; everything on oneDNN where the CPU has AMX."""
+    monkeypatch.delenv("MIXQ_INT8_GEMM", raising=False)
+    monkeypatch.setattr(onednn, "cpu_has_amx", lambda: amx)
+    x = activations((2, 20, 9, 7), torch.float32)
+    conv = conv_layer(20, 24, (3, 3), x, 8, 8, torch.float32)
+    geometry = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    y = onednn.quantized_conv2d(x, **conv, **geometry)
+    assert fused_calls == ([] if amx else [1])
+    expected = reference.quantized_conv2d(x, **conv, **geometry)
+    assert torch.equal(y, expected) if not amx else torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
+    tokens = activations((9, 64), torch.float32)
+    onednn.quantized_linear(tokens, **integer_layer(torch.randn(24, 64), tokens, 8, 8, torch.float32))
+    assert fused_calls == ([] if amx else [1])  # the linear layer went to oneDNN
+
+
+@needs_fused_gemm
+def test_an_8_bit_convolution_on_the_fused_gemm_holds_its_plain_buffer_alone(monkeypatch):
+    """Prepared for the fused GEMM, an 8-bit convolution keeps no oneDNN layout (held or beside it): its bytes
+    are its int8 weights plus scales, and its output the reference's."""
+    from torch import nn
+
+    from mixq.kernels import dispatch
+    from mixq.modules import QConv2d
+
+    monkeypatch.delenv("MIXQ_INT8_GEMM", raising=False)
+    monkeypatch.setattr(onednn, "cpu_has_amx", lambda: False)
+    layer = QConv2d.from_float(nn.Conv2d(32, 48, 3, padding=1), 8, 8, lows=(-3.0,), highs=(3.0,))
+    before = len(onednn.packed_weights)
+    dispatch.prepare_layer(layer)
+    x = activations((2, 32, 6, 5), torch.float32)
+    y = layer(x)
+    assert layer._kernel_layouts == {} and layer._buffers["qweight_0"].dtype == torch.int8
+    assert len(onednn.packed_weights) == before  # no layout built beside the buffer either
+    assert layer.state_bytes() < 48 * 32 * 9 + 4096
+    monkeypatch.setenv("MIXQ_BACKEND", "torch")
+    assert torch.equal(y, layer(x))
+
+
+def test_a_wrong_int8_gemm_choice_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "amx")
+    x = activations((3, 8), torch.float32)
+    with pytest.raises(ValueError, match="MIXQ_INT8_GEMM='amx' is not one of .*mixq.*onednn"):
+        onednn.quantized_linear(x, **integer_layer(torch.randn(4, 8), x, 8, 8, torch.float32))
