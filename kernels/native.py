@@ -255,7 +255,7 @@ def _packed_gemm_self_check(fn) -> str | None:
     padded = torch.randint(0, 256, (2, 7, 6, 8), dtype=torch.uint8, generator=g)  # a 3x3 convolution, stride (2, 1)
     columns = padded.unfold(1, 3, 2).unfold(2, 3, 1).permute(0, 1, 2, 4, 5, 3).reshape(-1, 72)
     cases = [(torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g), None),
-             (columns, (72, 8, 3, 4, 7, 6, 3, 2, 1))]
+             (columns, (72, conv_geometry(padded.shape, (3, 3), (2, 1))))]
     for codes, convolution in cases:
         for bits in (8, 4, 2):
             low = -(2 ** (bits - 1))
@@ -278,11 +278,12 @@ def _packed_gemm_self_check(fn) -> str | None:
 
 def _call_packed_gemm(fn, codes, packed, bits, w_sum, x_scale: float, zero: int, w_scale, bias, out,
                       convolution: tuple | None = None) -> int:
-    """The native call; codes [M, K] rows contiguous, or with `convolution` (see packed_conv) the padded input."""
+    """The native call; codes [M, K] rows contiguous, or with `convolution` = (K, conv_geometry(...)) the padded
+    input (see packed_conv)."""
     scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.float()  # the reference's float32 product
     bias = None if bias is None else bias.float().contiguous()
-    geometry = None if convolution is None else (ctypes.c_int64 * 8)(*convolution[1:])
-    m, k = out.shape[0], convolution[0] if convolution else codes.shape[1]
+    k, geometry = convolution if convolution else (codes.shape[1], None)
+    m = out.shape[0]
     return fn(codes.data_ptr(), codes.stride(0), geometry, packed.data_ptr(),
               packed.stride(0), bits, m, packed.shape[0], k, zero, w_sum.data_ptr(), scale.data_ptr(),
               None if bias is None else bias.data_ptr(), out.data_ptr(), OUTPUT_DTYPES[out.dtype], out.stride(0),
@@ -317,9 +318,17 @@ def packed_conv(padded: torch.Tensor, kernel_size, stride, packed: torch.Tensor,
         return None
     (kh, kw), (sh, sw) = kernel_size, stride
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    convolution = (kh * kw * c, c, ho, wo, hp, wp, kw, sh, sw)
     out = torch.empty(b * ho * wo, packed.shape[0], dtype=out_dtype)
-    return _run(fn, padded, packed, bits, w_sum, x_scale, zero, w_scale, bias, out, convolution)
+    return _run(fn, padded, packed, bits, w_sum, x_scale, zero, w_scale, bias, out,
+                (kh * kw * c, conv_geometry(padded.shape, kernel_size, stride)))
+
+
+def conv_geometry(padded_shape, kernel_size, stride):
+    """What mixq_packed_gemm reads a convolution by: {channels, out_h, out_w, in_h, in_w, kernel_w, stride_h,
+    stride_w} of its padded channels-last input codes [B, Hp, Wp, C], as a ctypes int64 array."""
+    _, hp, wp, c = padded_shape
+    (kh, kw), (sh, sw) = kernel_size, stride
+    return (ctypes.c_int64 * 8)(c, (hp - kh) // sh + 1, (wp - kw) // sw + 1, hp, wp, kw, sh, sw)
 
 
 def _run(fn, codes, packed, bits, w_sum, x_scale, zero, w_scale, bias, out, convolution=None) -> torch.Tensor:

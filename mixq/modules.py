@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixq.kernels import dispatch, onednn
+from mixq.kernels import dispatch, onednn, prepared_calls
+from mixq.kernels.reference import is_channels_last
 from mixq.quantizers import (
     FLOAT_BITS,
     activation_qparams,
@@ -288,6 +289,26 @@ class QuantizedLayer(nn.Module):
             start += size
         return y
 
+    def fused_calls(self, x: torch.Tensor) -> list | None:
+        """This layer's eager CPU calls of the fused GEMM, one per input part (kernels/prepared_calls.py),
+        prepared on first use and again whenever a buffer or a kernel switch changed; None where the general
+        path runs x (another backend or kernel, a compiled graph, a held oneDNN layout)."""
+        if self._kernel_layouts or not prepared_calls.usable(x):
+            return None
+        b, parts = self._buffers, range(len(self.part_sizes))
+        weights, sums = [b[f"qweight_{p}"] for p in parts], [b[f"w_sum_{p}"] for p in parts]
+        stamp = (prepared_calls.switches(), prepared_calls.buffer_stamp(
+            *weights, *sums, b["w_scale"], b["x_scale"], b["x_zero"], b["bias"]))
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0] != stamp:
+            calls = [prepared_calls.prepare(
+                weights[p], self.w_bits, b["w_scale"], sums[p], b["x_scale"][p], b["x_zero"][p], self.a_bits,
+                b["bias"] if p == 0 else None, self.kind, self.in_features if self.kind == "linear" else size)
+                for p, size in enumerate(self.part_sizes)]
+            cached = (stamp, None if None in calls else calls)
+            self.__dict__["_prepared"] = cached
+        return cached[1]
+
     @staticmethod
     def input_found_finite(x: torch.Tensor) -> bool | None:
         """Whether x is all finite, as the native activation quantization found in the kernel calls of
@@ -415,6 +436,7 @@ class QuantizedLayer(nn.Module):
 
     def __getstate__(self):  # pickle and deepcopy: the plain buffers, laid out again on restore
         state = super().__getstate__()
+        state.pop("_prepared", None)  # (native function pointers: prepared again on first use)
         if self._kernel_layouts:
             state["_buffers"] = OrderedDict(
                 (name, self._plain_codes(name) if name in self._kernel_layouts else tensor)
@@ -495,6 +517,11 @@ class QLinear(QuantizedLayer):
             return F.linear(x, self.float_weight(x.dtype), self.bias)
         if self.w_bits == FLOAT_BITS:
             return propagate_non_finite(x, F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias))
+        calls = self.fused_calls(x)
+        fused = calls and prepared_calls.linear(calls[0], x.reshape(-1, self.in_features))
+        if fused:
+            y, finite = fused
+            return propagate_non_finite(x, y.reshape(*x.shape[:-1], self.out_features), known_finite=finite)
         y = self._integer_parts(
             x.reshape(-1, self.in_features),
             lambda xp, qw, ws, xs, xz, b, key: dispatch.quantized_linear(
@@ -542,14 +569,23 @@ class QConv2d(QuantizedLayer):
             y = F.conv2d(self._fake_quantized_input(x, 1), self.float_weight(x.dtype), self.bias, self.stride,
                          self.padding)
         else:
-            y = self._integer_parts(
-                x,
-                lambda xp, qw, ws, xs, xz, b, key: dispatch.quantized_conv2d(
-                    xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
-                    self.kernel_size, self.stride, self.padding, input_key=key,
-                ),
-            )
-            known_finite = self.input_found_finite(x)
+            calls = self.fused_calls(x)
+            fused = calls and prepared_calls.conv2d(calls, x, self.part_sizes, self.kernel_size, self.stride,
+                                                    self.padding)
+            if fused:
+                y, known_finite = fused
+                # The memory format the general path gives: its parts' (a part of a channels-last x is not
+                # channels-last dense, so a split convolution's output comes contiguous), as torch's convs.
+                y = y if len(calls) == 1 and is_channels_last(x) else y.contiguous()
+            else:
+                y = self._integer_parts(
+                    x,
+                    lambda xp, qw, ws, xs, xz, b, key: dispatch.quantized_conv2d(
+                        xp, qw, self.w_bits, self.w_scale, ws, xs, xz, self.a_bits, b,
+                        self.kernel_size, self.stride, self.padding, input_key=key,
+                    ),
+                )
+                known_finite = self.input_found_finite(x)
         return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding), known_finite)
 
 
