@@ -442,11 +442,14 @@ def epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype):
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-# Which GEMM runs 8-bit weights (MIXQ_INT8_GEMM): "auto" puts convolutions on mixq's fused GEMM, which reads
-# the plain buffer (no reordered copy) and the padded codes in place, and linear layers on oneDNN, whose
-# kernels were the faster of the two for them on a VNNI-only EPYC (convolutions 1.1-1.8x faster fused,
-# linear layers 1.05-1.35x slower: benchmarks/results/cpu-int8-gemm-2026-12-07.md); where the CPU has
-# AMX, everything stays on oneDNN (its int8 tiles; the fused GEMM has VNNI dot products only).
+# Which GEMM runs 8-bit weights (MIXQ_INT8_GEMM): "auto" puts convolutions and small linear layers on
+# mixq's fused GEMM, which reads the plain buffer (no reordered copy) and a convolution's padded codes in
+# place, and larger linear layers on oneDNN, whose kernels were the faster of the two for them; measured
+# on a VNNI-only EPYC (benchmarks/results/cpu-int8-gemm-2026-12-07.md): convolutions 1.1-1.8x faster
+# fused, linear layers of 1280 x 10240 weights 1.1-1.2x slower, while under INT8_FUSED_LINEAR_WEIGHTS
+# weights oneDNN's fixed cost per call (~40 us) made it 1.1-2x slower. Where the CPU has AMX, everything
+# stays on oneDNN (its int8 tiles; the fused GEMM has VNNI dot products only).
+INT8_FUSED_LINEAR_WEIGHTS = 1 << 20
 INT8_GEMM_CHOICES = ("auto", "mixq", "onednn")
 
 
@@ -463,16 +466,17 @@ def cpu_has_amx() -> bool:
     return bool(cpu_features().get("amx_int8"))
 
 
-def fused_gemm_runs(k: int, w_bits: int = 4, kind: str = "linear") -> bool:
+def fused_gemm_runs(k: int, w_bits: int = 4, kind: str = "linear", n: int | None = None) -> bool:
     """Whether a `kind` layer ("linear" / "conv2d") of `w_bits` weights with K = k (a convolution: its input
-    channels) runs on the fused GEMM here (native.packed_gemm): AVX512-VNNI, the native library built, K a
-    multiple of 4, and for 8-bit weights MIXQ_INT8_GEMM's choice (above); else 4/2-bit weights are
-    unpacked per call and 8-bit ones run on oneDNN (below)."""
+    channels) and N = n outputs runs on the fused GEMM here (native.packed_gemm): AVX512-VNNI, the native
+    library built, K a multiple of 4, and for 8-bit weights MIXQ_INT8_GEMM's choice (above; an unknown n
+    counts as large); else 4/2-bit weights are unpacked per call and 8-bit ones run on oneDNN (below)."""
     if k % 4:
         return False
     if w_bits == 8:
         choice = int8_gemm_choice()
-        if choice == "onednn" or (choice == "auto" and (kind == "linear" or cpu_has_amx())):
+        small_linear = n is not None and n * k <= INT8_FUSED_LINEAR_WEIGHTS
+        if choice == "onednn" or (choice == "auto" and (cpu_has_amx() or (kind == "linear" and not small_linear))):
             return False
     return native.packed_gemm_function() is not None
 
@@ -510,7 +514,7 @@ def held_or_built_layout(qweight, w_scale, build):
 
 
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
-    if not qweight.is_mkldnn and fused_gemm_runs(x.shape[-1], w_bits):
+    if not qweight.is_mkldnn and fused_gemm_runs(x.shape[-1], w_bits, "linear", qweight.shape[0]):
         codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
         return fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
     prepared = held_or_built_layout(qweight, w_scale, lambda: linear_layout(
@@ -622,7 +626,7 @@ def prepare(qweight, w_bits, w_scale, kind, in_channels=None, kernel_size=None, 
     8-bit weight, and 4/2-bit ones in the "int8" CPU weight mode. `in_channels`: K of a linear layer."""
     if (w_bits != 8 and cpu_weights != "int8") or unavailable_reason() is not None:
         return
-    if w_bits == 8 and fused_gemm_runs(in_channels, 8, kind):  # (the fused GEMM reads the plain buffer)
+    if w_bits == 8 and fused_gemm_runs(in_channels, 8, kind, qweight.shape[0]):  # (it reads the plain buffer)
         return
     if kind == "linear":
         linear_layout(qweight, w_bits, in_channels)

@@ -1,19 +1,19 @@
-"""Eager CPU calls of the fused GEMM, prepared once per layer.
+"""Eager CPU calls of quantized layers, prepared once per layer.
 
 Through the backend-neutral interface (dispatch -> onednn), every call of a quantized layer works out again
 what does not change between calls: the activation scale and zero point as numbers (.item()), the float32
-product x_scale * w_scale and the bias in float32, the environment switches and layout lookups that pick
-the kernel, the per-part views of the scales. In Python frames and small torch ops that cost about 100 us
-per call on a 2-core EPYC, more than the GEMM of a small layer. A PreparedCall holds all of it; a call is
-then the native activation quantization, the native GEMM and a few checks
-(benchmarks/results/cpu-prepared-calls-2026-12-07.md).
+product x_scale * w_scale and the bias in the kernel's dtype, the environment switches and layout lookups
+that pick the kernel, the per-part views of the scales. In Python frames and small torch ops that cost
+about 100 us per call on a 2-core EPYC, more than the GEMM of a small layer. A PreparedCall holds all of
+it; a call is then the native activation quantization, one kernel call (mixq's fused GEMM or oneDNN's
+int8 op) and a few checks (benchmarks/results/cpu-prepared-calls-2026-12-07.md).
 
-It runs only where the general path would run the fused GEMM (kernels/onednn.py: the onednn backend, the
-native library, AVX512-VNNI, K a multiple of 4, MIXQ_INT8_GEMM's choice for 8-bit weights), on float32 or
-bfloat16 inputs, outside torch.compile; everything else takes the general path, which gives the same
-outputs bit for bit (both are the reference's). A prepared call stays valid while the layer's buffers
-are the same tensors with the same version counters (load_state_dict, .to() and in-place writes void
-it) and the switches read the same.
+It runs where the general path (kernels/onednn.py) would run one of those two kernels: the onednn backend
+with the native library, on float32 or bfloat16 inputs, outside torch.compile; everything else (4/2-bit
+weights where the fused GEMM cannot run, another backend, a compiled graph) takes the general path. Both
+paths call the same kernels with the same arguments, so their outputs are the same bit for bit. A
+prepared call stays valid while the layer's buffers are the same tensors with the same version counters
+(load_state_dict, .to() and in-place writes void it) and the switches read the same.
 """
 
 from __future__ import annotations
@@ -27,25 +27,28 @@ from mixq.quantizers import activation_qrange
 
 from . import native, onednn
 
-SWITCHES = ("MIXQ_BACKEND", "MIXQ_NATIVE", "MIXQ_PACKED_GEMM", "MIXQ_INT8_GEMM")
+SWITCHES = ("MIXQ_BACKEND", "MIXQ_NATIVE", "MIXQ_PACKED_GEMM", "MIXQ_INT8_GEMM")  # (what picks the kernel)
 
 
 @dataclass(frozen=True)
 class PreparedCall:
-    """One input part of a layer, ready for the native calls."""
+    """One input part of a layer, ready for the native quantization and its kernel."""
 
-    gemm: object  # native mixq_packed_gemm
-    qweight: torch.Tensor  # the packed (or plain 8-bit) buffer, [N, bytes per row]
+    fused: bool  # mixq's fused GEMM; else oneDNN's int8 op
+    weight: torch.Tensor  # fused: the packed (or plain 8-bit) buffer [N, bytes per row]; else oneDNN's layout
     bits: int
     n: int
     k: int  # a linear layer's K; a convolution's input channels of this part
-    scale: torch.Tensor  # float32 x_scale * w_scale[n], the reference's product
-    bias: torch.Tensor | None  # float32, on part 0 only
-    w_sum: torch.Tensor  # int32
+    bias: torch.Tensor | None  # fused: float32; oneDNN: the layer's (on part 0 only)
     x_scale: float
     shift: float  # x_zero + 128: unsigned codes
     low: int
     high: int
+    gemm: object = None  # fused: native mixq_packed_gemm
+    scale: torch.Tensor | None = None  # fused: float32 x_scale * w_scale[n], the reference's product
+    w_sum: torch.Tensor | None = None  # fused: int32
+    w_scale: torch.Tensor | None = None  # oneDNN
+    w_zero: torch.Tensor | None = None  # oneDNN
 
 
 def switches() -> tuple:
@@ -53,38 +56,53 @@ def switches() -> tuple:
 
 
 def buffer_stamp(*tensors) -> tuple:
-    """What a prepared call was made from: the tensors' storage and versions (None where absent)."""
-    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+    """What a prepared call was made from: the tensors' storage and versions (a held oneDNN layout, which is
+    replaced rather than written: its identity; None where absent)."""
+    return tuple(None if t is None else ("layout", id(t)) if t.is_mkldnn else (t.data_ptr(), t._version)
+                 for t in tensors)
 
 
 def usable(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in native.OUTPUT_DTYPES and not torch.compiler.is_compiling()
+    """Whether x can take a prepared call; MIXQ_PREPARED_CALLS=0 sends every call the general way (A/B runs)."""
+    return (x.device.type == "cpu" and x.dtype in native.OUTPUT_DTYPES and not torch.compiler.is_compiling()
+            and native.switched_on("MIXQ_PREPARED_CALLS"))
 
 
-def prepare(qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kind, k) -> PreparedCall | None:
-    """The prepared call of one input part, or None where the general path must run it."""
+def prepare(weight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kind, k,
+            geometry: dict) -> PreparedCall | None:
+    """The prepared call of one input part (weight: the layer's kernel_weight, a packed buffer or a held
+    oneDNN layout; geometry: QuantizedLayer.part_geometry), or None where the general path must run it."""
     from .dispatch import selected_backend
 
-    if qweight.is_mkldnn or selected_backend(qweight) != "onednn" or not onednn.fused_gemm_runs(k, w_bits, kind):
-        return None
-    gemm = native.packed_gemm_function()
-    if gemm is None or native.library() is None:
+    if selected_backend(w_scale) != "onednn" or native.library() is None:
         return None
     x_scale_value = float(x_scale)
     qmin, qmax = activation_qrange(a_bits)
     offset = onednn.UNSIGNED_OFFSET
-    return PreparedCall(
-        gemm=gemm, qweight=qweight.contiguous(), bits=w_bits, n=qweight.shape[0], k=k,
-        scale=torch.tensor(x_scale_value, dtype=torch.float32) * w_scale.float(),
-        bias=None if bias is None else bias.float().contiguous(), w_sum=w_sum.to(torch.int32).contiguous(),
-        x_scale=x_scale_value, shift=float(x_zero) + offset, low=qmin + offset, high=qmax + offset)
+    numbers = dict(bits=w_bits, n=w_scale.shape[0], k=k, x_scale=x_scale_value, shift=float(x_zero) + offset,
+                   low=qmin + offset, high=qmax + offset)
+    if not weight.is_mkldnn and onednn.fused_gemm_runs(k, w_bits, kind, w_scale.shape[0]):
+        return PreparedCall(
+            fused=True, weight=weight.contiguous(), gemm=native.packed_gemm_function(),
+            scale=torch.tensor(x_scale_value, dtype=torch.float32) * w_scale.float(),
+            bias=None if bias is None else bias.float().contiguous(), w_sum=w_sum.to(torch.int32).contiguous(),
+            **numbers)
+    if kind == "linear":
+        build = lambda: onednn.linear_layout(weight, w_bits, k, only_if_prepared=w_bits != 8)  # noqa: E731
+    else:
+        build = lambda: onednn.conv_layout(weight, w_scale, k, geometry["kernel_size"], geometry["stride"],  # noqa: E731
+                                           geometry["padding"], w_bits, only_if_prepared=w_bits != 8)
+    layout = onednn.held_or_built_layout(weight, w_scale, build)
+    if layout is None:  # a 4/2-bit weight kept packed, without the fused GEMM: unpacked per call
+        return None
+    return PreparedCall(fused=False, weight=layout[0], w_zero=layout[1], w_scale=w_scale, bias=bias, **numbers)
 
 
 def run_gemm(call: PreparedCall, codes: torch.Tensor, lda: int, m: int, k: int, out: torch.Tensor,
              geometry=None) -> None:
-    """out [M, N] (float32 or bfloat16, rows contiguous) = the layer's epilogue of codes @ w^T; `geometry`: a
-    convolution's (ctypes) geometry, codes then its padded channels-last input read in place."""
-    failed = call.gemm(codes.data_ptr(), lda, geometry, call.qweight.data_ptr(), call.qweight.stride(0), call.bits,
+    """out [M, N] (float32 or bfloat16, rows contiguous) = the layer's epilogue of codes @ w^T on the fused
+    GEMM; `geometry`: a convolution's (ctypes) geometry, codes then its padded channels-last input."""
+    failed = call.gemm(codes.data_ptr(), lda, geometry, call.weight.data_ptr(), call.weight.stride(0), call.bits,
                        m, call.n, k, int(call.shift), call.w_sum.data_ptr(), call.scale.data_ptr(),
                        None if call.bias is None else call.bias.data_ptr(), out.data_ptr(),
                        native.OUTPUT_DTYPES[out.dtype], out.stride(0), torch.get_num_threads())
@@ -105,6 +123,11 @@ def linear(call: PreparedCall, x: torch.Tensor) -> tuple[torch.Tensor, bool] | N
     m = x.shape[0]
     codes = onednn.codes_scratch(x.numel(), torch.uint8)
     finite = quantize(call, x, codes)
+    if not call.fused:
+        y = torch.ops.onednn.qlinear_pointwise.default(
+            codes.view(m, call.k), call.x_scale, int(call.shift), call.weight, call.w_scale, call.w_zero,
+            onednn.onednn_bias(call.bias, x.dtype), 1.0, 0, x.dtype, "none", [], "")
+        return y, finite
     out = torch.empty(m, call.n, dtype=x.dtype)
     run_gemm(call, codes, call.k, m, call.k, out)
     return out, finite
@@ -112,8 +135,9 @@ def linear(call: PreparedCall, x: torch.Tensor) -> tuple[torch.Tensor, bool] | N
 
 def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, stride,
            padding) -> tuple[torch.Tensor, bool] | None:
-    """(y [B, N, Ho, Wo] channels-last in memory, whether x was all finite) for a dense x [B, C, H, W] split
-    into `part_sizes` channels (one call each, summed); None where x is neither NCHW nor channels-last dense."""
+    """(y [B, N, Ho, Wo], channels-last in memory, whether x was all finite) for a dense x [B, C, H, W] split
+    into `part_sizes` channels (one kernel call each, summed as the general path sums them); None where x is
+    neither NCHW nor channels-last dense."""
     nchw = onednn.is_nchw(x)
     if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
         return None
@@ -135,6 +159,14 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
             source = part_codes.view(b, h, w, size)
         else:
             source = codes
+        if not call.fused:
+            part_y = torch.ops.onednn.qconv2d_pointwise.default(
+                source.permute(0, 3, 1, 2), call.x_scale, int(call.shift), call.weight, call.w_scale, call.w_zero,
+                onednn.onednn_bias(call.bias, x.dtype), list(stride), list(padding), [1, 1], 1, 1.0, 0, x.dtype, "none",
+                [], None)
+            y = part_y if y is None else y.add_(part_y)
+            start += size
+            continue
         out = torch.empty(b * ho * wo, call.n, dtype=x.dtype)
         if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
             run_gemm(call, source, size, b * h * w, size, out)
@@ -142,6 +174,7 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
             padded = onednn.padded_codes(source.permute(0, 3, 1, 2), int(call.shift), padding)
             run_gemm(call, padded, 0, b * ho * wo, kh * kw * size, out, native.conv_geometry(padded.shape, kernel_size,
                                                                                              stride))
+        out = out.view(b, ho, wo, -1).permute(0, 3, 1, 2)
         y = out if y is None else y.add_(out)
         start += size
-    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2), finite
+    return y, finite

@@ -289,22 +289,22 @@ class QuantizedLayer(nn.Module):
             start += size
         return y
 
-    def fused_calls(self, x: torch.Tensor) -> list | None:
-        """This layer's eager CPU calls of the fused GEMM, one per input part (kernels/prepared_calls.py),
-        prepared on first use and again whenever a buffer or a kernel switch changed; None where the general
-        path runs x (another backend or kernel, a compiled graph, a held oneDNN layout)."""
-        if self._kernel_layouts or not prepared_calls.usable(x):
+    def cpu_calls(self, x: torch.Tensor) -> list | None:
+        """This layer's eager CPU kernel calls, one per input part (kernels/prepared_calls.py), prepared on
+        first use and again whenever a buffer or a kernel switch changed; None where the general path runs x
+        (another backend, a compiled graph, 4/2-bit weights unpacked per call)."""
+        if not prepared_calls.usable(x):
             return None
         b, parts = self._buffers, range(len(self.part_sizes))
-        weights, sums = [b[f"qweight_{p}"] for p in parts], [b[f"w_sum_{p}"] for p in parts]
+        weights, sums = [self.kernel_weight(p) for p in parts], [b[f"w_sum_{p}"] for p in parts]
         stamp = (prepared_calls.switches(), prepared_calls.buffer_stamp(
             *weights, *sums, b["w_scale"], b["x_scale"], b["x_zero"], b["bias"]))
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != stamp:
             calls = [prepared_calls.prepare(
                 weights[p], self.w_bits, b["w_scale"], sums[p], b["x_scale"][p], b["x_zero"][p], self.a_bits,
-                b["bias"] if p == 0 else None, self.kind, self.in_features if self.kind == "linear" else size)
-                for p, size in enumerate(self.part_sizes)]
+                b["bias"] if p == 0 else None, self.kind, self.in_features if self.kind == "linear" else size,
+                self.part_geometry(p)) for p, size in enumerate(self.part_sizes)]
             cached = (stamp, None if None in calls else calls)
             self.__dict__["_prepared"] = cached
         return cached[1]
@@ -373,7 +373,8 @@ class QuantizedLayer(nn.Module):
         if (self.w_bits != 8 or self.a_bits == FLOAT_BITS or any(q is None or q.device.type != "cpu" for q in plain)
                 or onednn.unavailable_reason() is not None):
             return False
-        if all(onednn.fused_gemm_runs(self.part_geometry(p)["in_channels"], 8, self.kind) for p in range(len(plain))):
+        if all(onednn.fused_gemm_runs(self.part_geometry(p)["in_channels"], 8, self.kind, self.out_features)
+               for p in range(len(plain))):
             return False  # mixq's fused GEMM runs them from the plain buffer: already one copy
         for p, qweight in enumerate(plain):
             self._kernel_layouts[f"qweight_{p}"] = onednn.weight_layout(qweight, self.w_scale, **self.part_geometry(p))
@@ -517,7 +518,7 @@ class QLinear(QuantizedLayer):
             return F.linear(x, self.float_weight(x.dtype), self.bias)
         if self.w_bits == FLOAT_BITS:
             return propagate_non_finite(x, F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias))
-        calls = self.fused_calls(x)
+        calls = self.cpu_calls(x)
         fused = calls and prepared_calls.linear(calls[0], x.reshape(-1, self.in_features))
         if fused:
             y, finite = fused
@@ -569,7 +570,7 @@ class QConv2d(QuantizedLayer):
             y = F.conv2d(self._fake_quantized_input(x, 1), self.float_weight(x.dtype), self.bias, self.stride,
                          self.padding)
         else:
-            calls = self.fused_calls(x)
+            calls = self.cpu_calls(x)
             fused = calls and prepared_calls.conv2d(calls, x, self.part_sizes, self.kernel_size, self.stride,
                                                     self.padding)
             if fused:

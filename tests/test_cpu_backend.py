@@ -170,6 +170,7 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
 # --- weight layouts ------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("int8_on_onednn")
 def test_weights_are_laid_out_once(monkeypatch):
     monkeypatch.setenv("MIXQ_BACKEND", "onednn")
     calls = []

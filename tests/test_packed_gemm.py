@@ -169,21 +169,24 @@ def test_the_report_runs_weights_as_served_where_the_fused_gemm_runs(monkeypatch
 
 @needs_fused_gemm
 @pytest.mark.parametrize("amx", [False, True])
-def test_8_bit_convolutions_run_fused_and_linear_layers_on_onednn_by_default(amx, monkeypatch, fused_calls):
-    """MIXQ_INT8_GEMM unset: convolutions on the fused GEMM (bit for bit the reference), linear layers on
-    oneDNN; everything on oneDNN where the CPU has AMX."""
+def test_8_bit_convolutions_and_small_linear_layers_run_fused_by_default(amx, monkeypatch, fused_calls):
+    """MIXQ_INT8_GEMM unset: convolutions and linear layers of at most INT8_FUSED_LINEAR_WEIGHTS weights on
+    the fused GEMM (bit for bit the reference), larger linear layers on oneDNN; everything on oneDNN where
+    the CPU has AMX."""
     monkeypatch.delenv("MIXQ_INT8_GEMM", raising=False)
     monkeypatch.setattr(onednn, "cpu_has_amx", lambda: amx)
     x = activations((2, 20, 9, 7), torch.float32)
     conv = conv_layer(20, 24, (3, 3), x, 8, 8, torch.float32)
     geometry = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
     y = onednn.quantized_conv2d(x, **conv, **geometry)
-    assert fused_calls == ([] if amx else [1])
     expected = reference.quantized_conv2d(x, **conv, **geometry)
     assert torch.equal(y, expected) if not amx else torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
-    tokens = activations((9, 64), torch.float32)
-    onednn.quantized_linear(tokens, **integer_layer(torch.randn(24, 64), tokens, 8, 8, torch.float32))
-    assert fused_calls == ([] if amx else [1])  # the linear layer went to oneDNN
+    small_k, large_k = 64, 1024
+    large_n = onednn.INT8_FUSED_LINEAR_WEIGHTS // large_k + 8
+    for k, n in ((small_k, 24), (large_k, large_n)):
+        tokens = activations((3, k), torch.float32)
+        onednn.quantized_linear(tokens, **integer_layer(torch.randn(n, k), tokens, 8, 8, torch.float32))
+    assert fused_calls == ([] if amx else [1, 1])  # the convolution and the small linear layer
 
 
 @needs_fused_gemm

@@ -1,6 +1,6 @@
-"""Quantized layers' eager CPU calls of the fused GEMM, prepared once per layer (kernels/prepared_calls.py):
-bit for bit the general path and the torch reference, through the layers as users call them, and prepared
-again whenever what they were made from changes."""
+"""Quantized layers' eager CPU kernel calls, prepared once per layer (kernels/prepared_calls.py): bit for bit
+the general path (and, on the fused GEMM, the torch reference), through the layers as users call them, and
+prepared again whenever what they were made from changes."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def prepared_runs(monkeypatch):
             return result
         monkeypatch.setattr(prepared_calls, name, spy)
     return runs
+
+
+def general_path_output(layer, x, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(prepared_calls, "usable", lambda x: False)
+        return layer(x)
 
 
 def reference_output(layer, x, monkeypatch):
@@ -109,3 +115,44 @@ def test_non_finite_inputs_poison_what_they_reach(prepared_runs):
     y = layer(x)
     assert prepared_runs == ["conv2d"]
     assert y[0, :, :2, :2].isnan().all() and not y[0, :, 3:, 3:].isnan().any()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "split conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cpu_weights", ["packed", "int8"])  # "int8": 4-bit weights unpacked once for oneDNN
+def test_onednn_layers_give_the_general_paths_output(kind, dtype, cpu_weights, monkeypatch, prepared_runs):
+    """8-bit weights held in oneDNN's layout (and 4-bit ones unpacked to it): the same op with the same
+    arguments as the general path, so the same output bit for bit."""
+    from mixq.kernels import dispatch
+
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "onednn")
+    torch.manual_seed(0)
+    w_bits = 8 if cpu_weights == "packed" else 4
+    if kind == "linear":
+        layer, x = QLinear.from_float(nn.Linear(48, 40), w_bits, 8, lows=(-3.0,), highs=(4.0,)), activations((7, 48), dtype)
+    else:
+        split = dict(split_at=16, lows=(-3.0, -1.0), highs=(4.0, 2.0)) if kind == "split conv" else dict(lows=(-3.0,), highs=(4.0,))
+        layer = QConv2d.from_float(nn.Conv2d(24, 20, 3, 1, 1), w_bits, 8, **split)
+        x = activations((2, 24, 6, 5), dtype).contiguous(memory_format=torch.channels_last)
+    layer = layer.to(dtype)
+    dispatch.prepare_layer(layer, cpu_weights=cpu_weights)
+    y = layer(x)
+    assert prepared_runs == (["linear"] if kind == "linear" else ["conv2d"])
+    expected = general_path_output(layer, x, monkeypatch)
+    assert y.stride() == expected.stride() and torch.equal(y, expected)
+
+
+def test_a_held_layout_laid_out_again_is_prepared_again(monkeypatch, prepared_runs):
+    from mixq.kernels import dispatch
+
+    monkeypatch.setenv("MIXQ_INT8_GEMM", "onednn")
+    torch.manual_seed(0)
+    layer, other = (QLinear.from_float(nn.Linear(32, 16), 8, 8, lows=(-3.0,), highs=(3.0,)) for _ in range(2))
+    dispatch.prepare_layer(layer)
+    x = activations((5, 32), torch.float32)
+    first = layer(x)
+    layer.load_state_dict(other.state_dict())  # new values, laid out again (a new held layout)
+    assert layer.kernel_weight(0).is_mkldnn
+    y = layer(x)
+    assert prepared_runs == ["linear", "linear"] and not torch.equal(y, first)
+    assert torch.equal(y, general_path_output(layer, x, monkeypatch))
