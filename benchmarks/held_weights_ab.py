@@ -6,7 +6,8 @@ so all arms see the same machine load.
     python -m benchmarks.held_weights_ab --unet-config PATH/sdxl-turbo/unet/config.json --latents 32 64
 
 Prints, per latent size, each arm's median UNet forward and its speed-up over bf16, and each W8A8
-arm's bytes.
+arm's bytes. Every 8-bit layer runs on oneDNN here (MIXQ_INT8_GEMM=onednn; by default convolutions and
+small linear layers run on mixq's fused GEMM from their plain buffer, holding no layout).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def arm_in_place(unet, layers: dict, variables: dict):
 
 
 def main(argv=None) -> int:
+    with environment_set({"MIXQ_INT8_GEMM": "onednn"}):
+        return held_layouts_ab(argv)
+
+
+def held_layouts_ab(argv=None) -> int:
     import mixq
     from mixq.kernels import onednn
     from mixq.layers import find_quantized_layers, quantizable_layers

@@ -11,7 +11,8 @@ process, on the two CPU workloads it matters for:
   layers, ranges from one decode; the bf16 decoder beside it.
 
 The two W8A8 arms are the same layers; only MIXQ_NATIVE differs (0: torch ops, and the layer's own
-NaN/Inf reduction). Their outputs are checked equal bit for bit first. Arms alternate within each of
+NaN/Inf reduction). Every 8-bit layer runs on oneDNN's kernels in both (MIXQ_INT8_GEMM=onednn: the fused
+GEMM is part of the native library, so MIXQ_NATIVE=0 would otherwise change the kernel too). Their outputs are checked equal bit for bit first. Arms alternate within each of
 --rounds rounds; printed: medians, and the per-round ratio torch ops / native (median [min, max]).
 """
 
@@ -125,6 +126,11 @@ def vae_decoder(config_path: Path, size: int, rounds: int) -> str:
 
 
 def main(argv=None) -> int:
+    with environment_set({"MIXQ_INT8_GEMM": "onednn"}):
+        return native_quantization_ab(argv)
+
+
+def native_quantization_ab(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.native_quantization_ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="proving UNet batch (16x16 latents)")

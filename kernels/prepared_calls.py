@@ -142,8 +142,6 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
     if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
         return None
     b, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     finite, codes = None, None
     if len(calls) == 1:
         codes = onednn.codes_scratch(x.numel(), torch.uint8)
@@ -156,25 +154,33 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
             part_codes = onednn.codes_scratch(part.numel(), torch.uint8)
             part_finite = quantize(call, part, part_codes)
             finite = part_finite if finite is None else finite and part_finite
-            source = part_codes.view(b, h, w, size)
-        else:
-            source = codes
-        if not call.fused:
-            part_y = torch.ops.onednn.qconv2d_pointwise.default(
-                source.permute(0, 3, 1, 2), call.x_scale, int(call.shift), call.weight, call.w_scale, call.w_zero,
-                onednn.onednn_bias(call.bias, x.dtype), list(stride), list(padding), [1, 1], 1, 1.0, 0, x.dtype, "none",
-                [], None)
-            y = part_y if y is None else y.add_(part_y)
-            start += size
-            continue
-        out = torch.empty(b * ho * wo, call.n, dtype=x.dtype)
-        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-            run_gemm(call, source, size, b * h * w, size, out)
-        else:
-            padded = onednn.padded_codes(source.permute(0, 3, 1, 2), int(call.shift), padding)
-            run_gemm(call, padded, 0, b * ho * wo, kh * kw * size, out, native.conv_geometry(padded.shape, kernel_size,
-                                                                                             stride))
-        out = out.view(b, ho, wo, -1).permute(0, 3, 1, 2)
-        y = out if y is None else y.add_(out)
+            codes = part_codes.view(b, h, w, size)
+        part_y = (fused_conv2d(call, codes, x.dtype, kernel_size, stride, padding) if call.fused
+                  else onednn_conv2d(call, codes, x.dtype, stride, padding))
+        y = part_y if y is None else y.add_(part_y)
         start += size
     return y, finite
+
+
+def fused_conv2d(call: PreparedCall, codes: torch.Tensor, dtype, kernel_size, stride, padding) -> torch.Tensor:
+    """One part's output [B, N, Ho, Wo] (channels-last in memory) from its codes [B, H, W, C] on the fused
+    GEMM: a 1x1 convolution is a matrix product of the codes as they are; others read the padded codes in
+    place."""
+    b, h, w, c = codes.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    out = torch.empty(b * ho * wo, call.n, dtype=dtype)
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        run_gemm(call, codes, c, b * h * w, c, out)
+    else:
+        padded = onednn.padded_codes(codes.permute(0, 3, 1, 2), int(call.shift), padding)
+        geometry = native.conv_geometry(padded.shape, kernel_size, stride)
+        run_gemm(call, padded, 0, b * ho * wo, kh * kw * c, out, geometry)
+    return out.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def onednn_conv2d(call: PreparedCall, codes: torch.Tensor, dtype, stride, padding) -> torch.Tensor:
+    """One part's output from its codes [B, H, W, C] on oneDNN's op, as the general path calls it."""
+    return torch.ops.onednn.qconv2d_pointwise.default(
+        codes.permute(0, 3, 1, 2), call.x_scale, int(call.shift), call.weight, call.w_scale, call.w_zero,
+        onednn.onednn_bias(call.bias, dtype), list(stride), list(padding), [1, 1], 1, 1.0, 0, dtype, "none", [], None)

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from benchmarks import (held_weights_ab, native_quantization_ab, packed_gemm_layers, sensitivity_batching_ab,
-                        unet_speed_ab, vae_layers)
+from benchmarks import (held_weights_ab, native_quantization_ab, packed_gemm_layers, proving_unet_ab,
+                        sensitivity_batching_ab, unet_speed_ab, vae_layers)
 from mixq.kernels import native, onednn
 from mixq.offline import SDXL_UNET_STRUCTURE, shrink_unet_config
 
@@ -87,3 +87,12 @@ def test_packed_gemm_layers_times_five_arms_of_a_layer(capsys):
     ratio = rf"{number}x \[{number}, {number}\]"
     assert re.search(rf"^\| attention projection 1280, 64 rows \| {number} \| {number} \| {number} \| {number} \| "
                      rf"{number} \| {ratio} \| {ratio} \|$", out, flags=re.M)
+
+
+def test_proving_unet_ab_pairs_every_setting_with_fp32(capsys):
+    assert proving_unet_ab.main(["--batches", "2", "--rounds", "1", "--general-path-arms"]) == 0
+    out = capsys.readouterr().out
+    ratio = r"\(\d+\.\d\dx fp32 \[\d+\.\d\d, \d+\.\d\d\]\)"
+    assert re.search(rf"^batch 2, 1 alternating rounds: fp32 [\d.]+ ms; W8A8 [\d.]+ ms {ratio}; W4A8 [\d.]+ ms {ratio}; "
+                     rf"4-bit plan [\d.]+ ms {ratio}; W8A8, general path [\d.]+ ms {ratio}; W4A8, general path "
+                     rf"[\d.]+ ms {ratio}; load average", out, flags=re.M)

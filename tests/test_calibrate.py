@@ -220,13 +220,24 @@ def proving_run(tmp_path_factory):
     return run_small_proving(tmp_path_factory.mktemp("proving"), "proving-test", content_prompts=6)
 
 
-def test_proving_default_reports_content_of_every_configuration(proving_run):
+def test_the_offline_default_ends_with_the_plan_and_says_how_to_add_the_content_check(tmp_path):
+    """The offline default skips the 1000-prompt content check (the first command ends with the plan); its
+    report names the flag that adds it, which .ci/run runs for the quality gate."""
+    default = load_config(None)
+    assert default.model.id == "offline:proving" and default.evaluation.content_prompts == 0
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert "python -m mixq.calibrate --content-prompts 1000" in ci
+    out = run_small_proving(tmp_path, "proving-no-content", content_prompts=0)
+    report = (out / "report.md").read_text()
+    assert "Not checked in this run" in report and "--content-prompts 1000" in report
+    assert not (out / "content.yaml").exists()
+
+
+def test_proving_report_has_content_of_every_configuration(proving_run):
     """The report gains the content table (float, uniform W8A8/W4A8, W2A8 content-only, the plan, the
     plan without BOS handling, the same-budget baselines), content.yaml and the verdict grid."""
     from mixq.calib.content import INVERTED_NAME, PLAN_NAME, RANDOM_SEEDS, random_name
 
-    default = load_config(None)
-    assert default.model.id == "offline:proving" and default.evaluation.content_prompts >= 1000
     out = proving_run
     content = yaml.safe_load((out / "content.yaml").read_text())
     names = [row["name"] for row in content["rows"]]

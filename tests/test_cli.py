@@ -207,9 +207,9 @@ def test_content_prompts_flag_sets_the_report_field():
     from mixq.calibrate import parse_args, resolve_config
 
     default, _ = resolve_config(parse_args([]))
-    quick, _ = resolve_config(parse_args(["--content-prompts", "200"]))
-    assert default.evaluation.content_prompts == 1000 and quick.evaluation.content_prompts == 200
-    assert quick.to_dict()["calibration"] == default.to_dict()["calibration"]  # the measurement is unchanged
+    checked, _ = resolve_config(parse_args(["--content-prompts", "200"]))
+    assert default.evaluation.content_prompts == 0 and checked.evaluation.content_prompts == 200
+    assert checked.to_dict()["calibration"] == default.to_dict()["calibration"]  # the measurement is unchanged
 
 
 def test_load_quantized_with_a_hub_id_in_offline_mode_says_so(tmp_path):
