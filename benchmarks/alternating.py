@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 from typing import Callable, ContextManager
 
@@ -42,3 +43,23 @@ def alternate(arms: dict[str, tuple[Callable[[], object], Callable[[], ContextMa
                     call()
                     times[name].append(time.perf_counter() - start)
     return times
+
+
+def ratio_cell(numerators: list[float], denominators: list[float], label: str = "") -> str:
+    """Per-round ratios numerator / denominator: 'median x [min, max]' ('median x label [min, max]')."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    named = f" {label}" if label else ""
+    return f"{statistics.median(ratios):.2f}x{named} [{min(ratios):.2f}, {max(ratios):.2f}]"
+
+
+def speedup_cells(times: dict[str, list[float]], baseline: str, unit: str = "s") -> str:
+    """Each arm's median ('s' with 3 decimals, or 'ms' with 1) and, but for the baseline, its per-round
+    speed-up over it (the baseline's time over the arm's in the same round), '; '-joined."""
+    scale, digits = (1e3, 1) if unit == "ms" else (1.0, 3)
+    cells = []
+    for arm, samples in times.items():
+        cell = f"{arm} {statistics.median(samples) * scale:.{digits}f} {unit}"
+        if arm != baseline:
+            cell += f" ({ratio_cell(times[baseline], samples, baseline)})"
+        cells.append(cell)
+    return "; ".join(cells)

@@ -19,7 +19,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.alternating import alternate, environment_set
+from benchmarks.alternating import alternate, environment_set, ratio_cell
 from benchmarks.environment import environment
 
 # (what, kind, rows or spatial size, input channels, output channels): SDXL-Turbo at 64x64 latents
@@ -80,12 +80,6 @@ def layer_arms(kind: str, size: int, c: int, n: int) -> tuple[dict, torch.Tensor
     return arms, x
 
 
-def ratio_cell(times: dict, slower: str, faster: str) -> str:
-    """Per-round ratio times[slower] / times[faster]: median [min, max]."""
-    ratios = [a / b for a, b in zip(times[slower], times[faster])]
-    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.packed_gemm_layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,8 +103,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{name}: the fused and unpacked 4-bit outputs differ")
             times = alternate(arms, args.rounds)
             cells = " | ".join(f"{statistics.median(t) * 1e3:.2f}" for t in times.values())
-            print(f"| {name} | {cells} | {ratio_cell(times, 'W4 unpacked per call', 'W4 fused')} "
-                  f"| {ratio_cell(times, 'W8 oneDNN', 'W8 fused')} |", flush=True)
+            print(f"| {name} | {cells} | {ratio_cell(times['W4 unpacked per call'], times['W4 fused'])} "
+                  f"| {ratio_cell(times['W8 oneDNN'], times['W8 fused'])} |", flush=True)
     return 0
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
+from benchmarks.alternating import speedup_cells
 from benchmarks.cpu_unet import calibrate
 from benchmarks.environment import environment
 from benchmarks.held_weights_ab import alternating_times
@@ -71,13 +71,8 @@ def main(argv=None) -> int:
         for batch in args.batches:
             inputs = unet_call(pipe, batch)
             times = alternating_times(unet, arms, inputs, args.rounds, environments)
-            cells = []
-            for arm, samples in times.items():
-                ratios = [f / t for f, t in zip(times["fp32"], samples)]
-                cells.append(f"{arm} {statistics.median(samples) * 1e3:.1f} ms" + ("" if arm == "fp32" else
-                             f" ({statistics.median(ratios):.2f}x fp32 [{min(ratios):.2f}, {max(ratios):.2f}])"))
-            print(f"batch {batch}, {args.rounds} alternating rounds: " + "; ".join(cells)
-                  + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
+            print(f"batch {batch}, {args.rounds} alternating rounds: {speedup_cells(times, 'fp32', 'ms')}; "
+                  f"load average {os.getloadavg()[0]:.2f}", flush=True)
     return 0
 
 

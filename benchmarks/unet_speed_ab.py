@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import types
 
 import torch
 
-from benchmarks.alternating import environment_set
+from benchmarks.alternating import environment_set, speedup_cells
 from benchmarks.cpu_unet import calibrate, unet_inputs
 from benchmarks.environment import environment
 from benchmarks.held_weights_ab import alternating_times
@@ -82,13 +81,8 @@ def main(argv=None) -> int:
         for size in args.latents:
             inputs = unet_inputs(unet, size, torch.bfloat16)
             times = alternating_times(unet, arms, inputs, args.rounds, environments)
-            cells = []
-            for arm, samples in times.items():
-                ratios = [b / t for b, t in zip(times["bf16"], samples)]
-                cells.append(f"{arm} {statistics.median(samples):.3f} s" + ("" if arm == "bf16" else
-                             f" ({statistics.median(ratios):.2f}x bf16 [{min(ratios):.2f}, {max(ratios):.2f}])"))
-            print(f"{size}x{size} latents, {args.rounds} alternating rounds: " + "; ".join(cells)
-                  + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
+            print(f"{size}x{size} latents, {args.rounds} alternating rounds: {speedup_cells(times, 'bf16')}; "
+                  f"load average {os.getloadavg()[0]:.2f}", flush=True)
     return 0
 
 

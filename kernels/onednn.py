@@ -442,15 +442,20 @@ def epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype):
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
-# Which GEMM runs 8-bit weights (MIXQ_INT8_GEMM): "auto" puts convolutions and small linear layers on
-# mixq's fused GEMM, which reads the plain buffer (no reordered copy) and a convolution's padded codes in
-# place, and larger linear layers on oneDNN, whose kernels were the faster of the two for them; measured
-# on a VNNI-only EPYC (benchmarks/results/cpu-int8-gemm-2026-12-07.md): convolutions 1.1-1.8x faster
-# fused, linear layers of 1280 x 10240 weights 1.1-1.2x slower, while under INT8_FUSED_LINEAR_WEIGHTS
-# weights oneDNN's fixed cost per call (~40 us) made it 1.1-2x slower. Where the CPU has AMX, everything
-# stays on oneDNN (its int8 tiles; the fused GEMM has VNNI dot products only).
-INT8_FUSED_LINEAR_WEIGHTS = 1 << 20
+# Which GEMM runs 8-bit weights (MIXQ_INT8_GEMM). "auto": small layers on mixq's fused GEMM, where
+# oneDNN's fixed cost per call (~40 us) decides, and larger ones where each kernel was measured faster on
+# a VNNI-only EPYC (benchmarks/results/cpu-int8-gemm-2026-12-07.md): linear layers of more than
+# INT8_FUSED_LINEAR_WEIGHTS weights on oneDNN (the fused GEMM 1.1-1.2x slower on 1280 x 10240); convolutions
+# per call, by their output positions: up to INT8_FUSED_CONV_ROWS on the fused GEMM (1.1-1.8x faster on
+# SDXL's deep, low-resolution layers), more on oneDNN (the fused GEMM 0.66-0.98x on the VAE decoder's
+# and 1024x1024 UNets' large images). An 8-bit convolution therefore keeps its plain buffer as its only
+# copy, and a call on oneDNN lays that out for the call alone (a reorder of N x K bytes, next to a GEMM of
+# more than INT8_FUSED_CONV_ROWS x N x K). Where the CPU has AMX, everything stays on oneDNN (its int8
+# tiles; the fused GEMM has VNNI dot products only). "mixq" / "onednn": every 8-bit layer on one of the two.
 INT8_GEMM_CHOICES = ("auto", "mixq", "onednn")
+INT8_FUSED_LINEAR_WEIGHTS = 1 << 20
+INT8_FUSED_CONV_ROWS = 2048
+INT8_FUSED_CONV_WEIGHTS = 1 << 16  # convolutions this small stay fused at any size
 
 
 def int8_gemm_choice() -> str:
@@ -466,19 +471,37 @@ def cpu_has_amx() -> bool:
     return bool(cpu_features().get("amx_int8"))
 
 
-def fused_gemm_runs(k: int, w_bits: int = 4, kind: str = "linear", n: int | None = None) -> bool:
+def int8_keeps_plain_buffer(kind: str, weights: int) -> bool:
+    """Whether an 8-bit `kind` layer of `weights` (N x K) weights keeps its plain buffer (it may run on the
+    fused GEMM) rather than holding oneDNN's layout; the fused GEMM's availability aside."""
+    choice = int8_gemm_choice()
+    if choice != "auto":
+        return choice == "mixq"
+    return not cpu_has_amx() and (kind == "conv2d" or weights <= INT8_FUSED_LINEAR_WEIGHTS)
+
+
+def fused_gemm_runs(k: int, w_bits: int = 4, kind: str = "linear", weights: int | None = None,
+                    rows: int | None = None) -> bool:
     """Whether a `kind` layer ("linear" / "conv2d") of `w_bits` weights with K = k (a convolution: its input
-    channels) and N = n outputs runs on the fused GEMM here (native.packed_gemm): AVX512-VNNI, the native
-    library built, K a multiple of 4, and for 8-bit weights MIXQ_INT8_GEMM's choice (above; an unknown n
-    counts as large); else 4/2-bit weights are unpacked per call and 8-bit ones run on oneDNN (below)."""
+    channels), `weights` = N x K weights in all, runs on the fused GEMM here (native.packed_gemm) for a call
+    of `rows` output rows (None: not known, counted as many): AVX512-VNNI, the native library built, K a
+    multiple of 4, and for 8-bit weights MIXQ_INT8_GEMM's choice (above); else 4/2-bit weights are
+    unpacked per call and 8-bit ones run on oneDNN (below)."""
     if k % 4:
         return False
     if w_bits == 8:
-        choice = int8_gemm_choice()
-        small_linear = n is not None and n * k <= INT8_FUSED_LINEAR_WEIGHTS
-        if choice == "onednn" or (choice == "auto" and (cpu_has_amx() or (kind == "linear" and not small_linear))):
+        if weights is None or not int8_keeps_plain_buffer(kind, weights):
+            return False
+        if kind == "conv2d" and int8_gemm_choice() == "auto" and weights > INT8_FUSED_CONV_WEIGHTS and (
+                rows is None or rows > INT8_FUSED_CONV_ROWS):
             return False
     return native.packed_gemm_function() is not None
+
+
+def call_layout_of_plain_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -> tuple:
+    """(oneDNN weight, zero points) of an 8-bit convolution that keeps its plain buffer, for one call: not
+    kept (int8_keeps_plain_buffer)."""
+    return _prepack_conv(qweight, w_scale, in_channels, kernel_size, stride, padding), zero_points(qweight.shape[0])
 
 
 def fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype, kernel_size=None,
@@ -514,7 +537,7 @@ def held_or_built_layout(qweight, w_scale, build):
 
 
 def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, out_dtype):
-    if not qweight.is_mkldnn and fused_gemm_runs(x.shape[-1], w_bits, "linear", qweight.shape[0]):
+    if not qweight.is_mkldnn and fused_gemm_runs(x.shape[-1], w_bits, "linear", qweight.shape[0] * x.shape[-1]):
         codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True)
         return fused_packed_gemm(codes, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, bias, out_dtype)
     prepared = held_or_built_layout(qweight, w_scale, lambda: linear_layout(
@@ -538,7 +561,10 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
 def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
                 out_dtype):
     b, c = x.shape[:2]
-    if not qweight.is_mkldnn and fused_gemm_runs(c, w_bits, "conv2d"):  # (whole dwords of channels per tap)
+    ho = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    weights = w_scale.shape[0] * c * kernel_size[0] * kernel_size[1]
+    if not qweight.is_mkldnn and fused_gemm_runs(c, w_bits, "conv2d", weights, b * ho * wo):  # (c: whole dwords)
         codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
         codes = codes.contiguous(memory_format=torch.channels_last)
         if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
@@ -547,10 +573,12 @@ def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
         else:  # the padded codes, read in place by the GEMM
             y = fused_packed_gemm(padded_codes(codes, unsigned_zero(x_zero), padding), qweight, w_bits, w_scale,
                                   w_sum, x_scale, x_zero, bias, out_dtype, kernel_size, stride)
-        ho = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
         return y.view(b, ho, -1, y.shape[-1]).permute(0, 3, 1, 2)
-    prepared = held_or_built_layout(qweight, w_scale, lambda: conv_layout(
-        qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8))
+    if w_bits == 8 and not qweight.is_mkldnn and int8_keeps_plain_buffer("conv2d", weights):
+        prepared = call_layout_of_plain_conv(qweight, w_scale, c, kernel_size, stride, padding)
+    else:
+        prepared = held_or_built_layout(qweight, w_scale, lambda: conv_layout(
+            qweight, w_scale, c, kernel_size, stride, padding, w_bits, only_if_prepared=w_bits != 8))
     if prepared is None:  # a 4/2-bit weight kept packed
         per_byte = values_per_byte(w_bits)
         if c % per_byte:
@@ -626,8 +654,8 @@ def prepare(qweight, w_bits, w_scale, kind, in_channels=None, kernel_size=None, 
     8-bit weight, and 4/2-bit ones in the "int8" CPU weight mode. `in_channels`: K of a linear layer."""
     if (w_bits != 8 and cpu_weights != "int8") or unavailable_reason() is not None:
         return
-    if w_bits == 8 and fused_gemm_runs(in_channels, 8, kind, qweight.shape[0]):  # (it reads the plain buffer)
-        return
+    if w_bits == 8 and int8_keeps_plain_buffer(kind, qweight.shape[0] * qweight.shape[1]):
+        return  # (the fused GEMM reads the plain buffer)
     if kind == "linear":
         linear_layout(qweight, w_bits, in_channels)
     else:

@@ -325,7 +325,7 @@ int mixq_packed_gemm(const uint8_t *a, int64_t lda, const int64_t *convolution, 
         threads = MAX_THREADS;
     if (threads < 1 || m * n * k < ((int64_t)1 << 22)) /* a few ms of work at most: one thread */
         threads = 1;
-    const int by_rows = blocks % threads != 0 && blocks < 4 * threads && m >= (int64_t)ROWS * 4 * threads;
+    const int by_rows = (blocks % threads != 0 && blocks < 4 * threads && m >= (int64_t)ROWS * 4 * threads) || m >= (int64_t)4096 * threads;
     const int64_t units = by_rows ? (m + ROWS - 1) / ROWS : blocks;
     if (threads > units)
         threads = (int)units;

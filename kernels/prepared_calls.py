@@ -19,7 +19,7 @@ prepared call stays valid while the layer's buffers are the same tensors with th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,20 +34,22 @@ SWITCHES = ("MIXQ_BACKEND", "MIXQ_NATIVE", "MIXQ_PACKED_GEMM", "MIXQ_INT8_GEMM")
 class PreparedCall:
     """One input part of a layer, ready for the native quantization and its kernel."""
 
-    fused: bool  # mixq's fused GEMM; else oneDNN's int8 op
+    fused: bool  # mixq's fused GEMM (up to onednn_above_rows output rows); else oneDNN's int8 op
     weight: torch.Tensor  # fused: the packed (or plain 8-bit) buffer [N, bytes per row]; else oneDNN's layout
     bits: int
     n: int
     k: int  # a linear layer's K; a convolution's input channels of this part
-    bias: torch.Tensor | None  # fused: float32; oneDNN: the layer's (on part 0 only)
+    w_scale: torch.Tensor
+    bias: torch.Tensor | None  # the layer's (on part 0 only)
     x_scale: float
     shift: float  # x_zero + 128: unsigned codes
     low: int
     high: int
     gemm: object = None  # fused: native mixq_packed_gemm
     scale: torch.Tensor | None = None  # fused: float32 x_scale * w_scale[n], the reference's product
+    bias_f32: torch.Tensor | None = None  # fused: the bias in float32
     w_sum: torch.Tensor | None = None  # fused: int32
-    w_scale: torch.Tensor | None = None  # oneDNN
+    onednn_above_rows: int | None = None  # fused 8-bit convolution: calls of more rows run on oneDNN
     w_zero: torch.Tensor | None = None  # oneDNN
 
 
@@ -55,9 +57,12 @@ def switches() -> tuple:
     return tuple(os.environ.get(name) for name in SWITCHES)
 
 
-def buffer_stamp(*tensors) -> tuple:
+def buffer_stamp(*tensors) -> tuple | None:
     """What a prepared call was made from: the tensors' storage and versions (a held oneDNN layout, which is
-    replaced rather than written: its identity; None where absent)."""
+    replaced rather than written: its identity; None where absent). None where a tensor keeps no version
+    counter (made under torch.inference_mode): a write to it could not be seen, so its layer is not prepared."""
+    if any(t is not None and not t.is_mkldnn and t.is_inference() for t in tensors):
+        return None
     return tuple(None if t is None else ("layout", id(t)) if t.is_mkldnn else (t.data_ptr(), t._version)
                  for t in tensors)
 
@@ -79,14 +84,17 @@ def prepare(weight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kind,
     x_scale_value = float(x_scale)
     qmin, qmax = activation_qrange(a_bits)
     offset = onednn.UNSIGNED_OFFSET
-    numbers = dict(bits=w_bits, n=w_scale.shape[0], k=k, x_scale=x_scale_value, shift=float(x_zero) + offset,
-                   low=qmin + offset, high=qmax + offset)
-    if not weight.is_mkldnn and onednn.fused_gemm_runs(k, w_bits, kind, w_scale.shape[0]):
+    common = dict(bits=w_bits, n=w_scale.shape[0], k=k, w_scale=w_scale, bias=bias, x_scale=x_scale_value,
+                  shift=float(x_zero) + offset, low=qmin + offset, high=qmax + offset)
+    taps = 1 if kind == "linear" else geometry["kernel_size"][0] * geometry["kernel_size"][1]
+    weights = w_scale.shape[0] * k * taps
+    if not weight.is_mkldnn and onednn.fused_gemm_runs(k, w_bits, kind, weights, rows=1):
+        always = onednn.fused_gemm_runs(k, w_bits, kind, weights, rows=None)
         return PreparedCall(
             fused=True, weight=weight.contiguous(), gemm=native.packed_gemm_function(),
             scale=torch.tensor(x_scale_value, dtype=torch.float32) * w_scale.float(),
-            bias=None if bias is None else bias.float().contiguous(), w_sum=w_sum.to(torch.int32).contiguous(),
-            **numbers)
+            bias_f32=None if bias is None else bias.float().contiguous(), w_sum=w_sum.to(torch.int32).contiguous(),
+            onednn_above_rows=None if always else onednn.INT8_FUSED_CONV_ROWS, **common)
     if kind == "linear":
         build = lambda: onednn.linear_layout(weight, w_bits, k, only_if_prepared=w_bits != 8)  # noqa: E731
     else:
@@ -95,7 +103,7 @@ def prepare(weight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kind,
     layout = onednn.held_or_built_layout(weight, w_scale, build)
     if layout is None:  # a 4/2-bit weight kept packed, without the fused GEMM: unpacked per call
         return None
-    return PreparedCall(fused=False, weight=layout[0], w_zero=layout[1], w_scale=w_scale, bias=bias, **numbers)
+    return PreparedCall(fused=False, weight=layout[0], w_zero=layout[1], **common)
 
 
 def run_gemm(call: PreparedCall, codes: torch.Tensor, lda: int, m: int, k: int, out: torch.Tensor,
@@ -104,7 +112,7 @@ def run_gemm(call: PreparedCall, codes: torch.Tensor, lda: int, m: int, k: int, 
     GEMM; `geometry`: a convolution's (ctypes) geometry, codes then its padded channels-last input."""
     failed = call.gemm(codes.data_ptr(), lda, geometry, call.weight.data_ptr(), call.weight.stride(0), call.bits,
                        m, call.n, k, int(call.shift), call.w_sum.data_ptr(), call.scale.data_ptr(),
-                       None if call.bias is None else call.bias.data_ptr(), out.data_ptr(),
+                       None if call.bias_f32 is None else call.bias_f32.data_ptr(), out.data_ptr(),
                        native.OUTPUT_DTYPES[out.dtype], out.stride(0), torch.get_num_threads())
     if failed:
         raise MemoryError("mixq: the packed GEMM could not allocate its buffers")
@@ -155,8 +163,18 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
             part_finite = quantize(call, part, part_codes)
             finite = part_finite if finite is None else finite and part_finite
             codes = part_codes.view(b, h, w, size)
-        part_y = (fused_conv2d(call, codes, x.dtype, kernel_size, stride, padding) if call.fused
-                  else onednn_conv2d(call, codes, x.dtype, stride, padding))
+        rows = b * ((h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1) * (
+            (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
+        if call.fused and call.onednn_above_rows is not None and rows > call.onednn_above_rows:
+            # a large 8-bit convolution kept plain: on oneDNN, its layout made for this call
+            layout, w_zero = onednn.call_layout_of_plain_conv(call.weight, call.w_scale, size, kernel_size, stride,
+                                                              padding)
+            part_y = onednn_conv2d(replace(call, fused=False, weight=layout, w_zero=w_zero), codes, x.dtype, stride,
+                                   padding)
+        elif call.fused:
+            part_y = fused_conv2d(call, codes, x.dtype, kernel_size, stride, padding)
+        else:
+            part_y = onednn_conv2d(call, codes, x.dtype, stride, padding)
         y = part_y if y is None else y.add_(part_y)
         start += size
     return y, finite

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixq.kernels import dispatch, onednn, prepared_calls
+from mixq.kernels import dispatch, native, onednn, prepared_calls
 from mixq.kernels.reference import is_channels_last
 from mixq.quantizers import (
     FLOAT_BITS,
@@ -230,14 +230,18 @@ class QuantizedLayer(nn.Module):
             return
         self._input_key = (tuple(zip(self.x_scale.tolist(), self.x_zero.tolist())), self._parameter_stamp())
 
-    def _parameter_stamp(self) -> tuple:
+    def _parameter_stamp(self) -> tuple | None:
+        """None for buffers made under torch.inference_mode, which keep no version counter (no record then)."""
+        if self.x_scale.is_inference() or self.x_zero.is_inference():
+            return None
         return (self.x_scale.data_ptr(), self.x_scale._version, self.x_zero.data_ptr(), self.x_zero._version)
 
     def input_key(self, part: int) -> tuple | None:
         """(a_bits, scale, zero) of input part `part` as numbers, by which the kernels recognise
         layers that quantize one input tensor identically (attention's to_q / to_k / to_v) and
         quantize it once for all of them; None while unknown (never recorded, or written since)."""
-        if torch.compiler.is_compiling() or self._input_key is None or self._input_key[1] != self._parameter_stamp():
+        if (torch.compiler.is_compiling() or self._input_key is None or self._input_key[1] is None
+                or self._input_key[1] != self._parameter_stamp()):
             return None  # (a compiled graph fuses the quantization itself)
         scale, zero = self._input_key[0][part]
         return (self.a_bits, scale, zero)
@@ -297,8 +301,10 @@ class QuantizedLayer(nn.Module):
             return None
         b, parts = self._buffers, range(len(self.part_sizes))
         weights, sums = [self.kernel_weight(p) for p in parts], [b[f"w_sum_{p}"] for p in parts]
-        stamp = (prepared_calls.switches(), prepared_calls.buffer_stamp(
-            *weights, *sums, b["w_scale"], b["x_scale"], b["x_zero"], b["bias"]))
+        buffers = prepared_calls.buffer_stamp(*weights, *sums, b["w_scale"], b["x_scale"], b["x_zero"], b["bias"])
+        if buffers is None:
+            return None
+        stamp = (prepared_calls.switches(), buffers)
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != stamp:
             calls = [prepared_calls.prepare(
@@ -373,8 +379,8 @@ class QuantizedLayer(nn.Module):
         if (self.w_bits != 8 or self.a_bits == FLOAT_BITS or any(q is None or q.device.type != "cpu" for q in plain)
                 or onednn.unavailable_reason() is not None):
             return False
-        if all(onednn.fused_gemm_runs(self.part_geometry(p)["in_channels"], 8, self.kind, self.out_features)
-               for p in range(len(plain))):
+        if native.packed_gemm_function() is not None and onednn.int8_keeps_plain_buffer(
+                self.kind, sum(q.numel() for q in plain)) and all(size % 4 == 0 for size in self.part_sizes):
             return False  # mixq's fused GEMM runs them from the plain buffer: already one copy
         for p, qweight in enumerate(plain):
             self._kernel_layouts[f"qweight_{p}"] = onednn.weight_layout(qweight, self.w_scale, **self.part_geometry(p))
@@ -519,9 +525,9 @@ class QLinear(QuantizedLayer):
         if self.w_bits == FLOAT_BITS:
             return propagate_non_finite(x, F.linear(self._fake_quantized_input(x, -1), self.weight, self.bias))
         calls = self.cpu_calls(x)
-        fused = calls and prepared_calls.linear(calls[0], x.reshape(-1, self.in_features))
-        if fused:
-            y, finite = fused
+        prepared = calls and prepared_calls.linear(calls[0], x.reshape(-1, self.in_features))
+        if prepared:
+            y, finite = prepared
             return propagate_non_finite(x, y.reshape(*x.shape[:-1], self.out_features), known_finite=finite)
         y = self._integer_parts(
             x.reshape(-1, self.in_features),
@@ -571,10 +577,10 @@ class QConv2d(QuantizedLayer):
                          self.padding)
         else:
             calls = self.cpu_calls(x)
-            fused = calls and prepared_calls.conv2d(calls, x, self.part_sizes, self.kernel_size, self.stride,
-                                                    self.padding)
-            if fused:
-                y, known_finite = fused
+            prepared = calls and prepared_calls.conv2d(calls, x, self.part_sizes, self.kernel_size, self.stride,
+                                                       self.padding)
+            if prepared:
+                y, known_finite = prepared
                 # The memory format the general path gives: its parts' (a part of a channels-last x is not
                 # channels-last dense, so a split convolution's output comes contiguous), as torch's convs.
                 y = y if len(calls) == 1 and is_channels_last(x) else y.contiguous()

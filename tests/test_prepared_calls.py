@@ -156,3 +156,12 @@ def test_a_held_layout_laid_out_again_is_prepared_again(monkeypatch, prepared_ru
     y = layer(x)
     assert prepared_runs == ["linear", "linear"] and not torch.equal(y, first)
     assert torch.equal(y, general_path_output(layer, x, monkeypatch))
+
+
+def test_a_layer_built_under_inference_mode_takes_the_general_path(monkeypatch, prepared_runs):
+    """Its buffers keep no version counter, so a later write could not be seen: no prepared call."""
+    with torch.inference_mode():
+        layer = QLinear.from_float(nn.Linear(32, 16), 4, 8, lows=(-3.0,), highs=(3.0,))
+        x = activations((5, 32), torch.float32)
+        y = layer(x)
+    assert prepared_runs == [] and torch.equal(y, reference_output(layer, x, monkeypatch))
