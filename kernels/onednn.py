@@ -1,21 +1,22 @@
 """The x86 CPU backend: the oneDNN int8 kernels PyTorch ships, on weights laid out once, and mixq's fused GEMM.
 
-8-bit weights of linear layers (of convolutions too where the CPU has AMX; INT8_GEMM_CHOICES below) run
-on torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise (the kernels PyTorch's own x86 quantization
-lowers to: VNNI / AMX int8 dot products, zero-point compensation and the
-scale/bias epilogue fused). Their weights are reordered into oneDNN's blocked layout once per layer,
-when the layer is prepared (quantize / load time), and the layer then holds that layout instead of its
-plain buffer (QuantizedLayer.hold_kernel_layouts: one copy of the weights); the ops take either. A
-plain 8-bit buffer that reaches them (a layer never prepared) gets its layout on first use, kept
-beside it (see PackedWeights).
+8-bit weights of large linear layers and of convolutions on large images (every 8-bit layer where the CPU
+has AMX; INT8_GEMM_CHOICES below) run on torch.ops.onednn.qlinear_pointwise / qconv2d_pointwise (the
+kernels PyTorch's own x86 quantization lowers to: VNNI / AMX int8 dot products, zero-point compensation
+and the scale/bias epilogue fused). A linear layer's weights are reordered into oneDNN's blocked layout
+once, when the layer is prepared (quantize / load time), and the layer then holds that layout instead of
+its plain buffer (QuantizedLayer.hold_kernel_layouts: one copy of the weights); the ops take either. A
+plain 8-bit buffer that reaches them (a layer never prepared) gets its layout on first use, kept beside
+it (see PackedWeights), but for a convolution that keeps its plain buffer for the fused GEMM, whose
+oneDNN calls lay it out for the call alone.
 
 4-bit and 2-bit weights stay packed in memory by default (resident bytes follow the bits; CPU weight
 mode "packed"). On a CPU with AVX512-VNNI they run on mixq's own GEMM (kernels/packed_gemm.c through
 native.packed_gemm): it unpacks a block of weights at a time into the operand panel of its blocked loop,
 so the packed bytes are read once per call and no unpacked copy of the layer is ever written, and it
 applies the reference's epilogue as it stores; it reads a convolution's padded channels-last codes in
-place (no column matrix is written). It also runs 8-bit convolutions on CPUs without AMX, from their
-plain buffer. Elsewhere (no VNNI, no compiler, K, or a convolution's channels,
+place (no column matrix is written). On CPUs without AMX it also runs the 8-bit layers it is faster on,
+from their plain buffer. Elsewhere (no VNNI, no compiler, K, or a convolution's channels,
 not a multiple of 4) each call unpacks one layer into a per-thread scratch buffer that is reused from
 layer to layer, one contiguous run per lane (lane-major K order, the activations' columns permuted to
 match: dot products are unchanged), and multiplies with torch._int_mm on a transposed view of it (no

@@ -370,16 +370,18 @@ class QuantizedLayer(nn.Module):
     # moves bytes): `layer.qweight_{p}` gives a fresh copy, and state_dict, load_state_dict, pickling,
     # deepcopy and moves to another device or dtype work on them as on an unprepared layer.
 
-    def hold_kernel_layouts(self) -> bool:
+    def hold_kernel_layouts(self, large_calls: bool = False) -> bool:
         """Keep 8-bit integer weights only in oneDNN's layout, where that layout can be built here (an x86
-        CPU with oneDNN, the weights on the CPU) and oneDNN runs them; True when the layer now holds them so."""
+        CPU with oneDNN, the weights on the CPU) and oneDNN runs them; True when the layer now holds them so.
+        A layer the fused GEMM may run keeps its plain buffer instead, unless `large_calls` (a convolution
+        called on an image too large for it, see QConv2d.forward)."""
         if self._kernel_layouts:
             return True
         plain = [self._buffers.get(f"qweight_{p}") for p in range(len(self.part_sizes))]
         if (self.w_bits != 8 or self.a_bits == FLOAT_BITS or any(q is None or q.device.type != "cpu" for q in plain)
                 or onednn.unavailable_reason() is not None):
             return False
-        if native.packed_gemm_function() is not None and onednn.int8_keeps_plain_buffer(
+        if not large_calls and native.packed_gemm_function() is not None and onednn.int8_keeps_plain_buffer(
                 self.kind, sum(q.numel() for q in plain)) and all(size % 4 == 0 for size in self.part_sizes):
             return False  # mixq's fused GEMM runs them from the plain buffer: already one copy
         for p, qweight in enumerate(plain):
@@ -576,6 +578,8 @@ class QConv2d(QuantizedLayer):
             y = F.conv2d(self._fake_quantized_input(x, 1), self.float_weight(x.dtype), self.bias, self.stride,
                          self.padding)
         else:
+            if self.w_bits == 8 and not self._kernel_layouts and self._too_large_for_the_fused_gemm(x):
+                self.hold_kernel_layouts(large_calls=True)  # oneDNN's layout from now on, still one copy
             calls = self.cpu_calls(x)
             prepared = calls and prepared_calls.conv2d(calls, x, self.part_sizes, self.kernel_size, self.stride,
                                                        self.padding)
@@ -594,6 +598,26 @@ class QConv2d(QuantizedLayer):
                 )
                 known_finite = self.input_found_finite(x)
         return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding), known_finite)
+
+
+    def _too_large_for_the_fused_gemm(self, x: torch.Tensor) -> bool:
+        """Whether this 8-bit convolution, kept plain for the fused GEMM, is called on an image on which
+        oneDNN's kernel runs it faster (onednn.fused_gemm_runs: a large convolution on many output
+        positions, e.g. the VAE decoder's): it then holds oneDNN's layout, instead of laying it out on every
+        call; a layer called on such images once is likely to be called on them again."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        rows = x.shape[0] * conv_output_positions(x.shape[2:], self.kernel_size, self.stride, self.padding)
+        return any(
+            onednn.fused_gemm_runs(size, 8, "conv2d", self.out_features * size * taps, rows=1)
+            and not onednn.fused_gemm_runs(size, 8, "conv2d", self.out_features * size * taps, rows=rows)
+            for size, taps in ((size, self.kernel_size[0] * self.kernel_size[1]) for size in self.part_sizes))
+
+
+def conv_output_positions(size, kernel_size, stride, padding) -> int:
+    """Output pixels of a convolution over an input of spatial `size` (h, w)."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
+    return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
 
 
 def keeps_cpu_int8(fn) -> bool:

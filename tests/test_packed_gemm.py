@@ -220,10 +220,11 @@ def test_a_wrong_int8_gemm_choice_is_refused_with_the_choices(monkeypatch):
 
 
 @needs_fused_gemm
-def test_a_large_8_bit_convolution_runs_fused_on_small_images_and_on_onednn_on_large_ones(monkeypatch, fused_calls):
+def test_a_large_8_bit_convolution_runs_fused_on_small_images_and_on_onednn_from_its_first_large_one(
+        monkeypatch, fused_calls):
     """MIXQ_INT8_GEMM unset, no AMX: a convolution of more than INT8_FUSED_CONV_WEIGHTS weights runs on the
-    fused GEMM up to INT8_FUSED_CONV_ROWS output positions and on oneDNN above, from its plain buffer alone:
-    the layout a oneDNN call needs is made for that call and not kept."""
+    fused GEMM from its plain buffer while called on up to INT8_FUSED_CONV_ROWS output positions; its first
+    call on more makes it hold oneDNN's layout instead (still one copy), on which it runs from then on."""
     from torch import nn
 
     from mixq.kernels import dispatch
@@ -231,6 +232,7 @@ def test_a_large_8_bit_convolution_runs_fused_on_small_images_and_on_onednn_on_l
 
     monkeypatch.delenv("MIXQ_INT8_GEMM", raising=False)
     monkeypatch.setattr(onednn, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(onednn, "INT8_FUSED_CONV_ROWS", 2048)
     torch.manual_seed(0)
     layer = QConv2d.from_float(nn.Conv2d(64, 128, 3, padding=1), 8, 8, lows=(-3.0,), highs=(3.0,))
     assert 128 * 64 * 9 > onednn.INT8_FUSED_CONV_WEIGHTS
@@ -238,16 +240,18 @@ def test_a_large_8_bit_convolution_runs_fused_on_small_images_and_on_onednn_on_l
     before = len(onednn.packed_weights)
     small = activations((2, 64, 16, 16), torch.float32)  # 512 output positions
     large = activations((1, 64, 48, 48), torch.float32)  # 2304 > INT8_FUSED_CONV_ROWS
-    monkeypatch.setattr(onednn, "INT8_FUSED_CONV_ROWS", 2048)
-    for x, runs in ((small, [1]), (large, [])):
-        y = layer(x)  # (a prepared call: its kernel call is not counted)
-        with monkeypatch.context() as m:
-            m.setenv("MIXQ_PREPARED_CALLS", "0")  # the general path decides the same way, with the same output
-            assert torch.equal(layer(x), y)
-        assert fused_calls == runs
-        fused_calls.clear()
-        if x is small:
-            with monkeypatch.context() as m:
-                m.setenv("MIXQ_BACKEND", "torch")
-                assert torch.equal(layer(x), y)  # fused: the reference bit for bit
-    assert layer._kernel_layouts == {} and len(onednn.packed_weights) == before
+    with monkeypatch.context() as m:
+        m.setenv("MIXQ_PREPARED_CALLS", "0")  # (the general path's kernel calls are the ones counted)
+        y_small = layer(small)
+    assert fused_calls == [1] and layer._kernel_layouts == {}
+    assert torch.equal(layer(small), y_small)  # the prepared call: the same kernel
+    with monkeypatch.context() as m:
+        m.setenv("MIXQ_BACKEND", "torch")
+        assert torch.equal(layer(small), y_small)  # fused: the reference bit for bit
+    y_large = layer(large)
+    assert layer.kernel_weight(0).is_mkldnn and layer._buffers["qweight_0"] is None
+    assert len(onednn.packed_weights) == before  # the layout instead of the buffer, not beside it
+    with monkeypatch.context() as m:
+        m.setenv("MIXQ_PREPARED_CALLS", "0")
+        assert torch.equal(layer(large), y_large)
+    assert fused_calls == [1]  # nothing more on the fused GEMM
