@@ -450,9 +450,10 @@ def epilogue_in_place(acc, x_scale, x_zero, w_scale, w_sum, bias, out_dtype):
 # per call, by their output positions: up to INT8_FUSED_CONV_ROWS on the fused GEMM (1.1-1.8x faster on
 # SDXL's deep, low-resolution layers), more on oneDNN (the fused GEMM 0.66-0.98x on the VAE decoder's
 # and 1024x1024 UNets' large images). An 8-bit convolution therefore keeps its plain buffer as its only
-# copy, and a call on oneDNN lays that out for the call alone (a reorder of N x K bytes, next to a GEMM of
-# more than INT8_FUSED_CONV_ROWS x N x K). Where the CPU has AMX, everything stays on oneDNN (its int8
-# tiles; the fused GEMM has VNNI dot products only). "mixq" / "onednn": every 8-bit layer on one of the two.
+# copy until its first call on a large image, then holds oneDNN's layout instead (QConv2d.forward); a call
+# of the functional interface on a plain buffer lays it out for that call alone. Where the CPU has AMX,
+# everything stays on oneDNN (its int8 tiles; the fused GEMM has VNNI dot products only).
+# "mixq" / "onednn": every 8-bit layer on one of the two.
 INT8_GEMM_CHOICES = ("auto", "mixq", "onednn")
 INT8_FUSED_LINEAR_WEIGHTS = 1 << 20
 INT8_FUSED_CONV_ROWS = 2048
