@@ -24,7 +24,9 @@ from tests.conftest import capture_unet_call, unet_output
 
 QUICK = dict(num_prompts=2, num_inference_steps=1, guidance_scale=0.0, progress=False)
 CASES = {"manifest": 180, "tensor_file": 40, "plan": 90, "sensitivity": 90, "prompts": 120}  # 520 in all
-MAX_SECONDS, MAX_BYTES = 1.0, 100 * 2**20
+# CPU seconds per case: the slowest case takes about 0.3 s alone, but 1.04-1.13 s was measured under CI's
+# load (two test workers on two cores); a runaway parse or load takes far longer.
+MAX_SECONDS, MAX_BYTES = 3.0, 100 * 2**20
 ALLOWED = (MixqError, FileNotFoundError)
 
 HOSTILE_VALUES = [
