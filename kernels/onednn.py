@@ -50,6 +50,7 @@ import weakref
 
 import torch
 
+from mixq.errors import ConfigError
 from mixq.machine import cpu_features
 from mixq.quantizers import activation_qrange, unpack_weight, values_per_byte
 
@@ -463,8 +464,8 @@ INT8_FUSED_CONV_WEIGHTS = 1 << 16  # convolutions this small stay fused at any s
 def int8_gemm_choice() -> str:
     choice = os.environ.get("MIXQ_INT8_GEMM", "auto").strip().lower() or "auto"
     if choice not in INT8_GEMM_CHOICES:
-        raise ValueError(f"MIXQ_INT8_GEMM={choice!r} is not one of {INT8_GEMM_CHOICES}: unset it for the automatic "
-                         "choice, or set mixq or onednn")
+        raise ConfigError(f"MIXQ_INT8_GEMM={choice!r} is not one of {INT8_GEMM_CHOICES}: unset it for the automatic "
+                          "choice, or set mixq or onednn")
     return choice
 
 

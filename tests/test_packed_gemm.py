@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from mixq.errors import ConfigError
 from mixq.kernels import fallback, native, onednn, reference
 from mixq.kernels.onednn import CpuBackendFallbackWarning
 from tests.test_cpu_backend import activations, conv_layer, integer_layer
@@ -215,7 +216,7 @@ def test_an_8_bit_convolution_on_the_fused_gemm_holds_its_plain_buffer_alone(mon
 def test_a_wrong_int8_gemm_choice_is_refused_with_the_choices(monkeypatch):
     monkeypatch.setenv("MIXQ_INT8_GEMM", "amx")
     x = activations((3, 8), torch.float32)
-    with pytest.raises(ValueError, match="MIXQ_INT8_GEMM='amx' is not one of .*mixq.*onednn"):
+    with pytest.raises(ConfigError, match="MIXQ_INT8_GEMM='amx' is not one of .*mixq.*onednn"):
         onednn.quantized_linear(x, **integer_layer(torch.randn(4, 8), x, 8, 8, torch.float32))
 
 
