@@ -11,13 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from mixq.kernels import native, onednn, prepared_calls
+from mixq.kernels import prepared_calls
 from mixq.modules import QConv2d, QLinear
 from tests.test_cpu_backend import activations
+from tests.test_packed_gemm import needs_fused_gemm
 
-pytestmark = pytest.mark.skipif(
-    onednn.unavailable_reason() is not None or native.packed_gemm_unavailable_reason() is not None,
-    reason=f"the fused GEMM cannot run here: {onednn.unavailable_reason() or native.packed_gemm_unavailable_reason()}")
+pytestmark = needs_fused_gemm
 
 
 @pytest.fixture
