@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mixq.io import TEMP_SUFFIX, read_yaml, write_yaml_atomic
+from mixq.io import TEMP_SUFFIX, TableText, read_yaml, write_text_atomic
 
 SHARD_FOLDER = "sensitivity-shards"
 # Process 0 collects the float references while the others wait; on a CPU that takes long.
@@ -128,11 +128,12 @@ def read_all_shards(table_path) -> list[dict]:
     return [read_shard(p) for p in shard_paths(table_path)]
 
 
-def write_shard(table_path, rank: int, rows: dict, measurement: dict | None = None, run: str | None = None):
-    """`run`: the key of the inputs the rows were measured from; shards of other inputs are never merged."""
-    data = {"measurement": measurement} if measurement else {}
-    write_yaml_atomic(shard_path(table_path, rank), {**({"run": run} if run else {}), **data, "layers": rows},
-                      table=True)
+def write_shard(table_path, rank: int, rows: dict, measurement: dict | None = None, run: str | None = None,
+                texts: TableText | None = None):
+    """`run`: the key of the inputs the rows were measured from; shards of other inputs are never merged.
+    `texts`: the TableText of a shard rewritten after every layer (rows emitted once)."""
+    head = {**({"run": run} if run else {}), **({"measurement": measurement} if measurement else {})}
+    write_text_atomic(shard_path(table_path, rank), (texts or TableText()).text(head, rows))
 
 
 def remove_shards(table_path, shards_of_ranks):

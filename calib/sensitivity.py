@@ -44,7 +44,7 @@ from mixq.calib.pipeline import generate
 from mixq.calib.prefix import PrefixReuse
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError
-from mixq.io import read_yaml, write_yaml_atomic
+from mixq.io import TableText, read_yaml, write_text_atomic
 from mixq.layers import LayerInfo, set_submodule
 from mixq.metrics import batch_ssim, sqnr_db
 from mixq.quantizers import ACTIVATION_BITS, FLOAT_BITS, WEIGHT_BITS
@@ -418,8 +418,9 @@ def in_layer_order(rows: dict, layers: dict) -> dict:
     return {name: rows[name] for name in layers if name in rows}
 
 
-def write_table(path, measurement: dict | None, rows: dict):
-    write_yaml_atomic(path, {**({"measurement": measurement} if measurement else {}), "layers": rows}, table=True)
+def write_table(path, measurement: dict | None, rows: dict, texts: TableText | None = None):
+    """`texts`: the TableText of a table rewritten after every layer (rows emitted once)."""
+    write_text_atomic(path, (texts or TableText()).text({"measurement": measurement} if measurement else {}, rows))
 
 
 def check_no_stale_rows(rows: dict, layers: dict, where):
@@ -496,13 +497,14 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
 
     my_share = set(shard(list(layers), world))
     mine = {name: row for name, row in known.items() if name in my_share}
+    texts = TableText()
 
     def save():
         if world.size == 1:
-            write_table(table_path, measurement, in_layer_order(mine, layers))
+            write_table(table_path, measurement, in_layer_order(mine, layers), texts)
         else:
             write_shard(table_path, world.rank, in_layer_order(mine, layers), measurement if world.is_main else None,
-                        run)
+                        run, texts)
 
     started, serving_dtype = time.monotonic(), pipe.unet.dtype
     needs_floor = world.is_main and measurement is None

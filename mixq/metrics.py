@@ -44,21 +44,27 @@ def near_global_window(height: int, width: int) -> int:
 
 
 def box_means(x: np.ndarray, window: int) -> np.ndarray:
-    """Mean over every window x window patch of a 2-D array (valid positions only), via an integral image."""
-    integral = np.pad(x, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    sums = (integral[window:, window:] - integral[:-window, window:]
-            - integral[window:, :-window] + integral[:-window, :-window])
+    """Mean over every window x window patch of the last two axes (valid positions only), via an integral
+    image; the leading axes are a batch, each 2-D slice computed exactly as it would be alone."""
+    pad = [(0, 0)] * (x.ndim - 2) + [(1, 0), (1, 0)]
+    integral = np.pad(x, pad).cumsum(-2).cumsum(-1)
+    sums = (integral[..., window:, window:] - integral[..., :-window, window:]
+            - integral[..., window:, :-window] + integral[..., :-window, :-window])
     return sums / window**2
 
 
-def ssim_channel(a: np.ndarray, b: np.ndarray, window: int, data_range: float) -> float:
+def ssim_map(a: np.ndarray, b: np.ndarray, window: int, data_range: float) -> np.ndarray:
+    """SSIM at every window position of the last two axes."""
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     mu_a, mu_b = box_means(a, window), box_means(b, window)
     var_a = box_means(a * a, window) - mu_a**2
     var_b = box_means(b * b, window) - mu_b**2
     cov = box_means(a * b, window) - mu_a * mu_b
-    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(score.mean())
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+
+
+def ssim_channel(a: np.ndarray, b: np.ndarray, window: int, data_range: float) -> float:
+    return float(ssim_map(a, b, window, data_range).mean())
 
 
 def ssim(reference, image, window: int | None = None, data_range: float = 1.0) -> float:
@@ -84,8 +90,14 @@ def _as_hwc(batch: torch.Tensor) -> np.ndarray:
 
 
 def batch_ssim(reference: torch.Tensor, images: torch.Tensor) -> float:
-    """Mean SSIM (near-global window) over a batch of [N, C, H, W] images."""
-    return float(np.mean([ssim(r, i) for r, i in zip(_as_hwc(reference), _as_hwc(images))]))
+    """Mean SSIM (near-global window) over a batch of [N, C, H, W] images: the mean of ssim() per image,
+    bit for bit (sensitivity ranks content layers by SSIMs within 1e-6 of 1), computed for the whole
+    batch at once (per image, it was 3 % of the proving ground's sensitivity pass)."""
+    a, b = (np.asarray(x.detach().float().cpu().numpy(), dtype=np.float64) for x in (reference, images))
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"expected two [N, C, H, W] batches of one shape, got {a.shape} and {b.shape}")
+    scores = ssim_map(a, b, near_global_window(*a.shape[2:]), 1.0)  # each [n, c] slice contiguous, as alone
+    return float(np.mean([np.mean([float(channel.mean()) for channel in image]) for image in scores]))
 
 
 def batch_psnr(reference: torch.Tensor, images: torch.Tensor) -> float:

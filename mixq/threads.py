@@ -5,8 +5,9 @@ threads that share a core with it are descheduled while the others spin at every
 2-core Xeon with one core busy, calibration took about 13 s per layer with 2 threads against 1.2 s
 with 1 (benchmarks/results/cpu-calibration-threads-2026-12-06.md). So
 long runs choose their thread count from the cores this process may use (its CPU affinity) minus the
-cores other processes keep busy, measured over a short window from /proc/stat, and choose again
-from time to time as the load changes. `--threads N` (or OMP_NUM_THREADS) fixes the count instead.
+cores other processes keep busy, measured from /proc/stat (over a short window at the first choice, then
+over the time since the last one, which costs no waiting), and choose again from time to time as the
+load changes. `--threads N` (or OMP_NUM_THREADS) fixes the count instead.
 """
 
 from __future__ import annotations
@@ -44,16 +45,23 @@ def cpu_busy_seconds(cpus: list[int]) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def busy_cores_of_others(seconds: float = MEASURE_SECONDS) -> float | None:
-    """How many of this process's usable cores other processes kept busy over the last `seconds`."""
+def load_reading(cpus: list[int]) -> tuple[float, float, float] | None:
+    """(busy seconds of `cpus` since boot, this process's CPU seconds, monotonic time); None off Linux."""
+    busy = cpu_busy_seconds(cpus)
+    return None if busy is None else (busy, time.process_time(), time.monotonic())
+
+
+def busy_cores_of_others(seconds: float = MEASURE_SECONDS, since: tuple | None = None) -> float | None:
+    """How many of this process's usable cores other processes kept busy over the last `seconds`, or
+    since the load_reading `since` (waiting only what makes that window `seconds` long)."""
     cpus = usable_cpus()
-    start_all, start_own, start = cpu_busy_seconds(cpus), time.process_time(), time.monotonic()
-    if start_all is None:
+    start = since if since is not None else load_reading(cpus)
+    if start is None:
         return None
-    time.sleep(seconds)
-    end_all, end_own, elapsed = cpu_busy_seconds(cpus), time.process_time(), time.monotonic() - start
-    others = (end_all - start_all) - (end_own - start_own)
-    return max(0.0, others / elapsed)
+    time.sleep(max(0.0, seconds - (time.monotonic() - start[2])))
+    end = load_reading(cpus)
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return max(0.0, others / (end[2] - start[2]))
 
 
 def fitting_threads(cores: int, busy_elsewhere: float | None) -> int:
@@ -78,6 +86,7 @@ class ThreadPolicy:
         self.fixed, self.log = fixed, log
         self.threads: int | None = None
         self.chosen_at = -float("inf")
+        self.last_reading = None  # the load when last chosen: the next choice measures from it
 
     @property
     def reason(self) -> str:
@@ -86,7 +95,11 @@ class ThreadPolicy:
     def choose(self) -> int:
         """Choose now (also when chosen recently); returns the thread count."""
         cores = len(usable_cpus())
-        threads = self.fixed if self.fixed is not None else fitting_threads(cores, busy_cores_of_others())
+        if self.fixed is not None:
+            threads = self.fixed
+        else:
+            threads = fitting_threads(cores, busy_cores_of_others(since=self.last_reading))
+            self.last_reading = load_reading(usable_cpus())
         self.chosen_at = time.monotonic()
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)

@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.images import image_grid, labelled_grid
-from mixq.metrics import box_means, near_global_window, psnr, ssim
+from mixq.metrics import batch_ssim, box_means, near_global_window, psnr, ssim
 
 
 def random_image(shape=(32, 32, 3), seed=0):
@@ -82,6 +83,29 @@ def test_box_means():
     assert means.shape == (3, 3)
     assert means[0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
     assert box_means(x, 4)[0, 0] == pytest.approx(x.mean())
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 64, 64), (3, 3, 17, 20), (2, 1, 9, 9)])
+def test_batch_ssim_is_the_mean_of_per_image_ssim_bit_for_bit(shape):
+    # Sensitivity ranks content layers by SSIMs that differ from 1 in the 6th decimal: the batched
+    # computation must not move a single bit.
+    generator = torch.Generator().manual_seed(sum(shape))
+    reference = torch.rand(shape, generator=generator)
+    images = (reference + 1e-3 * torch.randn(shape, generator=generator)).clamp(0, 1)
+    per_image = [ssim(r, i) for r, i in zip(reference.permute(0, 2, 3, 1).numpy(), images.permute(0, 2, 3, 1).numpy())]
+    assert batch_ssim(reference, images) == float(np.mean(per_image))
+    assert batch_ssim(reference, reference) == 1.0
+
+
+def test_box_means_of_a_batch_are_each_slice_alone():
+    x = np.random.default_rng(0).random((2, 3, 11, 13))
+    together = box_means(x, 5)
+    assert all(np.array_equal(together[n, c], box_means(np.ascontiguousarray(x[n, c]), 5)) for n in range(2) for c in range(3))
+
+
+def test_batch_ssim_rejects_mismatched_batches():
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        batch_ssim(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 9))
 
 
 def test_image_grid_places_and_enlarges_cells():

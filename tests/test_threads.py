@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -44,8 +45,29 @@ def test_a_busy_process_is_seen_and_leaves_its_core(restore_threads, monkeypatch
     assert chosen < len(threads.usable_cpus()) or len(threads.usable_cpus()) == 1
 
 
+def test_a_later_choice_measures_the_time_since_the_last_one_without_waiting(restore_threads, monkeypatch):
+    if threads.cpu_busy_seconds(threads.usable_cpus()) is None:
+        pytest.skip("no /proc/stat on this OS")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    policy = ThreadPolicy()
+    policy.choose()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(2 * threads.MEASURE_SECONDS)
+        slept = []
+        monkeypatch.setattr(threads.time, "sleep", lambda seconds: slept.append(seconds))
+        busy = busy_cores_of_others(since=policy.last_reading)
+        policy.choose()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert slept and max(slept) == 0.0, f"waited {slept} although the window since the last choice was long enough"
+    assert busy > 0.4, f"a process spinning since the last choice measured as {busy:.2f} busy cores"
+    assert torch.get_num_threads() == policy.threads >= 1
+
+
 def test_fixed_threads_are_kept_and_logged_once(restore_threads, monkeypatch):
-    monkeypatch.setattr(threads, "busy_cores_of_others", lambda seconds=0: pytest.fail("measured while fixed"))
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda seconds=0, since=None: pytest.fail("measured while fixed"))
     said = []
     policy = ThreadPolicy(fixed=1, log=said.append)
     assert policy.choose() == 1 and policy.maybe_rechoose() == 1 and torch.get_num_threads() == 1
@@ -60,7 +82,7 @@ def test_omp_num_threads_fixes_the_count(restore_threads, monkeypatch):
 def test_rechoosing_waits_for_its_interval(restore_threads, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     measured = []
-    monkeypatch.setattr(threads, "busy_cores_of_others", lambda seconds=0: measured.append(1) or 0.0)
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda seconds=0, since=None: measured.append(1) or 0.0)
     policy = ThreadPolicy()
     policy.choose()
     policy.maybe_rechoose()
