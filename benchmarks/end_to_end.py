@@ -52,6 +52,9 @@ EVERY = ("unet", "vae", "text_encoder", "text_encoder_2")
 # (configuration suffix, the components quantized besides the UNet)
 COMPONENT_SETS = (("", ()), (" + VAE W8A8", ("vae",)),
                   (" + VAE + text encoders W8A8", ("vae", "text_encoder", "text_encoder_2")))
+# --unet-settings: configuration label and quantize() arguments (None: the 4-bit plan's layers)
+UNET_SETTINGS = {"w8a8": ("mixq W8A8 UNet", {"w_bit": 8, "a_bit": 8}), "plan": ("mixq 4-bit plan UNet", None)}
+LCM_CONFIGURATIONS = ("mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8", "mixq 4-bit plan UNet + VAE W8A8")
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -257,8 +260,8 @@ def run(args) -> dict:
     loads = workloads(args.size, args.lcm_size)
     half = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
     rounds = {"SDXL-Turbo": args.rounds, "LCM-LoRA SDXL": args.lcm_rounds}
-    quantized_names = [f"{label}{suffix}" for label in ("mixq W8A8 UNet", "mixq 4-bit plan UNet")
-                       for suffix, _ in COMPONENT_SETS]
+    labels = [UNET_SETTINGS[setting][0] for setting in args.unet_settings]
+    quantized_names = [f"{label}{suffix}" for label in labels for suffix, _ in COMPONENT_SETS]
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.end_to_end", *sys.argv[1:]]),
@@ -268,7 +271,7 @@ def run(args) -> dict:
         "workloads": {k: {key: v for key, v in w.items()} for k, w in loads.items()},
         "configurations": {
             "SDXL-Turbo": ["fp32", "half", *quantized_names],
-            "LCM-LoRA SDXL": ["half", "mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8", "mixq 4-bit plan UNet + VAE W8A8"],
+            "LCM-LoRA SDXL": ["half", *(n for n in LCM_CONFIGURATIONS if n.startswith(tuple(labels)))],
         },
         "latency": {k: {} for k in loads}, "quantize_s": {}, "notes": [],
     }
@@ -303,8 +306,8 @@ def run(args) -> dict:
     plan = mixed_4bit_plan(pipe.unet)
     results["plan_source"] = plan["source"]
     layer_sets = {"half": {}}
-    for label, kwargs in (("mixq W8A8 UNet", {"w_bit": 8, "a_bit": 8}),
-                          ("mixq 4-bit plan UNet", {"plan": plan["layers"]})):
+    for setting in args.unet_settings:
+        label, kwargs = UNET_SETTINGS[setting][0], UNET_SETTINGS[setting][1] or {"plan": plan["layers"]}
         layer_sets.update(quantized_layer_sets(pipe, label, kwargs, calibration, floats, results))
         gc.collect()
     for workload, spec in loads.items():
@@ -393,6 +396,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed SDXL-Turbo generations per configuration")
     parser.add_argument("--lcm-rounds", type=int, default=1, help="timed LCM-LoRA generations per configuration")
     parser.add_argument("--skip-fp32", action="store_true")
+    parser.add_argument("--unet-settings", nargs="+", choices=list(UNET_SETTINGS), default=list(UNET_SETTINGS),
+                        help="the UNet settings to quantize (default: both). The run holds every setting's quantized "
+                             "layers beside the float ones: one setting needs less memory (about 12 GB instead of 16 "
+                             "at full size)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                         help="keep the UNet and VAE in NCHW (default: channels-last for every configuration)")

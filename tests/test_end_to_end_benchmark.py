@@ -27,3 +27,14 @@ def test_cpu_pipeline_benchmark_reports_every_stage_and_configuration(tmp_path):
     assert "per round: median [min, max]" in report
     assert re.search(r"^\| mixq W8A8 UNet \|.*\| [\d.]+x \[[\d.]+, [\d.]+\] \|", report, flags=re.M)
     assert end_to_end.round_ratios([2.0, 3.0], [1.0, 6.0]) == [2.0, 0.5]
+
+
+def test_one_unet_setting_quantizes_and_times_only_its_configurations(tmp_path):
+    out = tmp_path / "results"
+    assert end_to_end.main(["--tiny", "--out", str(out), "--size", "64", "--lcm-size", "64", "--rounds", "1",
+                            "--skip-fp32", "--unet-settings", "w8a8"]) == 0
+    results = json.loads(next(out.glob("cpu-pipeline-*.json")).read_text())
+    assert list(results["quantize_s"]) == ["mixq W8A8 UNet"]
+    assert list(results["latency"]["SDXL-Turbo"]) == ["half", "mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8",
+                                                      "mixq W8A8 UNet + VAE + text encoders W8A8"]
+    assert list(results["latency"]["LCM-LoRA SDXL"]) == ["half", "mixq W8A8 UNet", "mixq W8A8 UNet + VAE W8A8"]
