@@ -87,18 +87,17 @@ def write_text_atomic(path, text: str):
 
 
 # libyaml's emitter where PyYAML has it: 4x faster, the same bytes for numbers and short plain strings
-# (it wraps long escaped strings differently), so only for tables rewritten often (the sensitivity table
-# after every layer: 0.055 s at 200 layers with the pure-Python emitter, 5 % of the proving ground's pass).
+# (it wraps long escaped strings differently), so only for tables rewritten often (TableText).
 _FastSafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-def write_yaml_atomic(path, data, table: bool = False):
-    """`data` as YAML, atomically. `table`: a table of numbers and names, written with the faster emitter."""
-    write_text_atomic(path, yaml.dump(data, Dumper=_FastSafeDumper if table else yaml.SafeDumper, sort_keys=False))
+def write_yaml_atomic(path, data):
+    """`data` as YAML, atomically."""
+    write_text_atomic(path, yaml.dump(data, Dumper=yaml.SafeDumper, sort_keys=False))
 
 
 class TableText:
-    """The YAML write_yaml_atomic(table=True) writes for {**head, key: rows}, for a table rewritten after
+    """The YAML of {**head, key: rows} (libyaml's emitter where present), for a table rewritten after
     every new row: each row's text is emitted once and reused while the row is unchanged (emitting
     every row at every write grows with the square of the rows: 4 s of the proving ground's two-minute
     sensitivity pass). Rows hold names and numbers; a nested row is its own text indented one level."""
