@@ -304,7 +304,8 @@ def run(args) -> dict:
     results["calibrate_s"] = round(time.perf_counter() - start, 1)
     floats = float_layers(pipe)
     plan = mixed_4bit_plan(pipe.unet)
-    results["plan_source"] = plan["source"]
+    if "plan" in args.unet_settings:
+        results["plan_source"] = plan["source"]
     layer_sets = {"half": {}}
     for setting in args.unet_settings:
         label, kwargs = UNET_SETTINGS[setting][0], UNET_SETTINGS[setting][1] or {"plan": plan["layers"]}
@@ -346,7 +347,7 @@ def report(results: dict) -> str:
              f"UNet and VAE {'channels-last' if results.get('channels_last') else 'NCHW'} in every configuration",
              f"- Versions: {', '.join(f'{k} {v}' for k, v in results['environment']['versions'].items() if v)}",
              f"- Parameters: {', '.join(f'{k} {v / 1e6:.0f} M' for k, v in results.get('parameters', {}).items())}",
-             f"- 4-bit plan: {results.get('plan_source', '-')}; activation ranges from one half-precision generation "
+             f"- 4-bit plan: {results.get('plan_source', 'not run')}; activation ranges from one half-precision generation "
              f"({results.get('calibrate_s', '-')} s); quantize (every component): "
              f"{', '.join(f'{k} {v} s' for k, v in results['quantize_s'].items()) or '-'}", ""]
     for workload, rows in results["latency"].items():
