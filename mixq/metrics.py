@@ -92,7 +92,7 @@ def _as_hwc(batch: torch.Tensor) -> np.ndarray:
 def batch_ssim(reference: torch.Tensor, images: torch.Tensor) -> float:
     """Mean SSIM (near-global window) over a batch of [N, C, H, W] images: the mean of ssim() per image,
     bit for bit (sensitivity ranks content layers by SSIMs within 1e-6 of 1), computed for the whole
-    batch at once (per image, it was 3 % of the proving ground's sensitivity pass)."""
+    batch at once (the proving ground's 335 batches of 8: 2.2-2.4 s against 2.6-2.7 s image by image)."""
     a, b = (np.asarray(x.detach().float().cpu().numpy(), dtype=np.float64) for x in (reference, images))
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"expected two [N, C, H, W] batches of one shape, got {a.shape} and {b.shape}")
