@@ -501,6 +501,20 @@ def fused_gemm_runs(k: int, w_bits: int = 4, kind: str = "linear", weights: int 
     return native.packed_gemm_function() is not None
 
 
+def int8_conv_leaves_fused_gemm(k: int, weights: int, rows: int) -> bool:
+    """Whether an 8-bit convolution (K = k input channels, `weights` in all) that the fused GEMM runs on small
+    images runs on oneDNN for a call of `rows` output rows. Called on every call of such a layer: the row
+    count, which alone can make the answer yes, is compared before the kernel switches are read."""
+    return (rows > INT8_FUSED_CONV_ROWS and fused_gemm_runs(k, 8, "conv2d", weights, rows=1)
+            and not fused_gemm_runs(k, 8, "conv2d", weights, rows=rows))
+
+
+def conv_output_positions(size, kernel_size, stride, padding) -> int:
+    """Output pixels of a convolution over an input of spatial `size` (h, w)."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
+    return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+
+
 def call_layout_of_plain_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -> tuple:
     """(oneDNN weight, zero points) of an 8-bit convolution that keeps its plain buffer, for one call: not
     kept (int8_keeps_plain_buffer)."""

@@ -155,6 +155,7 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
         codes = onednn.codes_scratch(x.numel(), torch.uint8)
         finite = quantize(calls[0], x, codes, nchw_to_channels_last=nchw)
         codes = codes.view(b, h, w, c)
+    rows = b * onednn.conv_output_positions((h, w), kernel_size, stride, padding)
     y, start = None, 0
     for call, size in zip(calls, part_sizes):
         if len(calls) > 1:  # each part has its own scale: quantize its channels alone
@@ -163,8 +164,6 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
             part_finite = quantize(call, part, part_codes)
             finite = part_finite if finite is None else finite and part_finite
             codes = part_codes.view(b, h, w, size)
-        rows = b * ((h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1) * (
-            (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
         if call.fused and call.onednn_above_rows is not None and rows > call.onednn_above_rows:
             # a large 8-bit convolution kept plain: on oneDNN, its layout made for this call
             layout, w_zero = onednn.call_layout_of_plain_conv(call.weight, call.w_scale, size, kernel_size, stride,

@@ -599,25 +599,17 @@ class QConv2d(QuantizedLayer):
                 known_finite = self.input_found_finite(x)
         return propagate_non_finite(x, y, (self.kernel_size, self.stride, self.padding), known_finite)
 
-
     def _too_large_for_the_fused_gemm(self, x: torch.Tensor) -> bool:
         """Whether this 8-bit convolution, kept plain for the fused GEMM, is called on an image on which
-        oneDNN's kernel runs it faster (onednn.fused_gemm_runs: a large convolution on many output
-        positions, e.g. the VAE decoder's): it then holds oneDNN's layout, instead of laying it out on every
-        call; a layer called on such images once is likely to be called on them again."""
+        oneDNN's kernel runs it faster (onednn.int8_conv_leaves_fused_gemm: a large convolution on many
+        output positions, e.g. the VAE decoder's): it then holds oneDNN's layout, instead of laying it out on
+        every call; a layer called on such images once is likely to be called on them again."""
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return False
-        rows = x.shape[0] * conv_output_positions(x.shape[2:], self.kernel_size, self.stride, self.padding)
-        return any(
-            onednn.fused_gemm_runs(size, 8, "conv2d", self.out_features * size * taps, rows=1)
-            and not onednn.fused_gemm_runs(size, 8, "conv2d", self.out_features * size * taps, rows=rows)
-            for size, taps in ((size, self.kernel_size[0] * self.kernel_size[1]) for size in self.part_sizes))
-
-
-def conv_output_positions(size, kernel_size, stride, padding) -> int:
-    """Output pixels of a convolution over an input of spatial `size` (h, w)."""
-    (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
-    return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+        rows = x.shape[0] * onednn.conv_output_positions(x.shape[2:], self.kernel_size, self.stride, self.padding)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        return any(onednn.int8_conv_leaves_fused_gemm(size, self.out_features * size * taps, rows)
+                   for size in self.part_sizes)
 
 
 def keeps_cpu_int8(fn) -> bool:
