@@ -25,6 +25,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cpu_unet import rss_bytes
 from benchmarks.end_to_end import (COMPONENT_SETS, PROMPT, STAGES, UNET_SETTINGS, build_pipeline, generate_timed,
                                    median_row, workload_scheduler, workloads)
 from benchmarks.environment import environment
@@ -62,6 +62,17 @@ def paired_ratios(runs: list[dict], name: str) -> list[float]:
     medians = {(r["round"], r["configuration"]): r["row"]["total"] for r in runs}
     return [medians[(i, BASELINE)] / medians[(i, name)] for i in sorted({r["round"] for r in runs})
             if (i, BASELINE) in medians and (i, name) in medians]
+
+
+def speedup_interval(ratios: list[float]) -> tuple[float, float, float] | None:
+    """The geometric mean of per-round speed-ups with its 95 % Student-t interval (on their logarithms);
+    None for fewer than two rounds."""
+    from mixq.stats import paired_difference
+
+    if len(ratios) < 2:
+        return None
+    logs = paired_difference([math.log(r) for r in ratios], [0.0] * len(ratios))
+    return math.exp(logs["mean"]), math.exp(logs["low"]), math.exp(logs["high"])
 
 
 def pooled_row(runs: list[dict], name: str) -> dict | None:
@@ -177,7 +188,7 @@ def run(args) -> dict:
         "rounds": args.rounds, "runs": [],
     }
     results = resumable(args, stem_of(fresh, args.out)) or fresh
-    results["rounds"] = args.rounds
+    results.update(rounds=args.rounds, command=fresh["command"])  # a resumed run: the command that finished it
     done = {(r["round"], r["configuration"]) for r in results["runs"]}
     for index in range(args.rounds):
         for name in round_order(args.configurations, index):
@@ -222,6 +233,9 @@ def report(results: dict) -> str:
         ratios = sorted(paired_ratios(runs, name)) if name != BASELINE else []
         paired = (f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f}, {ratios[-1]:.2f}] ({len(ratios)})"
                   if ratios else "-")
+        interval = speedup_interval(ratios)
+        if interval:
+            paired += f"; geometric mean {interval[0]:.2f}x, 95 % CI [{interval[1]:.2f}, {interval[2]:.2f}]"
         e2e = f"{base['total'] / row['total']:.2f}x" if base else "-"
         unet = f"{base['UNet'] / row['UNet']:.2f}x" if base else "-"
         quantize = f"{statistics.median(r['quantize_s'] for r in own):.0f}" if own[0]["quantize_s"] is not None else "-"

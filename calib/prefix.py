@@ -20,6 +20,7 @@ attention blocks; at 1024x1024 about four times that.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -162,6 +163,14 @@ class PrefixReuse:
     @property
     def enabled(self) -> bool:
         return self.max_depth > 0
+
+    def bound_to(self, unet) -> PrefixReuse:
+        """This recording, replayed on `unet`, a copy of the recorded UNet (mixq.calib.workers): the
+        recorded outputs are shared, read only; what is derived per batch size is the twin's own."""
+        twin = copy.copy(self)
+        twin.unet, twin.replayed = unet, 0
+        twin.copied_calls, twin.scaling = dict(self.copied_calls), dict(self.scaling)
+        return twin
 
     @torch.no_grad()
     def _record(self, max_bytes: int):

@@ -32,6 +32,7 @@ import copy
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ from mixq.calib.distributed import (World, current_world, merge_shard_rows, remo
                                     shard, shard_paths, write_shard)
 from mixq.calib.pipeline import generate
 from mixq.calib.prefix import PrefixReuse
+from mixq.calib.workers import (WORKERS_VARIABLE, model_bytes, one_by_one, parallelism_text, side_by_side,
+                                sums_depend_on_threads, worker_count)
 from mixq.calibration import Calibration
 from mixq.errors import CalibrationFileError
 from mixq.io import TableText, read_yaml, write_text_atomic
@@ -120,6 +123,14 @@ class Evaluator:
         self.prefix = prefix  # the float UNet's recorded work, reused ahead of a changed layer
         self.candidates_per_call = (candidates_sharing_a_call(self.calls, pipeline_kwargs)
                                     if candidates_per_call is None else candidates_per_call)
+
+    def on_copied_pipeline(self) -> Evaluator:
+        """This evaluator on a copy of the pipeline, for measuring another layer at the same time
+        (mixq.calib.workers); the reference and the recorded float work are shared, read only."""
+        pipe = copy.deepcopy(self.pipe)
+        prefix = self.prefix.bound_to(pipe.unet) if self.prefix is not None else None
+        return Evaluator(pipe, self.reference, self.seed, self.pipeline_kwargs, self.batch_size, prefix=prefix,
+                         candidates_per_call=self.candidates_per_call)
 
     def reusing_work_before(self, layer: str, copies: int = 1):
         """Scores computed inside are the same; UNet work ahead of `layer` comes from the recording."""
@@ -384,10 +395,6 @@ class LayerClock:
         return sum(self.per_layer(group) for group in groups_left)
 
 
-def thread_count_text(count: int) -> str:
-    return f"{count} thread" if count == 1 else f"{count} threads"
-
-
 def format_duration(seconds: float) -> str:
     if math.isnan(seconds):
         return "unknown"
@@ -397,12 +404,13 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def estimate_line(clock: LayerClock, groups_left: list[str], world: World) -> str:
+def estimate_line(clock: LayerClock, groups_left: list[str], world: World, workers: int = 1) -> str:
+    """The first estimate of the time left; `workers` layers are measured at a time (mixq.calib.workers)."""
     per_group = ", ".join(f"{g} {clock.per_layer(g):.2f} s" for g in sorted(clock.seconds))
     where = "this process" if world.size == 1 else f"each of the {world.size} processes"
     return (f"sensitivity: {clock.per_layer():.2f} s per layer over the first {clock.count} ({per_group}); "
-            f"expected {format_duration(clock.expected_seconds(groups_left))} for the {len(groups_left)} layers "
-            f"left on {where}")
+            f"expected {format_duration(clock.expected_seconds(groups_left) / workers)} for the "
+            f"{len(groups_left)} layers left on {where}")
 
 
 # --- the pass -----------------------------------------------------------------------------------
@@ -430,28 +438,42 @@ def check_no_stale_rows(rows: dict, layers: dict, where):
                                    "another model or keep-fp setting; use a new --out folder")
 
 
-def measured_rows(evaluator: Evaluator, todo: list[str], layers: dict, calibration: Calibration, bits_config,
+def measured_rows(evaluators: list[Evaluator], todo: list[str], layers: dict, calibration: Calibration, bits_config,
                   progress: bool, say, world: World, threads=None):
-    """(name, row) for every layer of `todo`, with a progress bar and, after the first few layers, the
-    measured time per layer and the expected rest."""
+    """(name, row) for every layer of `todo`, as they are measured: one at a time with one evaluator,
+    several at a time with several (mixq.calib.workers); with a progress bar and, after the first few
+    layers, the measured time per layer and the expected rest."""
     from tqdm.auto import tqdm
 
-    unet, clock = evaluator.pipe.unet, LayerClock()
-    bar = tqdm(todo, desc="sensitivity", unit="layer", smoothing=0, disable=not progress)
-    for index, name in enumerate(bar):
+    clock, left, workers = LayerClock(), list(todo), len(evaluators)
+
+    def measure(evaluator: Evaluator, name: str) -> dict:
         info = layers[name]
         candidates = candidate_bits(info.group, bits_config.weight_content, bits_config.weight_quality,
                                     bits_config.activation)
-        started = time.monotonic()
-        row = measure_layer(evaluator, unet, info, calibration, candidates)
-        clock.record(info.group, time.monotonic() - started)
-        yield name, row
-        groups_left = [layers[n].group for n in todo[index + 1:]]
-        if clock.count == ESTIMATE_AFTER_LAYERS and groups_left:
-            say(f"{estimate_line(clock, groups_left, world)}, {thread_count_text(torch.get_num_threads())}")
-        threads_now = threads.maybe_rechoose() if threads is not None else torch.get_num_threads()
-        bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left))} left, "
-                            f"{thread_count_text(threads_now)}", refresh=False)
+        return measure_layer(evaluator, evaluator.pipe.unet, info, calibration, candidates)
+
+    if workers > 1:  # then the layers whose kernels sum by thread count, with every thread
+        unet = evaluators[0].pipe.unet
+        alone = [name for name in todo if sums_depend_on_threads(unet.get_submodule(name))]
+        results = chain(side_by_side(evaluators, [name for name in todo if name not in alone], measure),
+                        one_by_one(evaluators[0], alone, measure))
+    else:
+        results = one_by_one(evaluators[0], todo, measure)
+    with tqdm(total=len(todo), desc="sensitivity", unit="layer", smoothing=0, disable=not progress) as bar:
+        for name, row, seconds in results:
+            clock.record(layers[name].group, seconds)
+            left.remove(name)
+            yield name, row
+            bar.update()
+            groups_left = [layers[n].group for n in left]
+            if clock.count == ESTIMATE_AFTER_LAYERS and groups_left:
+                say(f"{estimate_line(clock, groups_left, world, workers)}, "
+                    f"{parallelism_text(workers, torch.get_num_threads())}")
+            # several evaluators keep one thread each: the count is chosen once, before the pass
+            threads_now = threads.maybe_rechoose() if threads is not None and workers == 1 else torch.get_num_threads()
+            bar.set_postfix_str(f"about {format_duration(clock.expected_seconds(groups_left) / workers)} left, "
+                                f"{parallelism_text(workers, threads_now)}", refresh=False)
 
 
 def matching_shards(table_path: Path, run: str | None, say) -> dict[Path, dict]:
@@ -521,7 +543,17 @@ def measure_sensitivity(pipe, layers: dict[str, LayerInfo], calibration: Calibra
                 floor = measurement["noise_floor"]
                 say(f"sensitivity: measured in {measurement['dtype']}; noise floor SQNR {floor['sqnr_db']:.1f} dB, "
                     f"SSIM 1 - {1 - floor['ssim']:.1e}")
-            for name, row in measured_rows(precise, todo, layers, calibration, bits_config,
+            evaluators = [precise]
+            workers = worker_count(pipe, torch.get_num_threads(), world.size) if todo else 1
+            if workers > 1:
+                try:
+                    evaluators += [precise.on_copied_pipeline() for _ in range(workers - 1)]
+                    say(f"sensitivity: {workers} layers at a time, each on its own copy of the pipeline "
+                        f"({model_bytes(pipe) / 2**20:.0f} MiB) with 1 thread ({WORKERS_VARIABLE}=1: one at a time)")
+                except Exception as error:  # a pipeline deepcopy cannot copy (hooks, compiled modules)
+                    evaluators = [precise]
+                    say(f"sensitivity: one layer at a time: the pipeline could not be copied ({error})")
+            for name, row in measured_rows(evaluators, todo, layers, calibration, bits_config,
                                            progress and world.is_main, say, world, threads):
                 mine[name] = row
                 save()

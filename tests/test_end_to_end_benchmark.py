@@ -62,7 +62,8 @@ def test_one_process_per_configuration_pairs_rounds_and_resumes(tmp_path):
         assert abs(sum(run["row"][s] for s in end_to_end.STAGES) - run["row"]["total"]) < 1e-6
     assert len(processes.paired_ratios(runs, "mixq W8A8 UNet + VAE W8A8")) == 2
     report = json_path.with_suffix(".md").read_text()
-    assert re.search(r"^\| mixq W8A8 UNet \+ VAE W8A8 \|.*\| [\d.]+x \[[\d.]+, [\d.]+\] \(2\) \|", report, flags=re.M)
+    assert re.search(r"^\| mixq W8A8 UNet \+ VAE W8A8 \|.*\| [\d.]+x \[[\d.]+, [\d.]+\] \(2\); geometric mean [\d.]+x, "
+                     r"95 % CI \[[\d.]+, [\d.]+\] \|", report, flags=re.M)
     # a resumed run with the same settings keeps the finished processes and runs only the new round
     assert processes.main([*common[:6], "3", *common[7:], "--resume"]) == 0
     resumed = json.loads(json_path.read_text())["runs"]
@@ -79,3 +80,13 @@ def test_process_benchmark_pairs_only_rounds_both_finished():
     assert processes.paired_ratios(runs, "q") == [1.5]
     assert processes.round_order(["a", "b", "c"], 1) == ["c", "b", "a"]
     assert processes.round_order(["a", "b", "c"], 2) == ["a", "b", "c"]
+
+
+def test_process_benchmark_interval_of_per_round_speedups():
+    from benchmarks import end_to_end_processes as processes
+
+    assert processes.speedup_interval([1.6]) is None
+    geo, low, high = processes.speedup_interval([1.5, 1.6, 1.7, 1.6])
+    assert low < geo < high and abs(geo - (1.5 * 1.6 * 1.7 * 1.6) ** 0.25) < 1e-12
+    same = processes.speedup_interval([1.6, 1.6])
+    assert same == (1.6, 1.6, 1.6) or all(abs(v - 1.6) < 1e-12 for v in same)
