@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .fallback import warn_once
+from .reference import conv_output_size
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("activation_codes.c", "packed_gemm.c"))
 HEADERS = (Path(__file__).with_name("native_threads.h"),)  # (part of the cache key)
@@ -316,8 +317,8 @@ def packed_conv(padded: torch.Tensor, kernel_size, stride, packed: torch.Tensor,
     b, hp, wp, c = padded.shape
     if fn is None or c % 4 or not padded.is_contiguous():
         return None
-    (kh, kw), (sh, sw) = kernel_size, stride
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    kh, kw = kernel_size
+    ho, wo = conv_output_size((hp, wp), kernel_size, stride, (0, 0))  # the input comes padded
     out = torch.empty(b * ho * wo, packed.shape[0], dtype=out_dtype)
     return _run(fn, padded, packed, bits, w_sum, x_scale, zero, w_scale, bias, out,
                 (kh * kw * c, conv_geometry(padded.shape, kernel_size, stride)))
@@ -327,8 +328,8 @@ def conv_geometry(padded_shape, kernel_size, stride):
     """What mixq_packed_gemm reads a convolution by: {channels, out_h, out_w, in_h, in_w, kernel_w, stride_h,
     stride_w} of its padded channels-last input codes [B, Hp, Wp, C], as a ctypes int64 array."""
     _, hp, wp, c = padded_shape
-    (kh, kw), (sh, sw) = kernel_size, stride
-    return (ctypes.c_int64 * 8)(c, (hp - kh) // sh + 1, (wp - kw) // sw + 1, hp, wp, kw, sh, sw)
+    ho, wo = conv_output_size((hp, wp), kernel_size, stride, (0, 0))
+    return (ctypes.c_int64 * 8)(c, ho, wo, hp, wp, kernel_size[1], *stride)
 
 
 def _run(fn, codes, packed, bits, w_sum, x_scale, zero, w_scale, bias, out, convolution=None) -> torch.Tensor:

@@ -511,8 +511,8 @@ def int8_conv_leaves_fused_gemm(k: int, weights: int, rows: int) -> bool:
 
 def conv_output_positions(size, kernel_size, stride, padding) -> int:
     """Output pixels of a convolution over an input of spatial `size` (h, w)."""
-    (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
-    return ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+    ho, wo = reference.conv_output_size(size, kernel_size, stride, padding)
+    return ho * wo
 
 
 def call_layout_of_plain_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -> tuple:
@@ -578,8 +578,7 @@ def linear_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bia
 def conv2d_impl(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding,
                 out_dtype):
     b, c = x.shape[:2]
-    ho = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    ho, wo = reference.conv_output_size(x.shape[2:], kernel_size, stride, padding)
     weights = w_scale.shape[0] * c * kernel_size[0] * kernel_size[1]
     if not qweight.is_mkldnn and fused_gemm_runs(c, w_bits, "conv2d", weights, b * ho * wo):  # (c: whole dwords)
         codes = quantize_input_unsigned(x, x_scale, x_zero, a_bits, reuse=True, channels_last=True)
@@ -641,10 +640,8 @@ def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_bits: int, w_scale: tor
 
 @_conv2d_op.register_fake
 def _(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding, out_dtype):
-    b, _, h, w = x.shape
-    ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return x.new_empty((b, w_scale.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
+    ho, wo = reference.conv_output_size(x.shape[2:], kernel_size, stride, padding)
+    return x.new_empty((x.shape[0], w_scale.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
 
 
 def _compiling() -> bool:

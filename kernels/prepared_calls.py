@@ -25,7 +25,7 @@ import torch
 
 from mixq.quantizers import activation_qrange
 
-from . import native, onednn
+from . import native, onednn, reference
 
 SWITCHES = ("MIXQ_BACKEND", "MIXQ_NATIVE", "MIXQ_PACKED_GEMM", "MIXQ_INT8_GEMM")  # (what picks the kernel)
 
@@ -185,7 +185,7 @@ def fused_conv2d(call: PreparedCall, codes: torch.Tensor, dtype, kernel_size, st
     place."""
     b, h, w, c = codes.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    ho, wo = reference.conv_output_size((h, w), kernel_size, stride, padding)
     out = torch.empty(b * ho * wo, call.n, dtype=dtype)
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         run_gemm(call, codes, c, b * h * w, c, out)

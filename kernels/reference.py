@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from mixq.quantizers import quantize_activation, unpack_weight
 
 
+
+def conv_output_size(size, kernel_size, stride, padding) -> tuple[int, int]:
+    """(height, width) of a convolution's output over an input of spatial `size` (h, w), without dilation."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
 def quantize_input(x, x_scale, x_zero, a_bits):
     return quantize_activation(x, x_scale, x_zero, a_bits)
 
@@ -55,8 +61,7 @@ def im2col_channels_last(q_x: torch.Tensor, x_zero, kernel_size, stride, padding
     zero = x_zero.to(torch.float32) if torch.is_tensor(x_zero) else float(x_zero)
     padded = F.pad(q_x.float() - zero, (padding[1], padding[1], padding[0], padding[0])) + zero
     cols = F.unfold(padded, (kh, kw), stride=stride)  # [B, C * kh * kw, L], channel-major
-    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+    ho, wo = conv_output_size((h, w), kernel_size, stride, padding)
     cols = cols.view(b, c, kh * kw, ho * wo).permute(0, 3, 2, 1).reshape(b * ho * wo, kh * kw * c)
     return cols.to(torch.int8), ho, wo
 

@@ -100,7 +100,5 @@ def resolved(input_key):
 
 
 def conv_output_elements(x, n, kernel_size, stride, padding) -> int:
-    b, _, h, w = x.shape
-    h_out = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return b * n * h_out * w_out
+    h_out, w_out = reference.conv_output_size(x.shape[2:], kernel_size, stride, padding)
+    return x.shape[0] * n * h_out * w_out

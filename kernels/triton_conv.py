@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .autotune import Config, device_tag
-from .reference import is_channels_last
+from .reference import conv_output_size, is_channels_last
 from .triton_gemm import (
     CARRIED_POINTERS,
     OutputLayout,
@@ -139,8 +139,7 @@ def conv2d(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, ke
     kh, kw = kernel_size
     step, pad = stride[0], padding[0]
     n = qweight.shape[0]
-    h_out = (h + 2 * pad - kh) // step + 1
-    w_out = (w + 2 * pad - kw) // step + 1
+    h_out, w_out = conv_output_size((h, w), kernel_size, stride, padding)
     m = b * h_out * w_out
     if not is_channels_last(x) and c > 1 and h * w > 1:
         warn_nchw_once()

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixq.kernels import dispatch, native, onednn, prepared_calls
-from mixq.kernels.reference import is_channels_last
+from mixq.kernels.reference import conv_output_size, is_channels_last
 from mixq.quantizers import (
     FLOAT_BITS,
     activation_qparams,
@@ -109,9 +109,7 @@ def nothing_poisoned(x: torch.Tensor, conv=None) -> torch.Tensor:
     if conv is None:
         shape = (*x.shape[:-1], 1)
     else:
-        (kh, kw), (sh, sw), (ph, pw) = conv
-        b, _, h, w = x.shape
-        shape = (b, 1, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        shape = (x.shape[0], 1, *conv_output_size(x.shape[2:], *conv))
     return torch.zeros(shape, dtype=torch.bool, device=x.device)
 
 
