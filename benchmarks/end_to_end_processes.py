@@ -259,12 +259,15 @@ def main(argv=None) -> int:
                              "(default: SDXL 1.0's configs built in)")
     parser.add_argument("--unet-config", type=Path, help="the UNet's config.json (or its folder)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a CLIP tokenizer folder (default: byte-level)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny offline pipeline instead: checks the benchmark runs")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tiny offline pipeline instead: checks the benchmark runs")
     parser.add_argument("--workload", choices=("SDXL-Turbo", "LCM-LoRA SDXL"), default="SDXL-Turbo")
     parser.add_argument("--size", type=int, default=512, help="image size")
-    parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(DEFAULT_CONFIGURATIONS),
-                        metavar="NAME", help=f"configurations to run, the baseline first (default: "
-                        f"{', '.join(map(repr, DEFAULT_CONFIGURATIONS))}; choices: {', '.join(map(repr, CONFIGURATIONS))})")
+    parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS),
+                        default=list(DEFAULT_CONFIGURATIONS), metavar="NAME",
+                        help=f"configurations to run, the baseline first (default: "
+                             f"{', '.join(map(repr, DEFAULT_CONFIGURATIONS))}; "
+                             f"choices: {', '.join(map(repr, CONFIGURATIONS))})")
     parser.add_argument("--rounds", type=int, default=3, help="rounds: one process per configuration each")
     parser.add_argument("--generations", type=int, default=3, help="timed generations per process")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

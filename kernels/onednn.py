@@ -641,7 +641,8 @@ def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_bits: int, w_scale: tor
 @_conv2d_op.register_fake
 def _(x, qweight, w_bits, w_scale, w_sum, x_scale, x_zero, a_bits, bias, kernel_size, stride, padding, out_dtype):
     ho, wo = reference.conv_output_size(x.shape[2:], kernel_size, stride, padding)
-    return x.new_empty((x.shape[0], w_scale.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=torch.channels_last)
+    out = x.new_empty((x.shape[0], w_scale.shape[0], ho, wo), dtype=out_dtype)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def _compiling() -> bool:

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from mixq.quantizers import quantize_activation, unpack_weight
 
 
-
 def conv_output_size(size, kernel_size, stride, padding) -> tuple[int, int]:
     """(height, width) of a convolution's output over an input of spatial `size` (h, w), without dilation."""
     (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
     return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
 
 def quantize_input(x, x_scale, x_zero, a_bits):
     return quantize_activation(x, x_scale, x_zero, a_bits)
