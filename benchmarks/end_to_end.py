@@ -84,6 +84,33 @@ def build_pipeline(model_configs: Path, unet_config: Path, tokenizer: Path | Non
     return pipe.to(device=device, dtype=torch.float32)  # the configs' torch_dtype made some modules fp16
 
 
+def benchmark_pipeline(model_configs, unet_config, tokenizer, device: str = "cpu", tiny: bool = False,
+                       channels_last: bool = True):
+    """The benchmarks' fp32 pipeline: the full-size one built from the configs (`tiny`: the tiny offline
+    one), its UNet and VAE channels-last unless told otherwise (the layout CPU convolutions, float and
+    mixq's, run fastest in; a later cast keeps it)."""
+    if tiny:
+        from mixq.offline import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=0, device=device)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = build_pipeline(model_configs, unet_config, tokenizer, device)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def one_generation_ranges(pipe, components, size: int):
+    """Activation ranges of `components` from one SDXL-Turbo generation of PROMPT (random weights: the
+    quantized configurations' speed, not their image quality)."""
+    import mixq
+
+    return mixq.calibrate_ranges(pipe, [PROMPT], components=components, progress=False, batch_size=1,
+                                 num_inference_steps=1, guidance_scale=0.0, height=size, width=size)
+
+
 def workloads(turbo_size: int, lcm_size: int) -> dict:
     return {
         "SDXL-Turbo": {"size": turbo_size, "num_inference_steps": 1, "guidance_scale": 0.0, "scheduler": None},
@@ -254,7 +281,6 @@ def time_interleaved(pipe, workload: dict, layer_sets: dict, floats: dict, round
 
 
 def run(args) -> dict:
-    import mixq
     from benchmarks.plans import mixed_4bit_plan
 
     loads = workloads(args.size, args.lcm_size)
@@ -280,18 +306,10 @@ def run(args) -> dict:
     def save():
         write(results, out)
 
-    if args.tiny:
-        from mixq.offline import tiny_sdxl_pipeline
-
-        pipe = tiny_sdxl_pipeline(seed=0, device=args.device)
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer, args.device)
+    pipe = benchmark_pipeline(args.model_configs, args.unet_config, args.tokenizer, args.device, args.tiny,
+                              args.channels_last)
     results["parameters"] = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in EVERY}
     turbo = loads["SDXL-Turbo"]
-    if args.channels_last:  # the layout CPU convolutions (float and mixq's) run fastest in
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
     if "fp32" in results["configurations"]["SDXL-Turbo"] and not args.skip_fp32:
         results["latency"]["SDXL-Turbo"]["fp32"] = row = time_workload(pipe, turbo, args.rounds)
         print(f"  SDXL-Turbo fp32: {row['total']:.2f} s", flush=True)
@@ -299,8 +317,7 @@ def run(args) -> dict:
     pipe.to(half)  # keeps the memory format
     gc.collect()
     start = time.perf_counter()
-    calibration = mixq.calibrate_ranges(pipe, [PROMPT], components=EVERY, progress=False, batch_size=1,
-                                        num_inference_steps=1, guidance_scale=0.0, height=args.size, width=args.size)
+    calibration = one_generation_ranges(pipe, EVERY, args.size)
     results["calibrate_s"] = round(time.perf_counter() - start, 1)
     floats = float_layers(pipe)
     plan = mixed_4bit_plan(pipe.unet)

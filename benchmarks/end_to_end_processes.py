@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.end_to_end import (COMPONENT_SETS, PROMPT, STAGES, UNET_SETTINGS, build_pipeline, generate_timed,
-                                   median_row, workload_scheduler, workloads)
+from benchmarks.end_to_end import (COMPONENT_SETS, STAGES, UNET_SETTINGS, benchmark_pipeline, generate_timed,
+                                   median_row, one_generation_ranges, workload_scheduler, workloads)
 from benchmarks.environment import environment
 from mixq.io import write_text_atomic
 from mixq.machine import cpu_features
@@ -94,24 +94,13 @@ def measure_configuration(args, name: str) -> dict:
     setting, components = CONFIGURATIONS[name]
     half = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
     start = time.perf_counter()
-    if args.tiny:
-        from mixq.offline import tiny_sdxl_pipeline
-
-        pipe = tiny_sdxl_pipeline(seed=0, device=args.device)
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer, args.device)
-    if args.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    pipe.to(half)
+    pipe = benchmark_pipeline(args.model_configs, args.unet_config, args.tokenizer, args.device, args.tiny,
+                              args.channels_last).to(half)
     gc.collect()
     built_s, quantize_s = time.perf_counter() - start, None
     if setting is not None:
         start, quantized = time.perf_counter(), ("unet", *components)
-        calibration = mixq.calibrate_ranges(pipe, [PROMPT], components=quantized, progress=False, batch_size=1,
-                                            num_inference_steps=1, guidance_scale=0.0, height=args.size,
-                                            width=args.size)
+        calibration = one_generation_ranges(pipe, quantized, args.size)
         kwargs = UNET_SETTINGS[setting][1] or {"plan": mixed_4bit_plan(pipe.unet)["layers"]}
         mixq.quantize(pipe, components=quantized, calibration=calibration, progress=False, **kwargs)
         del calibration

@@ -24,7 +24,8 @@ import torch
 
 def main(argv=None) -> int:
     import mixq
-    from benchmarks.end_to_end import PROMPT, build_pipeline, float_layers, generate_timed, workloads
+    from benchmarks.end_to_end import (benchmark_pipeline, float_layers, generate_timed, one_generation_ranges,
+                                       workloads)
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.held_float_layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,10 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args(argv)
 
-    pipe = build_pipeline(args.model_configs, args.unet_config, args.tokenizer)
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    pipe.to(torch.bfloat16)
+    pipe = benchmark_pipeline(args.model_configs, args.unet_config, args.tokenizer).to(torch.bfloat16)
     gc.collect()
     workload = workloads(args.size, args.size)["SDXL-Turbo"]
     latents = torch.randn(1, pipe.vae.config.latent_channels, args.size // 8, args.size // 8, dtype=torch.bfloat16)
@@ -62,8 +60,7 @@ def main(argv=None) -> int:
 
     phase("bf16")
     floats = float_layers(pipe)
-    calibration = mixq.calibrate_ranges(pipe, [PROMPT], components=("unet", "vae"), progress=False, batch_size=1,
-                                        num_inference_steps=1, guidance_scale=0.0, height=args.size, width=args.size)
+    calibration = one_generation_ranges(pipe, ("unet", "vae"), args.size)
     mixq.quantize(pipe, components=("unet", "vae"), calibration=calibration, progress=False, w_bit=8, a_bit=8)
     gc.collect()
     phase("W8A8 UNet + VAE, float layers held")

@@ -509,12 +509,6 @@ def int8_conv_leaves_fused_gemm(k: int, weights: int, rows: int) -> bool:
             and not fused_gemm_runs(k, 8, "conv2d", weights, rows=rows))
 
 
-def conv_output_positions(size, kernel_size, stride, padding) -> int:
-    """Output pixels of a convolution over an input of spatial `size` (h, w)."""
-    ho, wo = reference.conv_output_size(size, kernel_size, stride, padding)
-    return ho * wo
-
-
 def call_layout_of_plain_conv(qweight, w_scale, in_channels, kernel_size, stride, padding) -> tuple:
     """(oneDNN weight, zero points) of an 8-bit convolution that keeps its plain buffer, for one call: not
     kept (int8_keeps_plain_buffer)."""

@@ -18,6 +18,7 @@ prepared call stays valid while the layer's buffers are the same tensors with th
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -155,7 +156,7 @@ def conv2d(calls: list[PreparedCall], x: torch.Tensor, part_sizes, kernel_size, 
         codes = onednn.codes_scratch(x.numel(), torch.uint8)
         finite = quantize(calls[0], x, codes, nchw_to_channels_last=nchw)
         codes = codes.view(b, h, w, c)
-    rows = b * onednn.conv_output_positions((h, w), kernel_size, stride, padding)
+    rows = b * math.prod(reference.conv_output_size((h, w), kernel_size, stride, padding))
     y, start = None, 0
     for call, size in zip(calls, part_sizes):
         if len(calls) > 1:  # each part has its own scale: quantize its channels alone

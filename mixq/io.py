@@ -100,8 +100,7 @@ class TableText:
     """The YAML of {**head, key: rows} (libyaml's emitter where present), for a table rewritten after
     every new row: each row's text is emitted once and reused while the row is unchanged (emitting every
     row at every write grows with the square of the rows: 202 rewrites of a 202-row table took 1.8 s,
-    now 0.03 s). Rows hold names and numbers; a nested row is its own
-    text indented one level."""
+    now 0.03 s). Rows hold names and numbers; a nested row is its own text indented one level."""
 
     def __init__(self, key: str = "layers"):
         self.key = key

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections import OrderedDict
 
@@ -604,7 +605,7 @@ class QConv2d(QuantizedLayer):
         every call; a layer called on such images once is likely to be called on them again."""
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return False
-        rows = x.shape[0] * onednn.conv_output_positions(x.shape[2:], self.kernel_size, self.stride, self.padding)
+        rows = x.shape[0] * math.prod(conv_output_size(x.shape[2:], self.kernel_size, self.stride, self.padding))
         taps = self.kernel_size[0] * self.kernel_size[1]
         return any(onednn.int8_conv_leaves_fused_gemm(size, self.out_features * size * taps, rows)
                    for size in self.part_sizes)
